@@ -1,0 +1,47 @@
+# fedmaestro: `make run` runs the main job, `make test` the whole test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.install-stamp
+FMNIST := /usr/share/datasets/fashion-mnist
+ARCH   := $(shell uname -m)
+ifeq ($(ARCH),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install test test-fast run bench clean
+
+install: $(STAMP) fashion-mnist
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_PINS)
+	$(PIP) install --quiet -e '.[dev]' $(TORCH_PINS)
+	touch $(STAMP)
+
+# The offline default data set: Debian's dataset-fashion-mnist, installed when we can (root, apt).
+fashion-mnist:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
+		&& echo "installed dataset-fashion-mnist"; \
+	fi
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+run: install
+	$(PY) -m fedmaestro
+
+bench: install
+	$(PY) bench/layers.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,76 @@
+"""Rank importance, progressive shrinking and truncation: physical cuts of the factors' tails."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .factorize import layers
+from .layers import LoDLayer
+
+__all__ = ["importance", "shrink", "truncate", "cut_rank"]
+
+
+def _exact_tail_norms(rows: torch.Tensor) -> torch.Tensor:
+    col_sq = rows.detach().reshape(rows.shape[0], -1).double().square().sum(dim=1)
+    return col_sq.flip(0).cumsum(0).flip(0).sqrt()
+
+
+def importance(layer: LoDLayer) -> torch.Tensor:
+    """(rank,) ||U_{:,b:}||_F * ||V_{:,b:}||_F for b = 1..rank (non-increasing in b)."""
+    return (_exact_tail_norms(layer.u) * _exact_tail_norms(layer.v)).to(layer.u.dtype)
+
+
+@torch.no_grad()
+def cut_rank(layer: LoDLayer, rank: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Keep the first ``rank`` columns of U and V; slice gradients and optimizer state alike.
+
+    The Parameter objects are kept (their data shrinks), so the optimizer's param groups stay valid
+    and training continues exactly as if the cut columns had never existed.
+    """
+    if not 0 <= rank <= layer.rank:
+        raise ValueError(f"cut_rank: rank must be in [0, {layer.rank}] (the layer's current rank), got {rank}")
+    if rank == layer.rank:
+        return
+    for param in (layer.u, layer.v):
+        old_shape = param.shape
+        param.data = param.data[:rank].clone()
+        if param.grad is not None:
+            param.grad = param.grad[:rank].clone()
+        state = optimizer.state.get(param) if optimizer is not None else None
+        for key, value in (state or {}).items():
+            if isinstance(value, torch.Tensor) and value.shape == old_shape:
+                state[key] = value[:rank].clone()
+    if layer.active_rank is not None and layer.active_rank > rank:
+        layer.active_rank = None
+
+
+def shrink(model: nn.Module, eps: float, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Progressive shrinking (Algorithm 1, lines 9-17): r_i = b - 1 at the first b whose importance <= eps.
+
+    Physical: parameters, gradients and optimizer state (SGD momentum, Adam moments) become smaller.
+    Returns the new rank of every LoD layer.
+    """
+    ranks = {}
+    for name, layer in layers(model):
+        if layer.rank > 0:
+            below = torch.nonzero(importance(layer) <= eps)
+            if len(below):
+                cut_rank(layer, int(below[0]), optimizer)
+        ranks[name] = layer.rank
+    return ranks
+
+
+def truncate(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+    """Physically cut the named LoD layers to the given ranks (deployment, federated budgets)."""
+    by_name = dict(layers(model))
+    unknown = sorted(set(ranks) - set(by_name))
+    if unknown:
+        raise ValueError(f"truncate: {unknown} are not LoD layers of this model; LoD layers are {sorted(by_name)}")
+    for name, rank in ranks.items():
+        layer = by_name[name]
+        if not 0 <= rank <= layer.rank:
+            raise ValueError(f"truncate: {name} has rank {layer.rank}; cannot cut it to {rank} "
+                             f"(allowed: 0..{layer.rank})")
+        cut_rank(layer, rank, optimizer)
+    return model
