@@ -1,0 +1,228 @@
+"""Structured configs: the schema of every key under conf/, validated before any work starts.
+
+Hydra composes conf/config.yaml over these dataclasses (registered in the ConfigStore as
+``base_config`` and per group), so an unknown key or a value of the wrong type fails at
+composition; ``resolve(cfg)`` then builds the dataclasses, whose ``__post_init__`` checks the
+values and names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+MODES = ("federated", "centralized", "deploy", "hpo", "theory")
+SAMPLER_MODES = ("per_layer", "across_layers", "fixed", "none")
+HGL_MODES = ("subgradient", "proximal")
+OPTIMIZERS = ("sgd", "adam")
+PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shard")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"config: {key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check(key: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"config: {key}={value!r} is invalid: {rule}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet"
+    factorize: bool = True
+    skip: list[str] = field(default_factory=list)  # module names kept dense (lod.factorize's skip)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to models.build
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "fashion_mnist"
+    input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])  # one example, for footprints
+    num_classes: int = 10
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # where data sets live (torchvision layouts); None = the defaults
+    subset: Optional[int] = None  # first N training samples (smoke runs)
+    test_subset: Optional[int] = None  # first N test samples
+    local_test_fraction: float = 0.1  # federated: share of each client's partition held out
+
+    def __post_init__(self):
+        _check("data.subset", self.subset, self.subset is None or self.subset > 0, "must be a positive int or null")
+        _check("data.local_test_fraction", self.local_test_fraction, 0.0 <= self.local_test_fraction < 1.0,
+               "must be in [0, 1)")
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "dirichlet"
+    alpha: float = 0.5  # dirichlet
+    classes_per_partition: int = 2  # pathological
+    shards_per_partition: int = 2  # shard
+    min_partition_size: int = 10  # dirichlet: resample until every partition has this many
+
+    def __post_init__(self):
+        _check_choice("partition.scheme", self.scheme, PARTITION_SCHEMES)
+        _check("partition.alpha", self.alpha, self.alpha > 0, "must be > 0 (smaller = more skewed labels)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # applied to weights only, never to 1-D parameters (bias, norms)
+    milestones: list[int] = field(default_factory=list)  # multi-step LR decay epochs
+    gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up (Transformer recipe)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # adam
+    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0
+    lambda_gl: float = 0.0  # HGL strength
+    hgl_mode: str = "subgradient"  # the paper's penalty in the loss, or the exact proximal step
+    eps_ps: float = 1e-5  # progressive shrinking threshold; null disables shrinking
+    shrink: bool = True
+    sampler: str = "per_layer"
+    full_pass: bool = False  # extra full-rank pass with self-distillation ("w/ full-training")
+    distill_weight: float = 1.0
+    amp: bool = False  # CUDA autocast
+    eval_every: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train.hgl_mode", self.hgl_mode, HGL_MODES)
+        _check_choice("train.sampler", self.sampler, SAMPLER_MODES)
+        _check("train.epochs", self.epochs, self.epochs >= 0, "must be >= 0")
+        _check("train.batch_size", self.batch_size, self.batch_size > 0, "must be > 0")
+        _check("train.lr", self.lr, self.lr > 0, "must be > 0")
+        _check("train.lambda_gl", self.lambda_gl, self.lambda_gl >= 0, "must be >= 0")
+        _check("train.eps_ps", self.eps_ps, self.eps_ps >= 0, "must be >= 0")
+
+
+@dataclass
+class TierConfig:
+    name: str = "full"
+    share: float = 1.0  # share of the clients in this tier
+    budget: float = 1.0  # fraction p of every layer's current rank: caps k_i = ceil(p r_i)
+    max_macs: Optional[float] = None  # or: a cap on MACs, as a fraction of the full model's
+    max_params: Optional[float] = None  # or: a cap on parameters, as a fraction of the full model's
+    dropout: float = 0.0  # probability that a client of this tier does not answer a round
+    straggler: float = 0.0  # probability that it answers after the round's timeout
+
+    def __post_init__(self):
+        _check("devices.tiers.budget", self.budget, 0 < self.budget <= 1, "must be in (0, 1]")
+        _check("devices.tiers.share", self.share, self.share > 0, "must be > 0")
+        for key in ("dropout", "straggler"):
+            value = getattr(self, key)
+            _check(f"devices.tiers.{key}", value, 0 <= value <= 1, "must be a probability in [0, 1]")
+
+
+@dataclass
+class DevicesConfig:
+    name: str = "homogeneous"
+    tiers: list[TierConfig] = field(default_factory=lambda: [TierConfig()])
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "maestro"
+    shrink_every: int = 1  # rounds between server-side progressive shrinking; 0 = never
+    round_timeout: float = 600.0  # seconds a round waits for replies
+    eval_tiers: bool = True  # evaluate the global model at every tier's budget
+
+
+@dataclass
+class FLConfig:
+    num_clients: int = 20
+    rounds: int = 20
+    clients_per_round: int = 10
+    local_epochs: int = 1
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    federated_eval_every: int = 0  # rounds between federated evaluations on local test splits; 0 = never
+
+    def __post_init__(self):
+        _check("fl.clients_per_round", self.clients_per_round, 0 < self.clients_per_round <= self.num_clients,
+               f"must be in [1, fl.num_clients={self.num_clients}]")
+
+
+@dataclass
+class DeployConfig:
+    batch_size: int = 2048  # the one large batch that estimates each candidate's loss
+    step: float = 0.1  # share of one layer's ranks a candidate removes
+    target_macs: list[float] = field(default_factory=lambda: [0.5])  # fractions of the start's MACs to export
+    min_accuracy: Optional[float] = None
+    svd_baseline: Optional[str] = None  # checkpoint of a dense model for the SVD baseline
+
+
+@dataclass
+class HPOConfig:
+    min_accuracy: float = 0.85
+    max_params: float = 0.3  # fraction of the dense model's parameters
+    lambda_large: float = 5.12e-3
+    lambda_small: float = 1e-5
+    eval_every: int = 5
+    few_params: float = 0.01  # below this fraction the model is too sparse: stop that lambda
+
+
+@dataclass
+class TheoryConfig:
+    steps: int = 2500
+    lr: float = 0.05
+    batch_size: int = 64
+
+
+@dataclass
+class Config:
+    mode: str = "federated"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: bool = False
+    checkpoint: Optional[str] = None
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)
+    theory: TheoryConfig = field(default_factory=TheoryConfig)
+
+    def __post_init__(self):
+        _check_choice("mode", self.mode, MODES)
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (("model", ModelConfig), ("dataset", DatasetConfig), ("partition", PartitionConfig),
+                        ("devices", DevicesConfig), ("strategy", StrategyConfig), ("train", TrainConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def resolve(cfg: DictConfig | Config) -> Config:
+    """The typed, validated Config of a composed DictConfig (raises ValueError naming the bad key)."""
+    if isinstance(cfg, Config):
+        return cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+register()
