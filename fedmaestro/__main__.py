@@ -21,7 +21,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 MODE_RUNNERS = {
     "federated": "strategies.simulation",
-    "centralized": "fedmaestro.train",
+    "centralized": "fedmaestro.centralized",
     "deploy": "fedmaestro.deploy",
     "hpo": "fedmaestro.hpo",
     "theory": "fedmaestro.theory",

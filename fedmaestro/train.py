@@ -1,0 +1,250 @@
+"""Training and evaluation steps (Algorithm 1), shared by the centralized mode and the Flower clients.
+
+One epoch: every step the rank sampler sets the active ranks, the loss (+ lambda * HGL, or the
+exact proximal step after the optimizer step) is back-propagated through the sampled sub-model,
+the optimizer steps. Progressive shrinking happens between epochs (centralized) or rounds
+(federated, on the server).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import lod, models
+from .config import Config, TrainConfig
+
+__all__ = [
+    "Task", "task_for", "resolve_device", "build_model", "make_optimizer", "make_scheduler", "train_epoch",
+    "evaluate", "recalibrate_batchnorm", "RankCost", "seed_everything",
+]
+
+PAD_INDEX = 1  # Multi30k / Transformer padding token (the paper's Table 9)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; otherwise the named device (``cpu``, ``cuda``, ``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config: device={name!r} but CUDA is not available here; use device=auto or device=cpu")
+    return device
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a batch turns into a loss and a score: classification, translation or regression."""
+
+    kind: str  # "classification" | "translation" | "regression"
+    label_smoothing: float = 0.0
+
+    def forward(self, model: nn.Module, batch, device: torch.device):
+        """(output logits or predictions, targets) of one batch."""
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        if self.kind == "translation":
+            tgt_in, y = y[:, :-1], y[:, 1:]  # teacher forcing: predict token t+1 from tokens <= t
+            return model(x, tgt_in), y
+        return model(x), y
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "regression":
+            return F.mse_loss(output, target)
+        if self.kind == "translation":
+            return F.cross_entropy(output.flatten(0, 1), target.flatten(), ignore_index=PAD_INDEX,
+                                   label_smoothing=self.label_smoothing)
+        return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
+
+    def score(self, output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
+        """(number correct, number counted); regression counts nothing correct."""
+        if self.kind == "regression":
+            return 0.0, target.shape[0]
+        if self.kind == "translation":
+            mask = target != PAD_INDEX
+            return float((output.argmax(-1).eq(target) & mask).sum()), int(mask.sum())
+        return float(output.argmax(-1).eq(target).sum()), target.shape[0]
+
+
+def task_for(dataset: str, label_smoothing: float = 0.0) -> Task:
+    kind = {"multi30k": "translation", "synthetic": "regression"}.get(dataset, "classification")
+    return Task(kind, label_smoothing)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The configured model, factorized (with ``model.skip`` kept dense) unless ``model.factorize=false``."""
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.name not in ("transformer",):
+        kwargs.setdefault("num_classes", cfg.dataset.num_classes)
+        if cfg.dataset.input_shape:
+            kwargs.setdefault("in_channels", cfg.dataset.input_shape[0])
+    model = models.build(cfg.model.name, **kwargs)
+    if cfg.model.factorize:
+        lod.factorize(model, skip=cfg.model.skip)
+    return model
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum) or Adam; weight decay on weights only, never on 1-D parameters (biases, norms)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if train.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=train.lr, betas=tuple(train.betas), eps=1e-8)
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: linear warm-up over ``warmup_epochs``, then multi-step decay by ``gamma``."""
+    milestones = sorted(train.milestones)
+
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / train.warmup_epochs) if train.warmup_epochs > 0 else 1.0
+        return warm * train.gamma ** sum(epoch >= m for m in milestones)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class RankCost:
+    """Exact MACs and parameters of the sampled sub-model of every step (training cost, Tables 11-15).
+
+    MACs and parameters are linear in each layer's active rank b: cost = fixed + sum_i c_i b_i. The
+    coefficients come from one forward pass with hooks at the current ranks (``refresh`` after a shrink).
+    """
+
+    def __init__(self, model: nn.Module, example: tuple):
+        self.model, self.example = model, example
+        self.macs = self.params = 0.0
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        from .footprint import measure
+
+        self.layers = lod.layers(self.model)
+        pixels: dict[int, int] = {}
+        hooks = [layer.register_forward_hook(
+            lambda m, i, o: pixels.__setitem__(id(m), o.numel() // m.out_dim)) for _, layer in self.layers]
+        with lod.full_rank(self.model):
+            total = measure(self.model, example=self.example)
+        for h in hooks:
+            h.remove()
+        self.mac_per_rank = [pixels.get(id(m), 0) * (m.fan_in + m.out_dim) for _, m in self.layers]
+        self.param_per_rank = [m.fan_in + m.out_dim for _, m in self.layers]
+        ranks = [m.rank for _, m in self.layers]
+        self.fixed_macs = total.macs - sum(c * r for c, r in zip(self.mac_per_rank, ranks))
+        self.fixed_params = total.params - sum(c * r for c, r in zip(self.param_per_rank, ranks))
+
+    def add_step(self, examples: int) -> None:
+        active = [m.rank if m.active_rank is None else m.active_rank for _, m in self.layers]
+        self.macs += examples * (self.fixed_macs + sum(c * b for c, b in zip(self.mac_per_rank, active)))
+        self.params += self.fixed_params + sum(c * b for c, b in zip(self.param_per_rank, active))
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
+                device: torch.device, sampler: lod.RankSampler | None = None, scaler=None,
+                cost: RankCost | None = None) -> dict:
+    """One pass over ``loader``; returns {"loss", "num_examples", "steps", "seconds"}."""
+    model.train()
+    proximal = train.lambda_gl > 0 and train.hgl_mode == "proximal"
+    penalty = train.lambda_gl > 0 and train.hgl_mode == "subgradient"
+    use_amp = scaler is not None
+    total_loss, examples, steps, start = 0.0, 0, 0, time.perf_counter()
+    for batch in loader:
+        if sampler is not None:
+            sampler.step()
+        with torch.autocast(device.type, enabled=use_amp):
+            if train.full_pass:
+                with lod.full_rank(model):
+                    teacher_out, target = task.forward(model, batch, device)
+            output, target = task.forward(model, batch, device)
+            loss = task.loss(output, target)
+            objective = loss
+            if train.full_pass:  # the "w/ full-training" ablation: full-rank pass + self-distillation
+                objective = objective + task.loss(teacher_out, target)
+                if task.kind != "regression":
+                    objective = objective + train.distill_weight * F.kl_div(
+                        F.log_softmax(output.float(), -1), F.softmax(teacher_out.detach().float(), -1),
+                        reduction="batchmean")
+            if penalty:
+                objective = objective + train.lambda_gl * lod.hgl_penalty(model)
+        optimizer.zero_grad(set_to_none=True)
+        if use_amp:
+            scaler.scale(objective).backward()
+            scaler.unscale_(optimizer)
+        else:
+            objective.backward()
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        if use_amp:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if proximal:
+            lod.hgl_proximal_step(model, optimizer.param_groups[0]["lr"] * train.lambda_gl)
+        n = target.shape[0]
+        if cost is not None:
+            cost.add_step(n)
+        total_loss += float(loss.detach()) * n
+        examples += n
+        steps += 1
+    if sampler is not None:
+        for _, layer in lod.layers(model):
+            layer.active_rank = None
+    loss = total_loss / max(examples, 1)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss}; lower train.lr or set train.grad_clip")
+    return {"loss": loss, "num_examples": examples, "steps": steps, "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict:
+    """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples"}."""
+    model.eval()
+    total_loss, correct, counted, examples = 0.0, 0.0, 0, 0
+    with lod.full_rank(model):
+        for batch in loader:
+            output, target = task.forward(model, batch, device)
+            n = target.shape[0]
+            total_loss += float(task.loss(output, target)) * n
+            c, k = task.score(output, target)
+            correct, counted, examples = correct + c, counted + k, examples + n
+    return {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, task: Task, device: torch.device, max_batches: int = 50) -> bool:
+    """Re-estimate BatchNorm running statistics at the current ranks (after shrinking); False if no BN."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the recalibration batches
+    model.train()
+    with lod.full_rank(model):
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            task.forward(model, batch, device)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return True
