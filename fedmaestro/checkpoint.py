@@ -1,0 +1,52 @@
+"""Checkpoints that load with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts.
+
+A checkpoint carries the full resolved config, so a file alone can be reloaded (the model is rebuilt
+from its config, then the state dict resizes every LoD layer to the saved ranks). Writes are atomic
+(temporary file + rename), so a kill mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save", "load", "config_diff", "IGNORED_KEYS"]
+
+# Keys that may change between an interrupted run and its resumption.
+IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "train.num_workers", "fl.client_cpus", "fl.client_gpus")
+
+
+def save(path: str | Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<path to a .pt written by a run>")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_KEYS) -> list[str]:
+    """Lines ``key: saved -> current`` for every config key that differs (ignoring ``ignored``)."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
