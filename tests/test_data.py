@@ -354,7 +354,8 @@ def test_evaluation_splits_are_never_augmented(tmp_path):
     x1, _ = test.batch(torch.arange(4), torch.Generator().manual_seed(0))
     x2, _ = test.batch(torch.arange(4), torch.Generator().manual_seed(1))
     norm = data.NORMALIZATION["cifar10"]
-    expected = (test.inputs.float() / 255 - torch.tensor(norm.mean).view(1, 3, 1, 1)) / torch.tensor(norm.std).view(1, 3, 1, 1)
+    mean, std = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
+    expected = (test.inputs.float() / 255 - mean) / std
     assert torch.equal(x1, x2)
     torch.testing.assert_close(x1, expected, rtol=1e-6, atol=1e-6)  # float32 rounding of the same arithmetic
     # a training split read with .train = False is not augmented either (and does not change another load)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from fedmaestro import data
-from fedmaestro.data import describe, idx as idx_mod, paths, vision
+from fedmaestro.data import describe, paths, vision
+from fedmaestro.data import idx as idx_mod
 
 REPO = Path(__file__).resolve().parents[1]
 SORTED_LABELS = np.repeat(np.arange(10), 100)  # 1,000 examples sorted by class: the hard case for IID

@@ -48,9 +48,9 @@ def random_crop_flip(images: torch.Tensor, padding: int = CROP_PADDING,
     rows = dy[:, None] + torch.arange(h)  # (B, H)
     cols = dx[:, None] + torch.arange(w)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a flip reads the columns backwards
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-    return out
+    # one gather over the flattened padded planes; the (B, 1, H*W) index is shared by the C channels
+    flat = (rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, -1).gather(2, flat).view(b, c, h, w)  # (B, C, H, W)
 
 
 class InMemoryDataset(Dataset):

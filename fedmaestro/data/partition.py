@@ -11,7 +11,8 @@ Schemes and their parameters (extra keys of other schemes are ignored, unknown k
 * ``iid``: the examples shuffled with ``seed``, then cut into ``num_partitions`` contiguous,
   near-equal parts (flwr's IidPartitioner shards without shuffling, so the shuffle comes first).
 * ``dirichlet``: ``alpha`` (> 0; smaller = more skewed labels), ``min_partition_size`` (default 10:
-  each class is re-split until every partition has at least this many, at most 10 tries),
+  the classes are re-split until every partition has at least this many; flwr-datasets gives up
+  after 11 draws),
   ``self_balancing`` (default False). Hsu et al. 2019 / Yurochkin et al. 2019.
 * ``pathological``: ``classes_per_partition`` (default 2) classes per partition, each class split
   evenly among the partitions that hold it; ``class_assignment`` "first-deterministic" (default:
@@ -21,8 +22,11 @@ Schemes and their parameters (extra keys of other schemes are ignored, unknown k
   num_partitions x shards_per_partition equal shards, dealt at random (McMahan et al. 2017); the
   remainder of N / (number of shards) examples is left out.
 
-``split_local`` then splits a client's partition into local train and local test; the central test
-set is a separate split of the data set and is never partitioned.
+``split_local`` then splits a client's partition into local train and local test (``split_clients``:
+every client, each with its own seed); the central test set is a separate split of the data set and
+is never partitioned. Partitioning 60,000 labels takes a few tenths of a second; results are also
+kept per process (keyed by a hash of the labels and every argument), since Flower clients in one
+worker ask for the same partitions every round.
 """
 
 from __future__ import annotations
@@ -118,9 +122,11 @@ def _indices(partitioner, num_partitions: int) -> list[np.ndarray]:
 def _empty_fix(scheme: str) -> str:
     return {"dirichlet": "raise partition.min_partition_size to at least 1, use fewer clients (fl.num_clients), "
                          "or a larger partition.alpha (less skew)",
-            "pathological": "use fewer clients (fl.num_clients) or more classes per partition "
-                            "(partition.classes_per_partition)",
-            "shard": "use fewer clients (fl.num_clients) or fewer shards per partition"}.get(scheme, "use fewer clients")
+            "pathological": "use fewer clients (fl.num_clients) or fewer classes per partition "
+                            "(partition.classes_per_partition), or more data (a larger data.subset)",
+            "shard": "use fewer clients (fl.num_clients) or fewer shards per partition "
+                     "(partition.shards_per_partition)",
+            }.get(scheme, "use fewer clients (fl.num_clients)")
 
 
 def partition(labels, scheme: str, num_partitions: int, seed: int, **params) -> list[np.ndarray]:
@@ -171,7 +177,7 @@ def _partition(labels: np.ndarray, scheme: str, n: int, seed: int, p: dict) -> l
             if "attempts" not in str(e):
                 raise
             raise ValueError(f"partition: dirichlet with alpha={alpha} could not give every one of the {n} partitions "
-                             f"at least min_partition_size={minimum} samples in 10 draws; use a larger "
+                             f"at least min_partition_size={minimum} samples in 11 draws; use a larger "
                              f"partition.alpha, fewer clients (fl.num_clients) or a smaller "
                              f"partition.min_partition_size") from e
     elif scheme == "pathological":

@@ -21,7 +21,8 @@ MATRIX_SEED = 0
 SPLIT_SEEDS = {True: 1, False: 2}  # train, test: different samples of x and noise
 
 
-def make_matrix(dim_out: int = DIM_OUT, dim_in: int = DIM_IN, rank: int = RANK, seed: int = MATRIX_SEED) -> torch.Tensor:
+def make_matrix(dim_out: int = DIM_OUT, dim_in: int = DIM_IN, rank: int = RANK,
+                seed: int = MATRIX_SEED) -> torch.Tensor:
     """A (dim_out, dim_in) float32 matrix of exactly ``rank``: the product of two Gaussian factors."""
     if not 0 < rank <= min(dim_out, dim_in):
         raise ValueError(f"synthetic: rank={rank} must be in [1, min(dim_out, dim_in) = {min(dim_out, dim_in)}]")

@@ -11,9 +11,11 @@ Layouts are torchvision's, so a data root that torchvision filled works as is:
 * ImageNet: ``<root>/imagenet/{train,val}/<wnid>/*.JPEG`` (or ``<root>/{train,val}/...``), the
   usual ImageFolder layout with the validation images moved into class folders.
 
-MNIST-like sets and CIFAR are decoded here (numpy), not by torchvision's classes: torchvision checks
-the CIFAR files' MD5 sums, so it rejects any other files of the right layout, and it decodes into
-Python objects first. torchvision is used to download, when a network exists.
+MNIST-like sets and CIFAR are decoded here with numpy, not by torchvision's data set classes, so that
+every check (magic numbers, sizes, counts, label ranges) fails with a message naming the file and the
+fix, and so that files of the right layout that are not the official ones (the tests' small files)
+are read too: torchvision's CIFAR classes accept only files with the official MD5 sums. torchvision
+is used to download, when a network exists; it leaves the same layouts behind.
 """
 
 from __future__ import annotations
