@@ -278,9 +278,13 @@ def test_cifar_from_python_batches(tmp_path, name):
 
 
 def test_cifar_missing_files_name_folder_and_url(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cifar10: missing data_batch_1, .*test_batch|cifar10: missing "
-                                                r"data_batch_1.*cifar-10-batches-py.*cifar-10-python.tar.gz"):
+    with pytest.raises(FileNotFoundError, match=r"cifar10: missing data_batch_1, .*data_batch_5 in .*"
+                                                r"cifar-10-batches-py .*cifar-10-python.tar.gz"):
         data.load("cifar10", tmp_path)
+    make_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cifar10: missing test_batch in"):
+        data.load("cifar10", tmp_path, train=False)
 
 
 @pytest.mark.parametrize("damage, message", [

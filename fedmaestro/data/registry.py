@@ -83,7 +83,7 @@ def labels(dataset: Dataset) -> np.ndarray:
     """
     if isinstance(dataset, InMemoryDataset):
         if dataset.classification:
-            return dataset.targets.numpy().astype(np.int64, copy=False)
+            return dataset.targets.numpy().astype(np.int64)  # a copy: callers may not touch the cached tensor
         return np.zeros(len(dataset), dtype=np.int64)
     if isinstance(dataset, text.TranslationDataset):
         return np.zeros(len(dataset), dtype=np.int64)

@@ -7,8 +7,10 @@ https://github.com/multi30k/dataset, ``data/task1/raw``; ``test.{en,de}`` is acc
 
 Tokenization: lowercase, then the regular expression ``\\w+|[^\\w\\s]`` (runs of Unicode letters and
 digits are words; every other non-space character is a token of its own), so
-"A man's T-shirt." -> ``a man ' s t - shirt .``. The paper used torchtext with spaCy tokenizers;
-this needs no model download and gives a vocabulary of about the same size.
+"A man's T-shirt." -> ``a man ' s t - shirt .``. The paper used torchtext with spaCy tokenizers
+(vocabulary 9,521 tokens); this needs no model download, but its vocabulary size on the real files
+will differ somewhat from 9,521 and has not been measured here (the files cannot be downloaded on
+this machine). Models should take the size from ``len(dataset.vocab)``.
 
 Vocabulary: one shared vocabulary for source and target (the paper's Table 9 shares the
 9,521 x 512 embedding): the special tokens ``<unk>`` = 0, ``<pad>`` = 1 (the padding index of

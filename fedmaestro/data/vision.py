@@ -39,12 +39,11 @@ IDX_FILES = {  # split -> (images, labels), without the optional .gz
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 MNIST_LIKE = {  # name -> (torchvision class name = folder under the root, number of classes, how to get it)
-    "mnist": ("MNIST", 10, "download it on a machine with internet with "
-                           "torchvision.datasets.MNIST(root, download=True) and copy <root>/MNIST/raw here"),
+    "mnist": ("MNIST", 10, "on a machine with internet run torchvision.datasets.MNIST(root, download=True) "
+                           "and copy the four *-idx*-ubyte.gz files it leaves in <root>/MNIST/raw to {raw}"),
     "fashion_mnist": ("FashionMNIST", 10, "install the Debian package (sudo apt-get install dataset-fashion-mnist, "
                                           "or `make install`), or copy the four *-idx*-ubyte.gz files from "
-                                          "https://github.com/zalandoresearch/fashion-mnist into "
-                                          "<root>/FashionMNIST/raw"),
+                                          "https://github.com/zalandoresearch/fashion-mnist to {raw}"),
 }
 CIFAR = {  # name -> (folder, train files, test files, label key, classes, tarball url)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10,
@@ -75,7 +74,8 @@ def _download_mnist_like(name: str, root: Path, train: bool) -> str | None:
 
 def load_mnist_like(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, 1, H, W) uint8, labels (N,) long) of MNIST or Fashion-MNIST; see the module docstring."""
-    _, num_classes, how = MNIST_LIKE[name]
+    folder_name, num_classes, how = MNIST_LIKE[name]
+    how = how.format(raw=root / folder_name / "raw")
     stems = IDX_FILES[train]
 
     def locate(tried: list[str]) -> list[Path] | None:
