@@ -176,9 +176,23 @@ class HPOConfig:
 
 @dataclass
 class TheoryConfig:
-    steps: int = 2500
+    steps: int = 2500  # SGD steps of every experiment (the paper's Fig. 7: 2500)
     lr: float = 0.05
     batch_size: int = 64
+    lambda_gl: float = 0.02  # HGL strength of the adaptivity experiment (Fig. 7)
+    hgl_mode: str = "subgradient"  # lambda * HGL in the loss, or the exact proximal step (zeros)
+    eps_ps: float = 1e-4  # shrinking threshold of the adaptivity experiment
+    shrink_every: int = 50  # steps between progressive shrinks ("an epoch")
+    log_every: int = 10  # steps between recorded points of the curves
+
+    def __post_init__(self):
+        _check_choice("theory.hgl_mode", self.hgl_mode, HGL_MODES)
+        for key in ("steps", "batch_size", "shrink_every", "log_every"):
+            value = getattr(self, key)
+            _check(f"theory.{key}", value, value > 0, "must be > 0")
+        _check("theory.lr", self.lr, self.lr > 0, "must be > 0")
+        _check("theory.lambda_gl", self.lambda_gl, self.lambda_gl >= 0, "must be >= 0")
+        _check("theory.eps_ps", self.eps_ps, self.eps_ps >= 0, "must be >= 0")
 
 
 @dataclass
