@@ -9,8 +9,9 @@ active rank b costs rank-b MACs with no gather or copy of weights, and shrinking
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .kernels import prefix_conv2d, prefix_linear
 
 __all__ = ["LoDLayer", "LoDLinear", "LoDConv2d", "svd_factors"]
 
@@ -135,8 +136,7 @@ class LoDLinear(LoDLayer):
         if b == 0:
             out = x.new_zeros(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
-        h = F.linear(x, self.v[:b])  # (..., b)
-        return F.linear(h, self.u[:b].T, self.bias)  # (..., out)
+        return prefix_linear(x, self.u, self.v, self.bias, b)  # x v[:b]^T u[:b] + bias: (..., out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}" + \
@@ -185,8 +185,8 @@ class LoDConv2d(LoDLayer):
             h, w = self._out_size(x.shape[-2], 0), self._out_size(x.shape[-1], 1)
             out = x.new_zeros(*x.shape[:-3], self.out_channels, h, w)
             return out if self.bias is None else out + self.bias[:, None, None]
-        z = F.conv2d(x, self.v[:b], None, self.stride, self.padding, self.dilation)  # (N, b, H', W')
-        return F.conv2d(z, self.u[:b].T[:, :, None, None], self.bias)  # (N, out, H', W')
+        # k x k conv to b channels with v[:b], then the 1 x 1 conv with u[:b]^T: (N, out, H', W')
+        return prefix_conv2d(x, self.u, self.v, self.bias, b, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
