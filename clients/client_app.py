@@ -1,0 +1,123 @@
+"""The Flower ClientApp: local LoD training under a rank budget, and local evaluation.
+
+``app`` answers three message types (keys: ``fedmaestro.protocol``):
+
+* query: keeps the run config (JSON) in the node's Context, loads the data once for this worker
+  process, and replies its partition id and local data sizes;
+* train: loads the prefix arrays it was sent into a model at its caps, trains E local epochs with
+  LoD sampling bounded by the caps and HGL with the server's lambda (``clients.local.train``), and
+  replies its arrays and metrics;
+* evaluate: the arrays it was sent, on its local test split.
+
+Faults are injected here, on the server's instruction: a ``dropout`` does no work and a
+``straggler`` trains; both answer only after the round's deadline, when the server has moved on.
+
+The module is importable (``clients.client_app:app``): Ray pickles the app by reference, so no data
+set or model travels with a message; both live in per-process caches (``clients.local``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmaestro import lod
+from fedmaestro import protocol as P
+from fedmaestro.config import Config
+
+from . import local
+
+app = ClientApp()
+
+_THREADS: dict[str, int] = {}
+
+
+def _set_threads(cfg: Config) -> None:
+    """One torch thread per CPU a client was given (once per process): 2 clients x 2 threads on 2 cores
+    would over-subscribe them."""
+    n = max(1, int(cfg.fl.client_cpus))
+    if _THREADS.get("n") != n:
+        torch.set_num_threads(n)
+        _THREADS["n"] = n
+
+
+def partition_id(context: Context) -> int:
+    value = context.node_config.get(P.PARTITION_ID)
+    if value is None:
+        raise ValueError(f"this node has no {P.PARTITION_ID!r} in its node config; start the SuperNode with "
+                         f"--node-config \"{P.PARTITION_ID}=<i> {P.NUM_PARTITIONS}=<fl.num_clients>\"")
+    return int(value)
+
+
+def run_config(context: Context) -> tuple[Config, str]:
+    state = context.state.config_records.get(P.STATE)
+    if state is None or P.RUN_CONFIG not in state:
+        raise RuntimeError("this node has not received the run config: the server sends it in a query message "
+                           "before the first round (MaestroStrategy.identify)")
+    payload = str(state[P.RUN_CONFIG])
+    return local.config_from_json(payload), payload
+
+
+def _arrays(message: Message) -> dict:
+    return {name: array.numpy() for name, array in message.content.array_records[P.ARRAYS].items()}
+
+
+def _reply(message: Message, metrics: dict, arrays: dict | None = None) -> Message:
+    content = RecordDict({P.METRICS: MetricRecord(metrics)})
+    if arrays is not None:
+        content[P.ARRAYS] = ArrayRecord({name: Array(a) for name, a in arrays.items()})
+    return Message(content, reply_to=message)
+
+
+def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    payload = str(message.content.config_records[P.CONFIG][P.RUN_CONFIG])
+    cfg = local.config_from_json(payload)  # a bad config fails here, on the first message
+    context.state[P.STATE] = ConfigRecord({P.RUN_CONFIG: payload})
+    pid = partition_id(context)
+    splits = local.client_data(cfg).splits  # loads the data set once for this worker process
+    train_idx, test_idx = splits[pid] if 0 <= pid < len(splits) else ((), ())  # the server rejects a bad id
+    return _reply(message, {P.PARTITION_ID: pid, P.NUM_EXAMPLES: len(train_idx), P.NUM_TEST: len(test_idx)})
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    cfg, _ = run_config(context)
+    _set_threads(cfg)
+    pid = partition_id(context)
+    c = message.content.config_records[P.CONFIG]
+    fault, deadline = str(c[P.FAULT]), float(c[P.DEADLINE])
+    if fault == P.DROPOUT:  # the device is gone: no work, and the server hears nothing before the deadline
+        _sleep_until(deadline + P.LATE_MARGIN_S)
+        return _reply(message, {P.PARTITION_ID: pid})
+    arrays = _arrays(message)
+    names = [name for name, _ in lod.layers(local.template(cfg))]
+    caps_list = [int(k) for k in c[P.CAPS]]
+    if len(caps_list) != len(names):
+        raise ValueError(f"got {len(caps_list)} caps for a model with {len(names)} LoD layers {names}")
+    out, m = local.train(cfg, pid, arrays, rnd=int(c[P.ROUND]), caps=dict(zip(names, caps_list)), lr=float(c[P.LR]),
+                         lambda_gl=float(c[P.LAMBDA]), local_epochs=int(c[P.LOCAL_EPOCHS]),
+                         sampler=str(c[P.SAMPLER]), seed=int(c[P.SEED]))
+    if fault == P.STRAGGLER:  # trained, but answers after the round's deadline
+        _sleep_until(deadline + P.LATE_MARGIN_S)
+    return _reply(message, {P.NUM_EXAMPLES: m["num_examples"], P.TRAIN_LOSS: m["loss"], P.PARTITION_ID: pid,
+                            P.TRAIN_SECONDS: m["seconds"], P.STEPS: m["steps"]}, out)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    cfg, _ = run_config(context)
+    _set_threads(cfg)
+    pid = partition_id(context)
+    m = local.evaluate_local(cfg, pid, _arrays(message))
+    return _reply(message, {P.NUM_EXAMPLES: m["num_examples"], P.ACCURACY: m["accuracy"], P.LOSS: m["loss"],
+                            P.PARTITION_ID: pid})

@@ -1,0 +1,155 @@
+"""A client's work in plain torch: its data, the model at its caps, local training and local evaluation.
+
+No Flower types here: ``clients.client_app`` wraps these functions in Messages, and
+``bench/fl_round.py`` calls them back to back in one process for the compute floor.
+
+Everything heavy is built once per process and kept (a Flower worker serves many clients, one call
+after another): the run config parsed from its JSON, the data set with its partitions and local
+splits (keyed by what determines them), and one template model per model config, whose parameters
+every call overwrites (``load_state_dict`` also resizes the LoD layers to the caps). Training reuses
+the centralized mode's ``train_epoch`` and ``evaluate``; nothing here is a second training loop.
+
+Seeds: the torch and rank-sampler seeds of a client's round derive from (seed, round, partition id),
+the batch order from (seed, partition id) and the epoch (round - 1) * E + e, so runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmaestro import data, lod, nested, tiers
+from fedmaestro.config import Config, resolve
+from fedmaestro.train import build_model, evaluate, make_optimizer, resolve_device, task_for, train_epoch
+
+__all__ = ["ClientData", "config_from_json", "client_data", "template", "train", "evaluate_local"]
+
+EVAL_BATCH = 512
+
+
+@lru_cache(maxsize=8)
+def config_from_json(payload: str) -> Config:
+    """The validated Config of a run config sent as JSON (parsed once per process and payload)."""
+    return resolve(json.loads(payload))
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train_set: torch.utils.data.Dataset  # the training split (augmented where the data set is)
+    eval_set: torch.utils.data.Dataset  # the same examples, never augmented (local test splits)
+    splits: list[tuple[np.ndarray, np.ndarray]]  # per partition id: (local train indices, local test indices)
+
+
+def _data_key(cfg: Config) -> str:
+    p = cfg.partition
+    return json.dumps([cfg.dataset.name, cfg.data.root, cfg.data.subset, p.scheme, p.alpha, p.min_partition_size,
+                       p.classes_per_partition, p.shards_per_partition, cfg.fl.num_clients, cfg.seed,
+                       cfg.data.local_test_fraction])
+
+
+_DATA: dict[str, ClientData] = {}
+
+
+def client_data(cfg: Config) -> ClientData:
+    """The data set and every client's local (train, test) split; built once per process and key."""
+    key = _data_key(cfg)
+    if key not in _DATA:
+        train_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
+        eval_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
+        if cfg.data.subset:
+            train_set, eval_set = data.subset(train_set, cfg.data.subset), data.subset(eval_set, cfg.data.subset)
+        if hasattr(eval_set, "train"):
+            eval_set.train = False  # local test examples are never augmented
+        p = cfg.partition
+        parts = data.partition(data.labels(train_set), p.scheme, cfg.fl.num_clients, cfg.seed, alpha=p.alpha,
+                               min_partition_size=p.min_partition_size,
+                               classes_per_partition=p.classes_per_partition,
+                               shards_per_partition=p.shards_per_partition)
+        splits = data.split_clients(parts, cfg.data.local_test_fraction, cfg.seed)
+        if len(_DATA) >= 2:
+            _DATA.pop(next(iter(_DATA)))
+        _DATA[key] = ClientData(train_set, eval_set, splits)
+    return _DATA[key]
+
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def template(cfg: Config) -> nn.Module:
+    """The process's model for this model config (built once; every call loads its own arrays into it)."""
+    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.dataset), cfg.device])
+    if key not in _MODELS:
+        if len(_MODELS) >= 2:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = build_model(cfg).to(resolve_device(cfg.device))
+    return _MODELS[key]
+
+
+def _partition(cfg: Config, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    splits = client_data(cfg).splits
+    if not 0 <= partition_id < len(splits):
+        raise ValueError(f"partition-id {partition_id} is outside [0, fl.num_clients={len(splits)}); the node's "
+                         f"partition-id must be below fl.num_clients")
+    return splits[partition_id]
+
+
+def _load(cfg: Config, arrays: dict[str, np.ndarray], caps: dict[str, int] | None) -> nn.Module:
+    model = template(cfg)
+    nested.load_arrays(model, arrays)
+    if caps is not None:
+        ranks = {name: layer.rank for name, layer in lod.layers(model)}
+        if ranks != caps:
+            wrong = {n: (ranks.get(n), caps.get(n)) for n in set(ranks) | set(caps) if ranks.get(n) != caps.get(n)}
+            raise ValueError(f"the arrays' ranks differ from the caps sent (layer: (rank, cap)): {wrong}")
+    return model
+
+
+def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd: int, caps: dict[str, int],
+          lr: float, lambda_gl: float, local_epochs: int, sampler: str, seed: int) -> tuple[dict, dict]:
+    """E local epochs of LoD training at ``caps`` from ``arrays``; (arrays after training, metrics).
+
+    metrics: num_examples (local training examples: the aggregation weight), loss (mean over the
+    epochs), seconds, steps.
+    """
+    start = time.perf_counter()
+    d = client_data(cfg)
+    train_idx, _ = _partition(cfg, partition_id)
+    model = _load(cfg, arrays, caps)
+    device = next(model.parameters()).device
+    t = dataclasses.replace(cfg.train, lr=lr, lambda_gl=lambda_gl, sampler=sampler)
+    s = tiers.client_seed(seed, rnd, partition_id)
+    torch.manual_seed(s)
+    rank_sampler = lod.RankSampler(model, sampler, caps=caps, seed=s) if lod.layers(model) else None
+    loader = data.BatchLoader(d.train_set, t.batch_size, shuffle=True, seed=tiers.derive_seed(seed, partition_id),
+                              indices=train_idx)
+    optimizer = make_optimizer(model, t)
+    task = task_for(cfg.dataset.name, t.label_smoothing)
+    total, examples, steps = 0.0, 0, 0
+    for epoch in range(local_epochs):
+        loader.set_epoch((rnd - 1) * local_epochs + epoch)
+        stats = train_epoch(model, loader, optimizer, t, task, device, sampler=rank_sampler)
+        total += stats["loss"] * stats["num_examples"]
+        examples += stats["num_examples"]
+        steps += stats["steps"]
+    metrics = {"num_examples": int(train_idx.size), "loss": total / max(examples, 1), "steps": steps,
+               "seconds": time.perf_counter() - start}
+    return nested.state_arrays(model), metrics
+
+
+def evaluate_local(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray]) -> dict:
+    """Accuracy and loss of ``arrays`` on the client's local test split: {accuracy, loss, num_examples}."""
+    d = client_data(cfg)
+    _, test_idx = _partition(cfg, partition_id)
+    if test_idx.size == 0:
+        return {"accuracy": 0.0, "loss": 0.0, "num_examples": 0}
+    model = _load(cfg, arrays, None)
+    device = next(model.parameters()).device
+    loader = data.BatchLoader(d.eval_set, EVAL_BATCH, shuffle=False, indices=test_idx)
+    return evaluate(model, loader, task_for(cfg.dataset.name, cfg.train.label_smoothing), device)

@@ -1,0 +1,60 @@
+"""The federated protocol's names, defined once: record keys, config keys, metric names, faults.
+
+The server (strategies/) and the clients (clients/) both import these; neither spells a key as a bare
+string. Flower's own conventions are kept where they exist (``num-examples`` is the weight key of
+Flower's strategies, ``partition-id`` the node-config key of its simulation engine).
+
+Messages (one per node, built per node):
+
+* query (once per run, every node): config ``RUN_CONFIG`` = the resolved run config as JSON. The
+  client keeps it in its node Context and replies metrics ``PARTITION_ID``, ``NUM_EXAMPLES``
+  (local training examples) and ``NUM_TEST``.
+* train: arrays ``ARRAYS`` = the node's prefix of the global model; config ``ROUND``, ``CAPS`` (one
+  int per LoD layer, in module order), ``LR``, ``LOCAL_EPOCHS``, ``LAMBDA``, ``SAMPLER``, ``SEED``,
+  ``FAULT`` and ``DEADLINE``. Reply: arrays ``ARRAYS`` (same names and shapes as sent), metrics
+  ``NUM_EXAMPLES``, ``TRAIN_LOSS``, ``PARTITION_ID``, ``TRAIN_SECONDS``, ``STEPS``.
+* evaluate: arrays ``ARRAYS``, config ``ROUND``; reply metrics ``NUM_EXAMPLES`` (local test
+  examples), ``ACCURACY``, ``LOSS``, ``PARTITION_ID``.
+"""
+
+from __future__ import annotations
+
+# record keys inside a message's RecordDict
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+STATE = "fedmaestro"  # the ConfigRecord a client keeps in its node Context.state
+
+# config keys (server -> client)
+RUN_CONFIG = "run-config"
+ROUND = "server-round"
+CAPS = "caps"
+LR = "lr"
+LOCAL_EPOCHS = "local-epochs"
+LAMBDA = "lambda-gl"
+SAMPLER = "sampler"
+SEED = "seed"
+FAULT = "fault"
+DEADLINE = "deadline"
+
+# metric names (client -> server)
+PARTITION_ID = "partition-id"  # also the node_config key of Flower's simulation engine
+NUM_PARTITIONS = "num-partitions"
+NUM_EXAMPLES = "num-examples"
+NUM_TEST = "num-test"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+STEPS = "steps"
+ACCURACY = "accuracy"
+LOSS = "loss"
+
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, PARTITION_ID, TRAIN_SECONDS, STEPS)
+EVAL_REPLY_METRICS = (NUM_EXAMPLES, ACCURACY, LOSS, PARTITION_ID)
+
+# injected faults (FAULT): a dropout never trains and answers after the deadline; a straggler trains and
+# answers after the deadline. In both cases the server has moved on.
+NO_FAULT = ""
+DROPOUT = "dropout"
+STRAGGLER = "straggler"
+FAULTS = (NO_FAULT, DROPOUT, STRAGGLER)
+LATE_MARGIN_S = 0.25  # a faulty client answers this long after the deadline

@@ -1,0 +1,120 @@
+"""The server's global model: its arrays, its tiers' caps, shrinking and evaluation at every budget.
+
+Plain torch and numpy (no Flower types), used by ``MaestroStrategy``. Costs of sub-models (MACs,
+parameters) are linear in the ranks, with coefficients taken once from ``train.RankCost`` (one
+forward pass with hooks); tier budgets given as caps on MACs or parameters are solved against them
+with ``tiers.solve_caps``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmaestro import data, lod, nested, tiers
+from fedmaestro.centralized import deployed_footprint, example_input
+from fedmaestro.config import Config, TierConfig
+from fedmaestro.footprint import measure
+from fedmaestro.train import RankCost, build_model, evaluate, resolve_device, seed_everything, task_for
+
+__all__ = ["GlobalModel"]
+
+EVAL_BATCH = 1000
+
+
+class GlobalModel:
+    """The global model at its current ranks, with the facts the strategy needs about it."""
+
+    def __init__(self, cfg: Config, test_set=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.layout = nested.Layout.of(self.model)
+        self.factorized = bool(self.layout.layers)
+        self.example = example_input(cfg, self.device)
+        dense_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, factorize=False))
+        self.dense = measure(build_model(dense_cfg).to(self.device), example=self.example)
+        self.costs = self._cost_models()
+        self._test_set = test_set
+        self._test_loader = None
+        self.task = task_for(cfg.dataset.name, cfg.train.label_smoothing)
+
+    # --- arrays and ranks ------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        return nested.state_arrays(self.model)
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        nested.load_arrays(self.model, arrays)
+
+    def ranks(self) -> dict[str, int]:
+        return {name: layer.rank for name, layer in lod.layers(self.model)}
+
+    def shrink(self, eps: float) -> bool:
+        """Progressive shrinking (tail-norm product <= eps); True if some rank fell."""
+        before = self.ranks()
+        return lod.shrink(self.model, eps) != before
+
+    # --- budgets ---------------------------------------------------------------------------------
+    def _cost_models(self) -> dict[str, tiers.CostModel]:
+        if not self.factorized:
+            return {}
+        with torch.no_grad():
+            cost = RankCost(self.model, self.example)
+        names = [name for name, _ in cost.layers]
+        return {"macs": tiers.CostModel(float(cost.fixed_macs), dict(zip(names, map(float, cost.mac_per_rank)))),
+                "params": tiers.CostModel(float(cost.fixed_params), dict(zip(names, map(float, cost.param_per_rank))))}
+
+    def tier_caps(self, tier: TierConfig) -> dict[str, int]:
+        """Caps of every LoD layer for a tier at the current ranks: ceil(p r_i), tightened by MAC/param caps."""
+        if not self.factorized:
+            return {}
+        limits = []
+        if tier.max_macs is not None:
+            limits.append((self.costs["macs"], tier.max_macs * self.dense.macs))
+        if tier.max_params is not None:
+            limits.append((self.costs["params"], tier.max_params * self.dense.params))
+        try:
+            caps, _ = tiers.solve_caps(self.ranks(), tier.budget, limits)
+        except ValueError as e:
+            raise ValueError(f"devices: tier {tier.name!r}: {e}") from None
+        return caps
+
+    # --- evaluation --------------------------------------------------------------------------------
+    @property
+    def test_loader(self):
+        if self._test_loader is None:
+            test_set = self._test_set
+            if test_set is None:
+                test_set = data.load(self.cfg.dataset.name, root=self.cfg.data.root, train=False)
+            if self.cfg.data.test_subset:
+                test_set = data.subset(test_set, self.cfg.data.test_subset)
+            self._test_loader = data.BatchLoader(test_set, EVAL_BATCH, shuffle=False)
+        return self._test_loader
+
+    def sub_model(self, caps: dict[str, int] | None) -> nn.Module:
+        """A copy of the global model cut to ``caps`` (the model itself when ``caps`` is None or full)."""
+        if not caps or caps == self.ranks():
+            return self.model
+        return lod.truncate(copy.deepcopy(self.model), caps)
+
+    def footprint(self, model: nn.Module) -> dict:
+        """params/macs as held (factorized, at its ranks), deployed (layers cheaper dense merged), and relative to
+        the dense model."""
+        held = measure(model, example=self.example)
+        deployed = deployed_footprint(model, self.example) if self.factorized else held
+        return {"params": held.params, "macs": held.macs, "params_deployed": deployed.params,
+                "macs_deployed": deployed.macs, "params_rel": deployed.params / self.dense.params,
+                "macs_rel": deployed.macs / self.dense.macs}
+
+    def evaluate(self, caps: dict[str, int] | None = None) -> dict:
+        """{accuracy, loss} on the central test set, and the footprint, of the global model cut to ``caps``."""
+        model = self.sub_model(caps)
+        out = evaluate(model, self.test_loader, self.task, self.device)
+        out.pop("num_examples")
+        out.update(self.footprint(model))
+        return out

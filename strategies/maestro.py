@@ -1,0 +1,425 @@
+"""MaestroStrategy: per-client rank budgets, nested column-wise aggregation, server-side shrinking.
+
+A ``flwr.serverapp.strategy.Strategy``. One round (``start`` runs them; Flower's own ``Strategy.start``
+can drive the four hooks too, without checkpoints, faults' ordering or records):
+
+1. ``configure_train``: the round's clients are a seeded sample of partition ids (``tiers``), never of
+   Flower's random node ids; each gets its own message, built for it: the prefix of every LoD layer
+   allowed by its tier's caps ``k_i = ceil(p r_i)`` of the current ranks (or solved from a MAC/param
+   cap), every other array whole, and the round's config. Bytes are counted exactly.
+2. replies are awaited until the round's deadline (``strategy.round_timeout``); clients told to fail
+   (``devices.tiers[].dropout`` / ``straggler``) answer only after it.
+3. ``aggregate_train``: every reply is validated (an error, missing or extra keys or metrics, a shape
+   other than what was sent, a wrong dtype, a non-finite value, a partition id other than the node's:
+   dropped and logged); the valid ones are aggregated column by column (``nested.aggregate``, sorted by
+   partition id so that float sums repeat exactly); every ``shrink_every`` rounds the global model is
+   shrunk. No valid reply: the model is left unchanged, with a warning.
+4. evaluation: the global model on the central test set at full rank and at every tier's caps (params
+   and MACs of each); federated evaluation on the clients' local test splits every
+   ``fl.federated_eval_every`` rounds.
+
+Every round appends a record to ``metrics.jsonl`` and writes a checkpoint; ``resume=true`` continues
+from it. Clients hold no state between rounds, so a resumed run ends exactly where an uninterrupted
+one does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from fedmaestro import checkpoint, nested, tiers
+from fedmaestro import protocol as P
+from fedmaestro.config import Config, to_dict
+
+from .global_model import GlobalModel
+from .records import RunLog
+
+__all__ = ["MaestroStrategy", "Sent"]
+
+log = logging.getLogger("fedmaestro.strategy")
+
+# keys that may change between an interrupted run and its resumption
+RESUME_IGNORED = checkpoint.IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout")
+
+
+@dataclass
+class Sent:
+    """What one node was sent in one round, to check its reply against."""
+
+    partition_id: int
+    tier: int
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    fault: str = P.NO_FAULT
+
+
+def _record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+class MaestroStrategy(Strategy):
+    """Maestro's federated strategy; every baseline (FedAvg, FjORD-like, HeteroFL-like) is a config of it."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, test_set=None, show_progress: bool = True,
+                 launched_at: float | None = None):
+        self.cfg = copy.deepcopy(cfg)  # never the caller's object
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.global_model = GlobalModel(self.cfg, test_set)
+        tier_cfgs = self.cfg.devices.tiers
+        self.tier_of = tiers.assign(self.cfg.fl.num_clients, [t.share for t in tier_cfgs], self.cfg.seed)
+        self.dropout = {pid: tier_cfgs[t].dropout for pid, t in enumerate(self.tier_of)}
+        self.straggler = {pid: tier_cfgs[t].straggler for pid, t in enumerate(self.tier_of)}
+        self.node_of: dict[int, int] = {}  # partition id -> Flower node id (learned in identify)
+        self.sent: dict[int, Sent] = {}  # node id -> what it was sent this round
+        self.current: dict[str, np.ndarray] = {}  # the global arrays the round's messages were cut from
+        self.dtypes: dict[str, np.dtype] = {}
+        self.bytes_down = self.bytes_up = 0
+        self.round_info: dict = {}
+        self.runlog = RunLog(self.cfg, self.run_dir, show_progress=show_progress, launched_at=launched_at)
+        self.warned_dense_budget = False
+        for t in tier_cfgs:  # a budget that cannot be met fails now, before any work
+            self.global_model.tier_caps(t)
+
+    # ------------------------------------------------------------------------------------------------
+    def summary(self) -> None:
+        c = self.cfg
+        counts = np.bincount(self.tier_of, minlength=len(c.devices.tiers))
+        log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
+                 "lambda %g, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
+                 c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl, c.strategy.shrink_every,
+                 c.train.eps_ps)
+        for t, n in zip(c.devices.tiers, counts):
+            log.info("  tier %s: %d clients, budget %g%s%s", t.name, n, t.budget,
+                     f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "")
+
+    # --- identity --------------------------------------------------------------------------------
+    def identify(self, grid: Grid) -> dict[int, int]:
+        """Send the run config to every node and learn its partition id: {partition id: node id}."""
+        n, timeout = self.cfg.fl.num_clients, self.cfg.strategy.connect_timeout
+        deadline = time.time() + timeout
+        while len(nodes := sorted(grid.get_node_ids())) < n and time.time() < deadline:
+            time.sleep(0.2)
+        if len(nodes) != n:
+            raise RuntimeError(f"the federation has {len(nodes)} nodes after {timeout:.0f} s but fl.num_clients={n}; "
+                               f"run as many SuperNodes as clients (simulation: num-supernodes={n})")
+        payload = json.dumps(to_dict(self.cfg), sort_keys=True)
+        messages = [Message(RecordDict({P.CONFIG: ConfigRecord({P.RUN_CONFIG: payload})}), dst_node_id=node,
+                            message_type=MessageType.QUERY) for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=max(deadline - time.time(), 1.0)))
+        errors = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
+        if errors:
+            raise RuntimeError("clients failed to start:\n  " + "\n  ".join(errors[:5]))
+        node_of = {}
+        for m in replies:
+            pid = int(m.content.metric_records[P.METRICS][P.PARTITION_ID])
+            if pid in node_of:
+                raise RuntimeError(f"two nodes ({node_of[pid]}, {m.metadata.src_node_id}) claim partition-id {pid}")
+            node_of[pid] = m.metadata.src_node_id
+        if sorted(node_of) != list(range(n)):
+            missing = sorted(set(range(n)) - set(node_of))
+            raise RuntimeError(f"partition ids must be 0..{n - 1} (fl.num_clients={n}); got {sorted(node_of)}, "
+                               f"missing {missing[:10]} (a node that did not answer within {timeout:.0f} s?)")
+        self.node_of = node_of
+        return node_of
+
+    # --- train -------------------------------------------------------------------------------------
+    def caps_of_tiers(self) -> list[dict[str, int]]:
+        """Every tier's caps at the global model's current ranks (empty dicts for a dense model)."""
+        return [self.global_model.tier_caps(t) for t in self.cfg.devices.tiers]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        c = self.cfg
+        if not self.node_of:
+            self.identify(grid)
+        self.current = _record_arrays(arrays)
+        self.dtypes = {name: a.dtype for name, a in self.current.items()}
+        layout = self.global_model.layout
+        self.global_model.load(self.current)  # the caps follow the ranks of the arrays given
+        pids = tiers.sample_clients(c.fl.num_clients, c.fl.clients_per_round, c.seed, server_round)
+        faults = tiers.draw_faults(pids, self.dropout, self.straggler, c.seed, server_round)
+        tier_caps = self.caps_of_tiers()
+        if not layout.layers and any(t.budget < 1 or t.max_macs or t.max_params for t in c.devices.tiers) \
+                and not self.warned_dense_budget:
+            log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier trains the whole "
+                        "model (budgets do not apply)")
+            self.warned_dense_budget = True
+        deadline = time.time() + c.strategy.round_timeout
+        self.sent, messages = {}, []
+        for pid in sorted(pids, key=lambda p: (p in faults, p)):  # healthy first: see _exchange
+            tier = self.tier_of[pid]
+            caps = tier_caps[tier]
+            part = nested.prefix(self.current, caps, layout)
+            fault = faults.get(pid, P.NO_FAULT)
+            record = ConfigRecord(dict(config))  # a copy per node: the caller's config is never changed
+            record.update({P.ROUND: server_round, P.CAPS: [int(caps[n]) for n in layout.layers],
+                           P.LR: float(c.train.lr), P.LOCAL_EPOCHS: int(c.fl.local_epochs),
+                           P.LAMBDA: float(c.train.lambda_gl), P.SAMPLER: c.train.sampler, P.SEED: int(c.seed),
+                           P.FAULT: fault, P.DEADLINE: float(deadline)})
+            node = self.node_of[pid]
+            messages.append(Message(RecordDict({P.ARRAYS: _to_record(part), P.CONFIG: record}), dst_node_id=node,
+                                    message_type=MessageType.TRAIN, group_id=str(server_round)))
+            self.sent[node] = Sent(pid, tier, {n: tuple(a.shape) for n, a in part.items()}, fault)
+            self.bytes_down += nested.num_bytes(part)
+        self.round_info = {"sampled": sorted(pids), "faults": {str(p): f for p, f in sorted(faults.items())},
+                           "deadline": deadline}
+        return messages
+
+    def _check_train_reply(self, msg: Message) -> tuple[Sent, dict, float, dict] | str:
+        """(what was sent, arrays, weight, metrics) of a valid reply, or why it is invalid."""
+        if msg.has_error():
+            return f"error: {msg.error.reason[:300]}"
+        sent = self.sent.get(msg.metadata.src_node_id)
+        if sent is None:
+            return f"a reply from node {msg.metadata.src_node_id}, which was not sent a message this round"
+        content = msg.content
+        if P.METRICS not in content.metric_records or P.ARRAYS not in content.array_records:
+            return f"the reply lacks its {P.METRICS!r} MetricRecord or {P.ARRAYS!r} ArrayRecord"
+        metrics = content.metric_records[P.METRICS]
+        missing = [k for k in P.TRAIN_REPLY_METRICS if k not in metrics]
+        if missing:
+            return f"metrics {missing} are missing"
+        if int(metrics[P.PARTITION_ID]) != sent.partition_id:
+            return f"partition-id {metrics[P.PARTITION_ID]} but node {msg.metadata.src_node_id} is {sent.partition_id}"
+        weight = metrics[P.NUM_EXAMPLES]
+        if isinstance(weight, list) or not math.isfinite(weight) or weight <= 0:
+            return f"num-examples={weight!r} must be a positive number"
+        if not math.isfinite(metrics[P.TRAIN_LOSS]):
+            return f"train-loss is {metrics[P.TRAIN_LOSS]}"
+        try:
+            arrays = _record_arrays(content.array_records[P.ARRAYS])
+        except Exception as e:  # noqa: BLE001  (an array that does not decode is the client's fault)
+            return f"arrays do not decode: {e}"
+        problems = nested.check_arrays(arrays, sent.shapes, self.dtypes)
+        if problems:
+            return "; ".join(problems)
+        return sent, arrays, float(weight), dict(metrics)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                      MetricRecord | None]:
+        replies = list(replies)
+        valid, dropped, seen = [], {}, set()
+        for msg in replies:
+            if msg.has_content():
+                self.bytes_up += sum(nested.num_bytes(_record_arrays(r)) for r in msg.content.array_records.values())
+            node = msg.metadata.src_node_id
+            out = "a second reply from the same node" if node in seen else self._check_train_reply(msg)
+            seen.add(node)
+            if isinstance(out, str):
+                pid = self.sent[node].partition_id if node in self.sent else f"node {node}"
+                dropped[str(pid)] = out
+                log.warning("round %d: dropped the reply of client %s: %s", server_round, pid, out)
+            else:
+                valid.append(out)
+        late = sorted(s.partition_id for node, s in self.sent.items() if node not in seen)
+        if late:
+            log.warning("round %d: no answer before the round's timeout from clients %s", server_round, late)
+        valid.sort(key=lambda v: v[0].partition_id)
+        info = self.round_info
+        info.update({"valid": [v[0].partition_id for v in valid], "dropped": dropped, "late": late})
+        tier_names = [t.name for t in self.cfg.devices.tiers]
+        info["per_tier"] = {name: sum(1 for v in valid if v[0].tier == i) for i, name in enumerate(tier_names)}
+        if not valid:
+            log.warning("round %d: no valid reply (sampled %s); the global model is left unchanged",
+                        server_round, info["sampled"])
+            info["shrunk"] = False
+            return None, MetricRecord({"valid-replies": 0})
+        weights = [w for _, _, w, _ in valid]
+        merged = nested.aggregate(self.current, [(arrays, w) for _, arrays, w, _ in valid], self.global_model.layout.axes)
+        self.global_model.load(merged)
+        c = self.cfg
+        shrink_now = (self.global_model.factorized and c.train.shrink and c.train.eps_ps is not None
+                      and c.strategy.shrink_every > 0 and server_round % c.strategy.shrink_every == 0)
+        info["shrunk"] = bool(shrink_now and self.global_model.shrink(c.train.eps_ps))
+        total = sum(weights)
+        metrics = MetricRecord({
+            "valid-replies": len(valid),
+            P.TRAIN_LOSS: sum(w * m[P.TRAIN_LOSS] for _, _, w, m in valid) / total,
+            P.TRAIN_SECONDS: sum(m[P.TRAIN_SECONDS] for _, _, _, m in valid),
+        })
+        return _to_record(self.global_model.arrays()), metrics
+
+    # --- federated evaluation ------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        every = self.cfg.fl.federated_eval_every
+        if not every or server_round % every:
+            return []
+        current = _record_arrays(arrays)
+        layout = self.global_model.layout
+        tier_caps = self.caps_of_tiers()
+        self.sent, messages = {}, []
+        for pid, node in sorted(self.node_of.items()):
+            tier = self.tier_of[pid]
+            part = nested.prefix(current, tier_caps[tier], layout)
+            record = ConfigRecord(dict(config))
+            record[P.ROUND] = server_round
+            messages.append(Message(RecordDict({P.ARRAYS: _to_record(part), P.CONFIG: record}), dst_node_id=node,
+                                    message_type=MessageType.EVALUATE, group_id=str(server_round)))
+            self.sent[node] = Sent(pid, tier)
+            self.bytes_down += nested.num_bytes(part)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in replies:
+            sent = self.sent.get(msg.metadata.src_node_id)
+            if msg.has_error() or sent is None or P.METRICS not in msg.content.metric_records:
+                reason = msg.error.reason[:300] if msg.has_error() else "not a reply to this round's evaluation"
+                log.warning("round %d: dropped an evaluation reply from node %s: %s", server_round,
+                            msg.metadata.src_node_id, reason)
+                continue
+            m = msg.content.metric_records[P.METRICS]
+            values = [m.get(k) for k in P.EVAL_REPLY_METRICS]
+            if any(v is None or isinstance(v, list) or not math.isfinite(v) for v in values) \
+                    or int(m[P.PARTITION_ID]) != sent.partition_id:
+                log.warning("round %d: dropped the evaluation reply of client %d: metrics %s", server_round,
+                            sent.partition_id, dict(m))
+                continue
+            if m[P.NUM_EXAMPLES] > 0:
+                rows.append((float(m[P.NUM_EXAMPLES]), float(m[P.ACCURACY]), float(m[P.LOSS])))
+        if not rows:
+            return None
+        total = sum(n for n, _, _ in rows)
+        return MetricRecord({P.ACCURACY: sum(n * a for n, a, _ in rows) / total,
+                             P.LOSS: sum(n * loss for n, _, loss in rows) / total, "clients": len(rows)})
+
+    # --- the run -------------------------------------------------------------------------------------
+    def _exchange(self, grid: Grid, messages: list[Message], deadline: float) -> list[Message]:
+        """Send the round's messages and collect the replies that arrive before ``deadline``.
+
+        Clients told to fail sleep until after the deadline. In a simulation W workers serve all the
+        nodes, so a sleeping client would hold a worker that healthy clients need: the healthy ones
+        go first, the faulty ones after, and the server waits until the deadline for them as it would
+        for real devices.
+        """
+        healthy = [m for m in messages if self.sent[m.metadata.dst_node_id].fault == P.NO_FAULT]
+        faulty = [m for m in messages if self.sent[m.metadata.dst_node_id].fault != P.NO_FAULT]
+        replies = list(grid.send_and_receive(healthy, timeout=max(deadline - time.time(), 0.001))) if healthy else []
+        if faulty:
+            replies += list(grid.send_and_receive(faulty, timeout=max(deadline - time.time(), 0.001)))
+        return replies
+
+    def state_dict(self, rnd: int) -> dict:
+        return {"config": to_dict(self.cfg), "round": rnd, "model": self.global_model.model.state_dict(),
+                "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, **self.runlog.state_dict()}
+
+    def load_state_dict(self, state: dict) -> int:
+        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), RESUME_IGNORED)
+        if diff:
+            raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
+                             "(checkpoint -> now):\n  " + "\n  ".join(diff) +
+                             "\nRun with the checkpoint's config, or start a new run directory.")
+        self.global_model.model.load_state_dict(state["model"])
+        self.bytes_down, self.bytes_up = int(state["bytes_down"]), int(state["bytes_up"])
+        self.runlog.load_state_dict(state)
+        return int(state["round"])
+
+    def resume(self) -> int:
+        """Load ``checkpoint`` (or the run dir's checkpoint.pt); the round to continue after (0: none)."""
+        path = Path(self.cfg.checkpoint) if self.cfg.checkpoint else (self.run_dir / "checkpoint.pt"
+                                                                       if self.run_dir else None)
+        if path is None or not path.is_file():
+            log.warning("resume=true but %s does not exist: starting from round 0", path)
+            return 0
+        rnd = self.load_state_dict(checkpoint.load(path))
+        log.info("resumed from %s after round %d", path, rnd)
+        return rnd
+
+    def evaluate_global(self, rnd: int) -> dict:
+        """The record's evaluation part: the global model at full rank and at every tier's caps."""
+        c, gm = self.cfg, self.global_model
+        last = rnd == c.fl.rounds
+        evaluated = rnd % c.strategy.eval_every == 0 or last
+        out = gm.evaluate() if evaluated else gm.footprint(gm.model)
+        ranks = gm.ranks()
+        out.update({"ranks": ranks, "total_rank": int(sum(ranks.values()))})
+        if c.strategy.eval_tiers:
+            tiers_out = {}
+            for tier, caps in zip(c.devices.tiers, self.caps_of_tiers()):
+                if caps == ranks:  # the tier holds the whole model: same numbers
+                    row = {k: out[k] for k in ("accuracy", "loss") if k in out}
+                    row.update(gm.footprint(gm.model))
+                else:
+                    row = gm.evaluate(caps) if evaluated else gm.footprint(gm.sub_model(caps))
+                row["rank"] = int(sum(caps.values()))
+                tiers_out[tier.name] = row
+            out["tiers"] = tiers_out
+        return out
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        """Run (or resume) ``num_rounds`` (default ``fl.rounds``) rounds; records, checkpoints, progress."""
+        c = self.cfg
+        num_rounds = c.fl.rounds if num_rounds is None else num_rounds
+        if timeout is not None and timeout != c.strategy.round_timeout:
+            self.cfg.strategy.round_timeout = float(timeout)
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        done = self.resume() if c.resume else 0
+        if initial_arrays is not None and not done:
+            self.global_model.load(_record_arrays(initial_arrays))
+        self.summary()
+        self.runlog.begin(num_rounds, done)
+        self.identify(grid)
+        self.runlog.started()
+        result = Result()
+        arrays = _to_record(self.global_model.arrays())
+        for rnd in range(done + 1, num_rounds + 1):
+            t0 = time.perf_counter()
+            messages = list(self.configure_train(rnd, arrays, train_config, grid))
+            replies = self._exchange(grid, messages, self.round_info["deadline"])
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            t1 = time.perf_counter()
+            record = {"round": rnd}
+            fed = self._federated_eval(grid, rnd, arrays, evaluate_config)
+            record.update(self.evaluate_global(rnd))
+            if fed is not None:
+                record.update({"fed_accuracy": fed[P.ACCURACY], "fed_loss": fed[P.LOSS]})
+                result.evaluate_metrics_clientapp[rnd] = fed
+            if train_metrics is not None and "valid-replies" in train_metrics and train_metrics["valid-replies"]:
+                record["train_loss"] = train_metrics[P.TRAIN_LOSS]
+                result.train_metrics_clientapp[rnd] = train_metrics
+            info = self.round_info
+            record.update({
+                "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+                "clients": {k: info[k] for k in ("sampled", "valid", "dropped", "late", "faults", "per_tier")},
+                "shrunk": info["shrunk"],
+            })
+            t2 = time.perf_counter()
+            client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \
+                P.TRAIN_SECONDS in train_metrics else 0.0
+            self.runlog.add(record, {"round_s": t2 - t0, "train_s": t1 - t0, "eval_s": t2 - t1,
+                                     "client_train_s": client_s})
+            if self.run_dir is not None:
+                checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict(rnd))
+            result.arrays = arrays
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord(
+                {k: float(record[k]) for k in ("accuracy", "loss") if k in record})
+        self.runlog.finish(self.global_model)
+        return result
+
+    def _federated_eval(self, grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord | None:
+        messages = list(self.configure_evaluate(rnd, arrays, config, grid))
+        if not messages:
+            return None
+        replies = grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout)
+        return self.aggregate_evaluate(rnd, replies)

@@ -1,0 +1,77 @@
+"""The Flower ServerApp: runs ``MaestroStrategy`` on whatever Grid Flower gives it.
+
+Two ways in, one code path (``serve``):
+
+* ``flwr run .`` (``[tool.flwr.app.components] serverapp = "strategies.server_app:app"``): the run
+  config's ``overrides`` string carries Hydra overrides (``flwr run . --run-config
+  'overrides="fl.rounds=5 devices=five_tiers hydra.run.dir=/abs/dir"'``); ``compose`` builds the
+  Config from ``conf/`` with ``hydra.compose``, as the command line would.
+* ``python -m fedmaestro`` (``strategies.simulation.run``): Hydra has composed the Config already;
+  ``make_app(cfg, run_dir)`` wraps it in a ServerApp for ``flwr.simulation.run_simulation``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result
+
+from fedmaestro.config import Config, resolve
+
+from .maestro import MaestroStrategy
+
+__all__ = ["app", "make_app", "serve", "compose", "OVERRIDES_KEY"]
+
+OVERRIDES_KEY = "overrides"  # [tool.flwr.app.config] key: Hydra overrides, one string
+
+
+def compose(overrides: list[str]) -> tuple[Config, Path]:
+    """(validated Config, run directory) of Hydra overrides, composed from conf/ as the command line does.
+
+    The run directory is ``hydra.run.dir`` (default ``outputs/federated/<timestamp>``, relative to the
+    working directory of the process; give an absolute ``hydra.run.dir=...`` under ``flwr run``).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from fedmaestro.__main__ import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        raw = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    run_dir = Path(str(OmegaConf.select(raw, "hydra.run.dir")))
+    with open_dict(raw):
+        del raw["hydra"]
+    cfg = resolve(raw)
+    if cfg.mode != "federated":
+        raise ValueError(f"config: mode={cfg.mode!r}, but the ServerApp runs the federated mode; drop the mode override")
+    return cfg, run_dir
+
+
+def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | None = None) -> Result:
+    strategy = MaestroStrategy(cfg, run_dir, launched_at=launched_at)
+    return strategy.start(grid)
+
+
+def make_app(cfg: Config, run_dir: Path | None, launched_at: float | None = None) -> ServerApp:
+    """A ServerApp bound to an already composed Config (the simulation adapter's)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        serve(grid, cfg, run_dir, launched_at)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    overrides = shlex.split(str(context.run_config.get(OVERRIDES_KEY, "")))
+    cfg, run_dir = compose(overrides)
+    serve(grid, cfg, run_dir)

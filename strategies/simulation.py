@@ -1,0 +1,65 @@
+"""``mode=federated``: the ServerApp and ClientApp in Flower's simulation engine (Ray), on this machine.
+
+``run(cfg, run_dir)`` is what ``python -m fedmaestro`` calls. ``simulate`` is the one adapter around
+``flwr.simulation.run_simulation`` (deprecated upstream in favour of ``flwr run``; when it goes, only
+this function changes). The apps are the ones ``flwr run .`` loads, so a run moves to Flower's
+deployment engine or a Ray cluster without code changes.
+
+Client resources come from ``fl.client_cpus`` / ``fl.client_gpus``: Ray starts
+floor(CPUs / client_cpus) workers, each serving one client at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from fedmaestro.config import Config
+
+__all__ = ["run", "simulate", "backend_config"]
+
+
+def backend_config(cfg: Config) -> dict:
+    resources = {"num_cpus": float(cfg.fl.client_cpus), "num_gpus": float(cfg.fl.client_gpus)}
+    return {"client_resources": resources,
+            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}}
+
+
+class _NotThisDeprecation(logging.Filter):
+    """Drops Flower's notice that run_simulation is deprecated: this module is where that is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("run_simulation" in text and "deprecated" in text.lower()) and \
+            "This is a deprecated feature" not in text
+
+
+def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose: bool = False) -> None:
+    """Run ``server_app`` against ``num_supernodes`` virtual nodes running ``client_app`` (Ray backend)."""
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning about GPU env vars
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the link state's database set-up, at INFO under Hydra
+    flwr_logger = logging.getLogger("flwr")
+    level, quiet = flwr_logger.level, _NotThisDeprecation()
+    flwr_logger.addFilter(quiet)
+    if not verbose:  # Flower's per-round INFO lines would drown our progress lines; warnings still show
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                       backend_name="ray", backend_config=backend, verbose_logging=verbose)
+    finally:
+        flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(quiet)
+
+
+def run(cfg: Config, run_dir: Path) -> None:
+    """The federated mode: simulate ``fl.num_clients`` clients; outputs go to ``run_dir``."""
+    launched = time.perf_counter()
+    from clients.client_app import app as client_app
+
+    from .server_app import make_app
+
+    simulate(make_app(cfg, Path(run_dir), launched_at=launched), client_app, cfg.fl.num_clients, backend_config(cfg))

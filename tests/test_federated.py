@@ -1,0 +1,294 @@
+"""Federated mode, in one process: MaestroStrategy + the real ClientApp over an in-process Grid (LocalGrid).
+
+The real simulation engine (Ray), ``python -m fedmaestro`` and ``flwr run`` are exercised in
+test_federated_sim.py; here every protocol rule is checked quickly and exactly: per-node prefixes and
+byte counts, seeding by partition id, validation of bad replies, faults, shrinking, resume, baselines.
+
+The runs are tiny (1,200 training examples over 4-6 clients, 500 test examples, 1-3 rounds): a few
+seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+from flwr.clientapp import ClientApp
+
+from clients import client_app as real_client
+from clients import local
+from fedmaestro import nested, tiers
+from fedmaestro import protocol as P
+from strategies.local_grid import LocalGrid
+from strategies.maestro import MaestroStrategy
+from strategies.records import TIME_KEYS
+from strategies.server_app import compose
+
+TINY = ["data.subset=1200", "data.test_subset=500", "fl.num_clients=4", "fl.clients_per_round=3", "fl.rounds=2",
+        "train.batch_size=32", "progress=false"]
+
+
+def make_cfg(tmp_path, *overrides, name="run"):
+    cfg, _ = compose(TINY + list(overrides) + [f"hydra.run.dir={tmp_path / name}"])
+    return cfg, tmp_path / name
+
+
+def run(cfg, run_dir, app=None, **grid_kw) -> tuple[MaestroStrategy, LocalGrid]:
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    grid = LocalGrid(app or real_client.app, cfg.fl.num_clients, **grid_kw)
+    strategy.start(grid)
+    return strategy, grid
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def timeless(rs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rs]
+
+
+def train_messages(grid: LocalGrid, rnd: int):
+    return [m for m in grid.messages_seen if m.metadata.message_type == "train" and
+            m.content.config_records[P.CONFIG][P.ROUND] == rnd]
+
+
+# --- messages, prefixes, bytes ------------------------------------------------------------------------------
+def test_each_node_gets_its_own_record_with_its_tier_prefix_and_bytes_are_exact(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "fl.rounds=1", "fl.clients_per_round=4")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    grid = LocalGrid(real_client.app, cfg.fl.num_clients)
+    train_config = ConfigRecord({"note": "kept"})
+    strategy.start(grid, train_config=train_config)
+    assert dict(train_config) == {"note": "kept"}  # the caller's config is never changed
+    msgs = train_messages(grid, 1)
+    assert len(msgs) == 4 and len({id(m.content) for m in msgs}) == 4
+    assert len({id(m.content.array_records[P.ARRAYS]) for m in msgs}) == 4
+    ranks = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84, "fc3": 10}
+    budgets = [t.budget for t in cfg.devices.tiers]
+    down = 0
+    for m in msgs:
+        node_pid = grid.nodes[m.metadata.dst_node_id]
+        caps = tiers.fraction_caps(ranks, budgets[strategy.tier_of[node_pid]])
+        c = m.content.config_records[P.CONFIG]
+        assert list(c[P.CAPS]) == list(caps.values()) and c["note"] == "kept"
+        arrays = {k: v.numpy() for k, v in m.content.array_records[P.ARRAYS].items()}
+        for layer, k in caps.items():
+            assert arrays[f"{layer}.u"].shape[0] == k and arrays[f"{layer}.v"].shape[0] == k
+        assert arrays["fc1.bias"].shape == (120,)  # arrays without a rank axis go whole
+        down += nested.num_bytes(arrays)
+    r = records(run_dir)[0]
+    assert r["bytes_down"] == down
+    # up: every valid reply has exactly the shapes it was sent, so up == down here
+    assert r["bytes_up"] == down and r["clients"]["valid"] == [0, 1, 2, 3]
+    # a 0.25 tier's caps: ceil(0.25 * (6, 16, 120, 84, 10)) = (2, 4, 30, 21, 3)
+    assert tiers.fraction_caps(ranks, 0.25) == {"conv1": 2, "conv2": 4, "fc1": 30, "fc2": 21, "fc3": 3}
+    assert set(r["tiers"]) == {"small", "medium", "large"}
+    for t in r["tiers"].values():
+        assert {"accuracy", "params", "macs"} <= set(t)
+    assert r["tiers"]["small"]["params"] < r["tiers"]["medium"]["params"] < r["tiers"]["large"]["params"]
+
+
+def test_runs_repeat_exactly_and_ignore_flower_node_ids(tmp_path):
+    cfg, a = make_cfg(tmp_path, name="a")
+    run(cfg, a)
+    cfg, b = make_cfg(tmp_path, name="b")
+    run(cfg, b, first_node_id=5_000_003)  # other node ids: sampling is keyed by partition id
+    ra, rb = records(a), records(b)
+    assert len(ra) == 2 and timeless(ra) == timeless(rb)
+    assert ra[0]["clients"]["sampled"] == tiers.sample_clients(4, 3, cfg.seed, 1)
+    cfg, c = make_cfg(tmp_path, "seed=1", name="c")
+    run(cfg, c)
+    assert timeless(records(c)) != timeless(ra)  # the seed matters
+
+
+# --- validation and faults ----------------------------------------------------------------------------------
+def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> ClientApp:
+    """The real ClientApp, with the replies of some partition ids corrupted."""
+    app = ClientApp()
+    app.query()(real_client.query)
+    app.evaluate()(real_client.evaluate)
+
+    @app.train()
+    def train(message, context):
+        pid = int(context.node_config[P.PARTITION_ID])
+        kind = behaviour.get(pid)
+        if kind == "raise":
+            raise RuntimeError("client exploded")
+        reply = real_client.train(message, context)
+        arrays = {k: v.numpy().copy() for k, v in reply.content.array_records[P.ARRAYS].items()}
+        metrics = dict(reply.content.metric_records[P.METRICS])
+        if kind == "nan":
+            arrays["fc2.u"][0, 0] = np.nan
+        elif kind == "shape":
+            arrays["fc1.u"] = arrays["fc1.u"][:-1]
+        elif kind == "extra":
+            arrays["intruder"] = np.zeros(1, np.float32)
+        elif kind == "missing":
+            arrays.pop("fc3.bias")
+        elif kind == "pid":
+            metrics[P.PARTITION_ID] = pid + 100
+        elif kind == "dtype":
+            arrays["conv1.bias"] = arrays["conv1.bias"].astype(np.float64)
+        if captured is not None and kind is None:
+            captured[pid] = (arrays, metrics[P.NUM_EXAMPLES])
+        return real_client._reply(message, metrics, arrays)
+
+    return app
+
+
+def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_path, caplog):
+    behaviour = {0: "raise", 1: "nan", 2: "shape", 3: "extra", 4: "missing", 5: "pid", 6: "dtype"}
+    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=8", "fl.clients_per_round=8", "fl.rounds=1",
+                            "devices=three_tiers", "strategy.shrink_every=0")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    before = strategy.global_model.arrays()
+    captured = {}
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        strategy.start(LocalGrid(faulty_app(behaviour, captured), 8))
+    r = records(run_dir)[0]
+    dropped = r["clients"]["dropped"]
+    assert r["clients"]["valid"] == [7] and sorted(map(int, dropped)) == list(range(7))
+    assert "client exploded" in dropped["0"]
+    assert "fc2.u has 1 non-finite values" in dropped["1"]
+    assert "fc1.u has shape" in dropped["2"]
+    assert "unexpected arrays ['intruder']" in dropped["3"]
+    assert "missing arrays ['fc3.bias']" in dropped["4"]
+    assert "partition-id 105" in dropped["5"]
+    assert "conv1.bias has dtype float64, expected float32" in dropped["6"]
+    assert sum("dropped the reply of client" in m for m in caplog.messages) == 7
+    # the global model is the aggregate of the one valid reply, exactly
+    arrays, weight = captured[7]
+    expected = nested.aggregate(before, [(arrays, weight)], strategy.global_model.layout.axes)
+    after = strategy.global_model.arrays()
+    for name in expected:
+        np.testing.assert_array_equal(after[name], expected[name])
+
+
+def test_a_round_without_valid_replies_leaves_the_model_unchanged(tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    before = strategy.global_model.arrays()
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        strategy.start(LocalGrid(faulty_app({p: "raise" for p in range(4)}), 4))
+    after = strategy.global_model.arrays()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert any("no valid reply" in m and "left unchanged" in m for m in caplog.messages)
+    r = records(run_dir)[0]
+    assert r["clients"]["valid"] == [] and "train_loss" not in r and not r["shrunk"]
+
+
+def test_dropouts_and_stragglers_miss_the_deadline_and_the_round_goes_on(tmp_path, caplog):
+    devices = ("devices.tiers=[{name: ok, share: 0.5, budget: 1.0}, "
+               "{name: flaky, share: 0.5, budget: 0.5, dropout: 0.5, straggler: 0.5}]")
+    cfg, run_dir = make_cfg(tmp_path, devices, "fl.rounds=1", "fl.clients_per_round=4", "strategy.round_timeout=2.0")
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        strategy, grid = run(cfg, run_dir)
+    r = records(run_dir)[0]
+    flaky = sorted(p for p in range(4) if strategy.tier_of[p] == 1)
+    assert r["clients"]["late"] == flaky and sorted(map(int, r["clients"]["faults"])) == flaky
+    assert set(r["clients"]["faults"].values()) <= {"dropout", "straggler"}
+    assert r["clients"]["valid"] == [p for p in range(4) if p not in flaky] and r["clients"]["dropped"] == {}
+    assert any("no answer before the round's timeout" in m for m in caplog.messages)
+    # the faulty clients were sent their messages (bytes down) after the healthy ones
+    order = [grid.nodes[m.metadata.dst_node_id] for m in train_messages(grid, 1)]
+    assert order[-len(flaky):] == flaky
+    assert r["timing"]["train_s"] >= 2.0  # the server waited until the deadline
+
+
+# --- shrinking, resume, baselines, budgets --------------------------------------------------------------------
+def test_shrinking_cuts_the_global_model_and_the_next_caps_follow(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "train.eps_ps=0.5", "fl.clients_per_round=4")
+    _, grid = run(cfg, run_dir)
+    r1, r2 = records(run_dir)
+    assert r1["shrunk"] and r1["total_rank"] < 236
+    budgets = [t.budget for t in cfg.devices.tiers]
+    strategy_tiers = tiers.assign(4, [t.share for t in cfg.devices.tiers], cfg.seed)
+    for m in train_messages(grid, 2):
+        pid = grid.nodes[m.metadata.dst_node_id]
+        assert list(m.content.config_records[P.CONFIG][P.CAPS]) == \
+            list(tiers.fraction_caps(r1["ranks"], budgets[strategy_tiers[pid]]).values())
+    assert r2["params"] < 66_274
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    cfg, full = make_cfg(tmp_path, "fl.rounds=3", "train.eps_ps=0.3", name="full")
+    run(cfg, full)
+    cfg, part = make_cfg(tmp_path, "fl.rounds=2", "train.eps_ps=0.3", name="part")
+    run(cfg, part)
+    cfg, part = make_cfg(tmp_path, "fl.rounds=3", "train.eps_ps=0.3", "resume=true", name="part")
+    run(cfg, part)
+    assert timeless(records(part)) == timeless(records(full))
+    assert records(full)[-1]["total_rank"] < 236  # shrinking happened, and was resumed through
+    cfg, part = make_cfg(tmp_path, "fl.rounds=3", "train.eps_ps=0.3", "resume=true", "seed=5", name="part")
+    with pytest.raises(ValueError, match=r"seed: 0 -> 5"):
+        run(cfg, part)
+
+
+def test_dense_fedavg_is_the_example_weighted_mean(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "model.factorize=false", "devices=homogeneous", "fl.rounds=1")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    assert all(axis is None for axis in strategy.global_model.layout.axes.values())
+    captured = {}
+    strategy.start(LocalGrid(faulty_app({}, captured), 4))
+    total = sum(w for _, w in captured.values())
+    after = strategy.global_model.arrays()
+    for name in after:  # the same float64 sum, in partition-id order, cast to float32
+        mean = sum(w * captured[p][0][name].astype(np.float64) for p, (_, w) in sorted(captured.items())) / total
+        np.testing.assert_array_equal(after[name], mean.astype(np.float32))
+    r = records(run_dir)[0]
+    assert r["params"] == r["params_deployed"] == 44_426 and r["total_rank"] == 0
+
+
+def test_mac_budget_is_solved_into_caps(tmp_path):
+    devices = "devices.tiers=[{name: tiny, share: 0.5, max_macs: 0.3}, {name: full, share: 0.5}]"
+    cfg, run_dir = make_cfg(tmp_path, devices, "fl.rounds=1")
+    strategy, grid = run(cfg, run_dir)
+    r = records(run_dir)[0]
+    dense_macs = strategy.global_model.dense.macs
+    tiny = r["tiers"]["tiny"]
+    assert tiny["macs"] <= 0.3 * dense_macs < r["tiers"]["full"]["macs"]
+    caps = strategy.global_model.tier_caps(cfg.devices.tiers[0])
+    assert strategy.global_model.costs["macs"](caps) == tiny["macs"]  # the cost model is exact
+    bigger = tiers.fraction_caps(strategy.global_model.ranks(), 1.0)
+    assert strategy.global_model.costs["macs"](bigger) > 0.3 * dense_macs
+
+
+def test_impossible_budget_fails_before_any_round(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "devices.tiers=[{name: nano, share: 1.0, max_params: 0.001}]")
+    with pytest.raises(ValueError, match="tier 'nano': solve_caps: no sub-model fits"):
+        MaestroStrategy(cfg, run_dir, show_progress=False)
+
+
+def test_federated_evaluation_on_local_test_splits(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2")
+    run(cfg, run_dir)
+    r = records(run_dir)[0]
+    assert 0.0 <= r["fed_accuracy"] <= 1.0 and np.isfinite(r["fed_loss"])
+
+
+def test_client_training_repeats_for_a_seed_and_round(tmp_path):
+    cfg, _ = make_cfg(tmp_path, "devices=three_tiers")
+    strategy = MaestroStrategy(cfg, None, show_progress=False)
+    glob = strategy.global_model.arrays()
+    caps = tiers.fraction_caps(strategy.global_model.ranks(), 0.5)
+    part = nested.prefix(glob, caps, strategy.global_model.layout)
+    kw = dict(caps=caps, lr=0.01, lambda_gl=1e-3, local_epochs=1, sampler="per_layer", seed=0)
+    a, ma = local.train(cfg, 1, part, rnd=1, **kw)
+    b, mb = local.train(cfg, 1, part, rnd=1, **kw)
+    c, _ = local.train(cfg, 1, part, rnd=2, **kw)
+    assert all(np.array_equal(a[k], b[k]) for k in a) and ma["loss"] == mb["loss"]
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in part.items()}
+
+
+def test_query_needs_a_partition_id(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1")
+    grid = LocalGrid(real_client.app, 4)
+    for context in grid.contexts.values():
+        context.node_config.pop(P.PARTITION_ID)
+    with pytest.raises(RuntimeError, match="partition-id"):
+        MaestroStrategy(cfg, run_dir, show_progress=False).start(grid)
