@@ -1,10 +1,21 @@
 """Centralized mode: Algorithm 1 epoch by epoch, with progressive shrinking, checkpoints and metrics.
 
 ``python -m fedmaestro mode=centralized model=lenet dataset=fashion_mnist train.lambda_gl=3.2e-4``
+(or a preset: ``python -m fedmaestro +experiment=paper/lenet_fmnist``).
 
 Every epoch: train (rank sampling + HGL), progressive shrinking with ``eps_ps`` (physical, optimizer
-state kept), BatchNorm recalibration, evaluation, one line of ``metrics.jsonl`` and a checkpoint.
-``resume=true`` continues from ``<run dir>/checkpoint.pt`` to the same final metrics.
+state kept), BatchNorm recalibration when ranks changed, evaluation, one line of ``metrics.jsonl``
+and a checkpoint. ``resume=true`` continues from ``<run dir>/checkpoint.pt`` (or ``checkpoint=...``)
+to the same final metrics as an uninterrupted run; a checkpoint written with another config is
+refused with the list of keys that differ. At the end: ``model.pt`` and the plots.
+
+A record (one per epoch) holds ``epoch``, ``lr``, ``train_loss``, ``accuracy`` and ``loss`` (test
+set, at full current rank), ``params``/``macs`` (the factorized model), ``params_deployed``/
+``macs_deployed`` (layers merged to dense where cheaper, App. D.4) and their ratios to the dense
+model ``params_rel``/``macs_rel``, ``ranks`` (layer -> rank), ``total_rank``, the training cost so
+far relative to training the dense model on as many examples (``train_macs_rel``,
+``train_params_rel``; see ``train.RankCost``), and the times ``train_s`` (this epoch's training)
+and ``wall_s`` (the run so far, resumptions included).
 """
 
 from __future__ import annotations
@@ -17,18 +28,22 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from . import checkpoint, data, lod
-from .config import Config, to_dict
+from .config import Config, resolve, to_dict
 from .footprint import Footprint, measure
+from .plots import plot_centralized
 from .train import (RankCost, build_model, evaluate, make_optimizer, make_scheduler, recalibrate_batchnorm,
                     resolve_device, seed_everything, task_for, train_epoch)
 
-__all__ = ["Trainer", "run", "example_input", "deployed_footprint", "load_datasets"]
+__all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
+           "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
 
 console = Console()
+
+TIME_FIELDS = ("train_s", "wall_s")  # the record fields that differ between identical runs
 
 
 def example_input(cfg: Config, device: torch.device | str = "cpu") -> tuple:
@@ -44,6 +59,14 @@ def deployed_footprint(model: nn.Module, example: tuple) -> Footprint:
     return measure(lod.to_dense(copy.deepcopy(model)), example=example)
 
 
+def dense_footprint(cfg: Config) -> Footprint:
+    """Footprint of the non-factorized model of ``cfg`` (the 1.00x of the paper's tables)."""
+    dense = copy.deepcopy(cfg)
+    dense.model.factorize = False
+    with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
+        return measure(build_model(dense), example=example_input(cfg))
+
+
 def load_datasets(cfg: Config):
     """(train, test) data sets of the config, with ``data.subset`` / ``data.test_subset`` applied."""
     train_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
@@ -55,45 +78,74 @@ def load_datasets(cfg: Config):
     return train_set, test_set
 
 
+def with_data_facts(cfg: Config, train_set) -> Config:
+    """``cfg`` with what the model needs from the data set: the Transformer's vocabulary size."""
+    vocab = getattr(train_set, "vocab", None)
+    if cfg.model.name == "transformer" and vocab is not None and "vocab_size" not in cfg.model.kwargs:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.kwargs["vocab_size"] = len(vocab)
+    return cfg
+
+
+def apply_threads(cfg: Config) -> None:
+    """``train.threads``: the number of CPU threads torch uses in this process."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
 class Trainer:
     """A centralized run: model, optimizer, sampler, loaders, the epoch loop, checkpoints and records."""
 
     def __init__(self, cfg: Config, run_dir: Path, datasets: tuple | None = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
         train_set, test_set = datasets if datasets is not None else load_datasets(cfg)
+        self.cfg = cfg = with_data_facts(cfg, train_set)
         t = cfg.train
-        self.train_loader = data.BatchLoader(train_set, t.batch_size, shuffle=True, seed=cfg.seed)
-        self.test_loader = data.BatchLoader(test_set, max(t.batch_size, 256), shuffle=False)
+        seed_everything(cfg.seed)
+        self.train_loader = data.BatchLoader(train_set, t.batch_size, shuffle=True, seed=cfg.seed,
+                                             num_workers=t.num_workers)
+        self.test_loader = data.BatchLoader(test_set, max(t.batch_size, 256), shuffle=False,
+                                            num_workers=t.num_workers)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
         self.task = task_for(cfg.dataset.name, t.label_smoothing)
         self.example = example_input(cfg, self.device)
-        self.dense = measure(build_model(_dense_cfg(cfg)), example=example_input(cfg))
-        seed_everything(cfg.seed)  # the model's init does not depend on whether the dense reference was built
+        self.dense = dense_footprint(cfg)
         self.model = build_model(cfg).to(self.device)
         self.optimizer = make_optimizer(self.model, t)
         self.scheduler = make_scheduler(self.optimizer, t)
         self.factorized = bool(lod.layers(self.model))
+        if not self.factorized and t.lambda_gl > 0:
+            raise ValueError(f"config: train.lambda_gl={t.lambda_gl} needs a factorized model, but "
+                             f"model.factorize={cfg.model.factorize} leaves no LoD layer; set train.lambda_gl=0")
         self.sampler = lod.RankSampler(self.model, t.sampler, seed=cfg.seed) if self.factorized else None
         self.cost = RankCost(self.model, self.example)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp and self.device.type == "cuda" else None
-        self.epoch, self.records, self.wall = 0, [], 0.0
-        self.examples_seen = 0
+        self.epoch, self.records, self.wall, self.examples_seen, self.steps_seen = 0, [], 0.0, 0, 0
 
     # ----------------------------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
     def state_dict(self) -> dict:
-        return {
+        state = {
             "config": to_dict(self.cfg), "epoch": self.epoch, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict() if self.sampler else {}, "records": self.records,
             "rng": torch.get_rng_state(), "wall": self.wall, "examples_seen": self.examples_seen,
-            "cost": [self.cost.macs, self.cost.params],
+            "steps_seen": self.steps_seen, "cost": self.cost.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
+            "ranks": {n: layer.rank for n, layer in lod.layers(self.model)},
         }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), checkpoint.IGNORED_KEYS + ("train.epochs",))
@@ -102,21 +154,27 @@ class Trainer:
                              "(checkpoint -> now):\n  " + "\n  ".join(diff) +
                              "\nRun with the checkpoint's config, or start a new run directory.")
         self.model.load_state_dict(state["model"])  # LoD layers resize to the saved ranks
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # momentum / moments at the saved ranks
         self.scheduler.load_state_dict(state["scheduler"])
         if self.sampler:
             self.sampler.load_state_dict(state["sampler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.epoch, self.records, self.wall = state["epoch"], list(state["records"]), state["wall"]
-        self.examples_seen = state["examples_seen"]
+        self.examples_seen, self.steps_seen = state["examples_seen"], state["steps_seen"]
         self.cost.refresh()
-        self.cost.macs, self.cost.params = state["cost"]
+        self.cost.load_state_dict(state["cost"])
 
     def resume(self) -> bool:
+        """Continue from ``checkpoint=...`` or ``<run dir>/checkpoint.pt``; False (a fresh start) if absent."""
         path = Path(self.cfg.checkpoint) if self.cfg.checkpoint else self.checkpoint_path
         if not path.is_file():
+            if self.cfg.checkpoint:
+                raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the checkpoint.pt of the "
+                                        f"run to continue, or drop checkpoint= to start fresh in {self.run_dir}")
             console.print(f"[yellow]resume=true but {path} does not exist: starting from epoch 0")
             return False
         self.load_state_dict(checkpoint.load(path, map_location=self.device))
@@ -124,25 +182,26 @@ class Trainer:
         return True
 
     # ----------------------------------------------------------------------------------------------
-    def run_epoch(self) -> dict:
+    def run_epoch(self, on_step: Callable[[int], None] | None = None) -> dict:
         t, start = self.cfg.train, time.perf_counter()
         self.train_loader.set_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
         stats = train_epoch(self.model, self.train_loader, self.optimizer, t, self.task, self.device,
-                            sampler=self.sampler, scaler=self.scaler, cost=self.cost)
+                            sampler=self.sampler, scaler=self.scaler, cost=self.cost, on_step=on_step)
         self.scheduler.step()
         self.examples_seen += stats["num_examples"]
-        if self.factorized and t.shrink and t.eps_ps is not None:
+        self.steps_seen += stats["steps"]
+        if self.factorized and t.shrink:
             before = [layer.rank for _, layer in lod.layers(self.model)]
             lod.shrink(self.model, t.eps_ps, self.optimizer)
             if [layer.rank for _, layer in lod.layers(self.model)] != before:
                 self.cost.refresh()
                 recalibrate_batchnorm(self.model, self.train_loader, self.task, self.device)
         self.epoch += 1
-        record = {"epoch": self.epoch, "lr": lr, "train_loss": stats["loss"], "train_s": stats["seconds"]}
+        record = {"epoch": self.epoch, "lr": lr, "train_loss": stats["loss"], "train_s": round(stats["seconds"], 3)}
         if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
-            record.update(evaluate(self.model, self.test_loader, self.task, self.device))
-            record.pop("num_examples")
+            result = evaluate(self.model, self.test_loader, self.task, self.device)
+            record.update(accuracy=result["accuracy"], loss=result["loss"])
         record.update(self.footprint_record())
         self.wall += time.perf_counter() - start
         record["wall_s"] = round(self.wall, 3)
@@ -153,76 +212,116 @@ class Trainer:
         now = measure(self.model, example=self.example)
         deployed = deployed_footprint(self.model, self.example)
         ranks = {name: layer.rank for name, layer in lod.layers(self.model)}
-        seen = max(self.examples_seen, 1)
+        steps, seen = max(self.steps_seen, 1), max(self.examples_seen, 1)
         return {
             "params": now.params, "macs": now.macs, "params_deployed": deployed.params,
             "macs_deployed": deployed.macs, "params_rel": deployed.params / self.dense.params,
             "macs_rel": deployed.macs / self.dense.macs, "ranks": ranks, "total_rank": sum(ranks.values()),
             # training cost so far relative to training the dense model on the same examples (Tables 11-15)
             "train_macs_rel": self.cost.macs / (seen * self.dense.macs),
-            "train_params_rel": self.cost.params / (max(self._steps_seen(), 1) * self.dense.params),
+            "train_params_rel": self.cost.stored_params / (steps * self.dense.params),
+            "train_active_params_rel": self.cost.params / (steps * self.dense.params),
         }
 
-    def _steps_seen(self) -> int:
-        return sum(len(self.train_loader) for _ in range(self.epoch))
-
     def fit(self, on_epoch: Callable[[dict], bool] | None = None, show_progress: bool = True) -> list[dict]:
-        """Train until ``train.epochs`` (or until ``on_epoch(record)`` returns True); returns the records."""
-        metrics_path = self.run_dir / "metrics.jsonl"
+        """Train until ``train.epochs`` (or until ``on_epoch(record)`` returns True); returns the records.
+
+        Writes ``metrics.jsonl`` (rewritten from the checkpoint's records on resume, then one line per
+        epoch) and ``checkpoint.pt`` after every epoch.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_records(metrics_path)  # on resume: exactly the records of the checkpoint
+        self._write_records()
         total = self.cfg.train.epochs
-        columns = [TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn()]
+        columns = [TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=console, disable=not (show_progress and self.cfg.progress)) as progress:
-            bar = progress.add_task("train", total=total, completed=self.epoch, info="")
+            epochs = progress.add_task("epoch", total=total, completed=self.epoch, info="")
+            steps = progress.add_task("step", total=len(self.train_loader), info="")
             while self.epoch < total:
-                record = self.run_epoch()
-                with metrics_path.open("a") as f:
+                progress.reset(steps, total=len(self.train_loader))
+                record = self.run_epoch(on_step=lambda n: progress.update(steps, completed=n))
+                with self.metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 checkpoint.save(self.checkpoint_path, self.state_dict())
-                acc = record.get("accuracy")
-                progress.update(bar, completed=self.epoch, info=(
-                    f"loss {record['train_loss']:.4f}  acc {acc if acc is None else f'{acc:.4f}'}  "
-                    f"rank {record['total_rank']}  params {record['params_deployed']:,} "
-                    f"({record['params_rel']:.2f}x)"))
+                summary = _summary(record)
+                progress.update(epochs, completed=self.epoch, info=summary)
+                progress.console.print(f"epoch {self.epoch}/{total}  {summary}  {record['train_s']:.1f}s")
                 if on_epoch is not None and on_epoch(record):
                     break
         return self.records
 
-    def _write_records(self, path: Path) -> None:
-        with path.open("w") as f:
+    def _write_records(self) -> None:
+        with self.metrics_path.open("w") as f:
             for record in self.records:
                 f.write(json.dumps(record) + "\n")
 
     def save_model(self, path: Path) -> None:
-        """The final model: state dict (at its ranks) + the config that rebuilds it."""
-        checkpoint.save(path, {"config": to_dict(self.cfg), "model": self.model.state_dict(),
-                               "ranks": {n: layer.rank for n, layer in lod.layers(self.model)}})
+        """The model at its ranks + the config that rebuilds it (``load_model``)."""
+        save_model(path, self.model, self.cfg)
 
 
-def _dense_cfg(cfg: Config) -> Config:
-    dense = copy.deepcopy(cfg)
-    dense.model.factorize = False
-    return dense
+def _summary(record: dict) -> str:
+    acc = record.get("accuracy")
+    return (f"loss {record['train_loss']:.4f}  acc {'-' if acc is None else f'{acc:.4f}'}  "
+            f"rank {record['total_rank']}  params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  "
+            f"MACs {record['macs_rel']:.3f}x")
+
+
+def save_model(path: str | Path, model: nn.Module, cfg: Config, *, ranks: dict[str, int] | None = None,
+               merged: tuple[str, ...] | list[str] = (), **extra) -> None:
+    """A model file: state dict at the current ranks, the ranks and the config (``load_model``).
+
+    A model with layers merged to dense (``lod.to_dense``) passes ``ranks`` (every decomposed
+    layer's rank before merging) and ``merged`` (the names ``to_dense`` replaced): ``load_model``
+    rebuilds the same architecture (factorize, cut to the ranks, merge). ``extra`` entries (numbers,
+    strings, lists, dicts) are stored alongside.
+    """
+    current = {n: layer.rank for n, layer in lod.layers(model)}
+    ranks = dict(ranks or current)
+    missing = sorted((set(current) | set(merged)) - set(ranks))
+    if missing:
+        raise ValueError(f"save_model: ranks lacks the decomposed layers {missing}")
+    stored_cfg = copy.deepcopy(cfg)
+    if ranks:
+        stored_cfg.model.factorize = True  # e.g. an SVD-factorized dense model: rebuilt factorized
+    checkpoint.save(path, {"config": to_dict(stored_cfg), "model": model.state_dict(), "ranks": ranks,
+                           "merged": sorted(merged), **extra})
 
 
 def load_model(path: str | Path, map_location="cpu") -> tuple[nn.Module, Config]:
-    """Rebuild a model saved by ``Trainer.save_model`` or a checkpoint: (model at its saved ranks, config)."""
-    from .config import resolve
+    """Rebuild a model written by ``save_model``, ``Trainer`` (``checkpoint.pt``) or deploy's exports.
 
+    ``path`` may be a run directory (its ``model.pt``). Returns (model at its saved ranks, config).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
     state = checkpoint.load(path, map_location)
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a fedmaestro model file (no 'config'/'model' entries); give a model.pt, "
+                         f"checkpoint.pt or an export written by fedmaestro")
     cfg = resolve(state["config"])
-    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg)
+    ranks, merged = state.get("ranks", {}), list(state.get("merged", []))
+    if ranks:
+        lod.truncate(model, ranks)
+    if merged:
+        lod.to_dense(model)  # merges exactly where r (m + n) >= m n, as it did when the file was written
+        now_merged = sorted(set(ranks) - {n for n, _ in lod.layers(model)})
+        if now_merged != sorted(merged):
+            raise ValueError(f"{path}: the file lists merged layers {sorted(merged)} but its ranks merge "
+                             f"{now_merged}; the file is inconsistent")
     model.load_state_dict(state["model"])
-    return model, cfg
+    return model.to(map_location), cfg
 
 
 def run(cfg: Config, run_dir: Path) -> Trainer:
+    apply_threads(cfg)
     trainer = Trainer(cfg, run_dir)
     if cfg.resume:
         trainer.resume()
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
     records = trainer.fit()
     trainer.save_model(run_dir / "model.pt")
     if records:
@@ -231,9 +330,6 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
                       f"({last['params_rel']:.3f}x dense), MACs {last['macs_deployed']:,} ({last['macs_rel']:.3f}x), "
                       f"training cost {last['train_macs_rel']:.2f}x MACs / {last['train_params_rel']:.2f}x params; "
                       f"run dir {run_dir}")
-    try:
-        from .plots import plot_centralized
-        plot_centralized(run_dir)
-    except ImportError:  # the plots module arrives with the plotting work; metrics.jsonl is complete without it
-        pass
+        for path in plot_centralized(run_dir):
+            console.print(f"plot: {path}")
     return trainer

@@ -15,8 +15,10 @@ import torch
 
 __all__ = ["save", "load", "config_diff", "IGNORED_KEYS"]
 
-# Keys that may change between an interrupted run and its resumption.
-IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "train.num_workers", "fl.client_cpus", "fl.client_gpus")
+# Keys that may change between an interrupted run and its resumption: where and how fast it runs,
+# not what it computes (the data root may move with the run between machines).
+IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "train.num_workers", "train.threads",
+                "fl.client_cpus", "fl.client_gpus")
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:

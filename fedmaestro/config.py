@@ -18,6 +18,8 @@ MODES = ("federated", "centralized", "deploy", "hpo", "theory")
 SAMPLER_MODES = ("per_layer", "across_layers", "fixed", "none")
 HGL_MODES = ("subgradient", "proximal")
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("multistep", "inverse_sqrt")
+DEPLOY_CRITERIA = ("loss", "loss_per_mac", "loss_per_param")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shard")
 
 
@@ -96,9 +98,14 @@ class TrainConfig:
     amp: bool = False  # CUDA autocast
     eval_every: int = 1
     num_workers: int = 0
+    lr_schedule: str = "multistep"  # multistep (CNN recipes) | inverse_sqrt (Transformer: warm-up, then 1/sqrt)
+    threads: Optional[int] = None  # torch.set_num_threads for the run (CPU); null = torch's default
 
     def __post_init__(self):
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check("train.threads", self.threads, self.threads is None or self.threads > 0, "must be a positive int or null")
+        _check("train.eval_every", self.eval_every, self.eval_every > 0, "must be > 0 (epochs between evaluations)")
         _check_choice("train.hgl_mode", self.hgl_mode, HGL_MODES)
         _check_choice("train.sampler", self.sampler, SAMPLER_MODES)
         _check("train.epochs", self.epochs, self.epochs >= 0, "must be >= 0")
@@ -113,23 +120,34 @@ class TierConfig:
     name: str = "full"
     share: float = 1.0  # share of the clients in this tier
     budget: float = 1.0  # fraction p of every layer's current rank: caps k_i = ceil(p r_i)
-    max_macs: Optional[float] = None  # or: a cap on MACs, as a fraction of the full model's
-    max_params: Optional[float] = None  # or: a cap on parameters, as a fraction of the full model's
+    max_macs: Optional[float] = None  # and/or: a cap on MACs, as a fraction of the dense model's (solved into caps)
+    max_params: Optional[float] = None  # and/or: a cap on parameters, as a fraction of the dense model's
     dropout: float = 0.0  # probability that a client of this tier does not answer a round
-    straggler: float = 0.0  # probability that it answers after the round's timeout
+    straggler: float = 0.0  # probability that it answers after the round's timeout (strategy.round_timeout)
 
     def __post_init__(self):
         _check("devices.tiers.budget", self.budget, 0 < self.budget <= 1, "must be in (0, 1]")
         _check("devices.tiers.share", self.share, self.share > 0, "must be > 0")
+        for key in ("max_macs", "max_params"):
+            value = getattr(self, key)
+            _check(f"devices.tiers.{key}", value, value is None or value > 0,
+                   "must be null or a fraction > 0 of the dense model's count")
         for key in ("dropout", "straggler"):
             value = getattr(self, key)
             _check(f"devices.tiers.{key}", value, 0 <= value <= 1, "must be a probability in [0, 1]")
+        _check(f"devices.tiers[{self.name}].dropout + straggler", self.dropout + self.straggler,
+               self.dropout + self.straggler <= 1, "the two fault probabilities must sum to at most 1")
 
 
 @dataclass
 class DevicesConfig:
     name: str = "homogeneous"
     tiers: list[TierConfig] = field(default_factory=lambda: [TierConfig()])
+
+    def __post_init__(self):
+        _check("devices.tiers", len(self.tiers), len(self.tiers) > 0, "give at least one tier")
+        names = [t.name for t in self.tiers]
+        _check("devices.tiers.name", names, len(set(names)) == len(names), "tier names must be unique")
 
 
 @dataclass
@@ -138,6 +156,15 @@ class StrategyConfig:
     shrink_every: int = 1  # rounds between server-side progressive shrinking; 0 = never
     round_timeout: float = 600.0  # seconds a round waits for replies
     eval_tiers: bool = True  # evaluate the global model at every tier's budget
+    eval_every: int = 1  # rounds between server-side evaluations (the last round is always evaluated)
+    connect_timeout: float = 120.0  # seconds to wait for fl.num_clients nodes to connect and answer the query
+
+    def __post_init__(self):
+        _check_choice("strategy.name", self.name, ("maestro",))
+        _check("strategy.shrink_every", self.shrink_every, self.shrink_every >= 0, "must be >= 0 (0 = never)")
+        _check("strategy.round_timeout", self.round_timeout, self.round_timeout > 0, "must be > 0 seconds")
+        _check("strategy.eval_every", self.eval_every, self.eval_every >= 1, "must be >= 1")
+        _check("strategy.connect_timeout", self.connect_timeout, self.connect_timeout > 0, "must be > 0 seconds")
 
 
 @dataclass
@@ -146,13 +173,20 @@ class FLConfig:
     rounds: int = 20
     clients_per_round: int = 10
     local_epochs: int = 1
-    client_cpus: float = 1.0
+    client_cpus: float = 1.0  # Ray resources per client; torch threads per client = max(1, int(client_cpus))
     client_gpus: float = 0.0
     federated_eval_every: int = 0  # rounds between federated evaluations on local test splits; 0 = never
 
     def __post_init__(self):
+        _check("fl.num_clients", self.num_clients, self.num_clients > 0, "must be > 0")
+        _check("fl.rounds", self.rounds, self.rounds >= 0, "must be >= 0")
         _check("fl.clients_per_round", self.clients_per_round, 0 < self.clients_per_round <= self.num_clients,
                f"must be in [1, fl.num_clients={self.num_clients}]")
+        _check("fl.local_epochs", self.local_epochs, self.local_epochs > 0, "must be > 0")
+        _check("fl.client_cpus", self.client_cpus, self.client_cpus > 0, "must be > 0")
+        _check("fl.client_gpus", self.client_gpus, self.client_gpus >= 0, "must be >= 0")
+        _check("fl.federated_eval_every", self.federated_eval_every, self.federated_eval_every >= 0,
+               "must be >= 0 (0 = never)")
 
 
 @dataclass
@@ -162,6 +196,23 @@ class DeployConfig:
     target_macs: list[float] = field(default_factory=lambda: [0.5])  # fractions of the start's MACs to export
     min_accuracy: Optional[float] = None
     svd_baseline: Optional[str] = None  # checkpoint of a dense model for the SVD baseline
+    target_params: list[float] = field(default_factory=list)  # fractions of the start's params to export
+    stop_macs: float = 0.05  # the greedy curve stops at this fraction of the start's MACs
+    stop_params: Optional[float] = None  # ... or at this fraction of the start's parameters
+    criterion: str = "loss"  # the paper's: smallest loss increase; or the increase per MAC / parameter removed
+    eval_every: int = 1  # greedy steps between test-set evaluations on the curve
+
+    def __post_init__(self):
+        _check("deploy.batch_size", self.batch_size, self.batch_size > 0, "must be > 0")
+        _check("deploy.step", self.step, 0 < self.step <= 1, "must be in (0, 1] (share of a layer's ranks)")
+        for key in ("target_macs", "target_params"):
+            values = getattr(self, key)
+            _check(f"deploy.{key}", values, all(0 < v <= 1 for v in values), "every entry must be in (0, 1]")
+        _check("deploy.stop_macs", self.stop_macs, 0 <= self.stop_macs < 1, "must be in [0, 1)")
+        _check("deploy.stop_params", self.stop_params, self.stop_params is None or 0 <= self.stop_params < 1,
+               "must be in [0, 1) or null")
+        _check_choice("deploy.criterion", self.criterion, DEPLOY_CRITERIA)
+        _check("deploy.eval_every", self.eval_every, self.eval_every > 0, "must be > 0")
 
 
 @dataclass
@@ -172,6 +223,14 @@ class HPOConfig:
     lambda_small: float = 1e-5
     eval_every: int = 5
     few_params: float = 0.01  # below this fraction the model is too sparse: stop that lambda
+
+    def __post_init__(self):
+        _check("hpo.min_accuracy", self.min_accuracy, 0 <= self.min_accuracy <= 1, "must be in [0, 1]")
+        _check("hpo.max_params", self.max_params, 0 < self.max_params <= 1, "must be in (0, 1] (share of dense)")
+        _check("hpo.lambda_large", self.lambda_large, self.lambda_large > self.lambda_small,
+               f"must be > hpo.lambda_small={self.lambda_small} (Algorithm 2 halves lambda from large to small)")
+        _check("hpo.lambda_small", self.lambda_small, self.lambda_small > 0, "must be > 0")
+        _check("hpo.eval_every", self.eval_every, self.eval_every > 0, "must be > 0 (epochs)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,26 +112,47 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule: linear warm-up over ``warmup_epochs``, then multi-step decay by ``gamma``."""
-    milestones = sorted(train.milestones)
+    """Per-epoch schedule (stepped once per epoch).
 
-    def factor(epoch: int) -> float:
-        warm = min(1.0, (epoch + 1) / train.warmup_epochs) if train.warmup_epochs > 0 else 1.0
+    ``multistep`` (the CNN recipes, App. D.3): linear warm-up over ``warmup_epochs``, then the rate
+    times ``gamma`` at every epoch in ``milestones``. ``inverse_sqrt`` (the Transformer recipe,
+    Vaswani et al.'s schedule in epochs): a linear rise to ``lr`` over ``warmup_epochs``, then
+    ``lr * sqrt(warmup_epochs / epoch)``.
+    """
+    milestones = sorted(train.milestones)
+    warmup = train.warmup_epochs
+
+    def multistep(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / warmup) if warmup > 0 else 1.0
         return warm * train.gamma ** sum(epoch >= m for m in milestones)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def inverse_sqrt(epoch: int) -> float:
+        e = epoch + 1
+        return min(e / warmup, math.sqrt(warmup / e)) if warmup > 0 else 1.0 / math.sqrt(e)
+
+    factors = {"multistep": multistep, "inverse_sqrt": inverse_sqrt}
+    if train.lr_schedule not in factors:
+        raise ValueError(f"config: train.lr_schedule={train.lr_schedule!r} is not allowed; choose one of {sorted(factors)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[train.lr_schedule])
 
 
 class RankCost:
-    """Exact MACs and parameters of the sampled sub-model of every step (training cost, Tables 11-15).
+    """Exact training cost of every step (Tables 11-15, last column), accumulated over the run.
 
-    MACs and parameters are linear in each layer's active rank b: cost = fixed + sum_i c_i b_i. The
-    coefficients come from one forward pass with hooks at the current ranks (``refresh`` after a shrink).
+    ``macs``: forward MACs of the sampled sub-model, times the examples of the step (summed);
+    ``params``: parameters of the sampled sub-model (each LoD layer at its active rank), per step;
+    ``stored_params``: parameters held and updated, every LoD layer at its current rank r_i, per
+    step: the paper's "Params. (Train.)" (Table 11 gives 1.49x for lambda = 0, exactly the
+    full-rank factorized LeNet's 66,274 / 44,426).
+
+    MACs and parameters are linear in each layer's rank b: cost = fixed + sum_i c_i b_i. The
+    coefficients come from one forward pass with hooks at the current ranks (``refresh`` after a
+    shrink), so a step costs one short Python loop over the layers.
     """
 
     def __init__(self, model: nn.Module, example: tuple):
         self.model, self.example = model, example
-        self.macs = self.params = 0.0
+        self.macs = self.params = self.stored_params = 0.0
         self.refresh()
 
     @torch.no_grad()
@@ -150,22 +172,48 @@ class RankCost:
         ranks = [m.rank for _, m in self.layers]
         self.fixed_macs = total.macs - sum(c * r for c, r in zip(self.mac_per_rank, ranks))
         self.fixed_params = total.params - sum(c * r for c, r in zip(self.param_per_rank, ranks))
+        self.full_macs, self.full_params = total.macs, total.params
 
-    def add_step(self, examples: int) -> None:
-        active = [m.rank if m.active_rank is None else m.active_rank for _, m in self.layers]
-        self.macs += examples * (self.fixed_macs + sum(c * b for c, b in zip(self.mac_per_rank, active)))
-        self.params += self.fixed_params + sum(c * b for c, b in zip(self.param_per_rank, active))
+    def add_step(self, examples: int, full_pass: bool = False) -> None:
+        """Count one step on ``examples`` examples at the active ranks (+ a full-rank pass if ``full_pass``)."""
+        macs, params = self.fixed_macs, self.fixed_params
+        for (_, m), cm, cp in zip(self.layers, self.mac_per_rank, self.param_per_rank):
+            b = m.rank if m.active_rank is None else m.active_rank
+            macs += cm * b
+            params += cp * b
+        if full_pass:
+            macs += self.full_macs
+        self.macs += examples * macs
+        self.params += params
+        self.stored_params += self.full_params
+
+    def state_dict(self) -> dict:
+        return {"macs": self.macs, "params": self.params, "stored_params": self.stored_params}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.macs, self.params, self.stored_params = state["macs"], state["params"], state["stored_params"]
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
                 device: torch.device, sampler: lod.RankSampler | None = None, scaler=None,
-                cost: RankCost | None = None) -> dict:
-    """One pass over ``loader``; returns {"loss", "num_examples", "steps", "seconds"}."""
+                cost: RankCost | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+    """One pass over ``loader``; returns {"loss", "num_examples", "steps", "seconds"}.
+
+    Per step (Algorithm 1, lines 3-7): ``sampler.step()`` sets the active ranks, the loss
+    (+ ``lambda_gl`` * HGL in ``subgradient`` mode) is back-propagated through the sampled
+    sub-model, the optimizer steps; in ``proximal`` mode the exact HGL proximal operator with
+    threshold lr * lambda follows the step. ``full_pass`` adds the "w/ full-training" ablation: a
+    full-rank pass trained on the labels, which also teaches the sampled pass (self-distillation,
+    KL(teacher || student) weighted by ``distill_weight``). ``on_step(steps_done)`` is called after
+    every step (progress bars). The loss is summed on the device: no host sync per step.
+    """
     model.train()
     proximal = train.lambda_gl > 0 and train.hgl_mode == "proximal"
     penalty = train.lambda_gl > 0 and train.hgl_mode == "subgradient"
     use_amp = scaler is not None
-    total_loss, examples, steps, start = 0.0, 0, 0, time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_loss = torch.zeros((), device=device)
+    examples, steps, start = 0, 0, time.perf_counter()
     for batch in loader:
         if sampler is not None:
             sampler.step()
@@ -176,12 +224,10 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             output, target = task.forward(model, batch, device)
             loss = task.loss(output, target)
             objective = loss
-            if train.full_pass:  # the "w/ full-training" ablation: full-rank pass + self-distillation
+            if train.full_pass:
                 objective = objective + task.loss(teacher_out, target)
                 if task.kind != "regression":
-                    objective = objective + train.distill_weight * F.kl_div(
-                        F.log_softmax(output.float(), -1), F.softmax(teacher_out.detach().float(), -1),
-                        reduction="batchmean")
+                    objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
             if penalty:
                 objective = objective + train.lambda_gl * lod.hgl_penalty(model)
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +237,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
         else:
             objective.backward()
         if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         if use_amp:
             scaler.step(optimizer)
             scaler.update()
@@ -201,17 +247,29 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             lod.hgl_proximal_step(model, optimizer.param_groups[0]["lr"] * train.lambda_gl)
         n = target.shape[0]
         if cost is not None:
-            cost.add_step(n)
-        total_loss += float(loss.detach()) * n
+            cost.add_step(n, full_pass=train.full_pass)
+        total_loss += loss.detach().float() * n
         examples += n
         steps += 1
+        if on_step is not None:
+            on_step(steps)
     if sampler is not None:
         for _, layer in lod.layers(model):
             layer.active_rank = None
-    loss = total_loss / max(examples, 1)
+    loss = float(total_loss) / max(examples, 1)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}; lower train.lr or set train.grad_clip")
     return {"loss": loss, "num_examples": examples, "steps": steps, "seconds": time.perf_counter() - start}
+
+
+def _distillation(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, task: Task) -> torch.Tensor:
+    """KL(teacher || student) per example (per target token for translation, padding excluded)."""
+    log_p = F.log_softmax(student.float(), -1)
+    q = F.softmax(teacher.detach().float(), -1)
+    if task.kind == "translation":
+        keep = (target != PAD_INDEX).flatten()  # (B T,)
+        log_p, q = log_p.flatten(0, 1)[keep], q.flatten(0, 1)[keep]
+    return F.kl_div(log_p, q, reduction="batchmean")
 
 
 @torch.no_grad()

@@ -1,0 +1,113 @@
+"""Training-step time as the model shrinks, against its MACs (issue: centralized, acceptance).
+
+For every model and every fraction p (1, 0.75, 0.5, 0.25, 0.125) the factorized model is cut to
+ceil(p r_i) columns in every layer (what progressive shrinking does to it) and a real training step
+is timed: ``train.train_epoch`` over a fixed set of random batches, with the ``per_layer`` rank
+sampler, lambda * HGL in the loss and SGD with momentum, exactly as in a centralized run. The MACs
+are the exact forward MACs of the sub-models that those steps sampled (``train.RankCost``). Ratios
+are to the full-rank factorized step (p = 1); the target is
+
+    time ratio <= 1.3 x MAC ratio + 0.1
+
+(the 0.1 leaves room for what does not shrink with the ranks: pooling, activations, the loss, the
+optimizer's per-tensor overhead). The dense (non-factorized) step is timed too, for reference.
+
+    python bench/train_step.py [--models lenet resnet18] [--threads 1] [--repeats 7]
+
+Exit status 1 if a model misses the target at some p.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from fedmaestro import lod
+from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
+from fedmaestro.train import RankCost, build_model, make_optimizer, task_for, train_epoch
+
+SETUPS = {  # model -> (data set it is trained on, input shape, batch size)
+    "lenet": ("fashion_mnist", [1, 28, 28], 64),
+    "resnet18": ("cifar10", [3, 32, 32], 32),
+    "vgg19": ("cifar10", [3, 32, 32], 32),
+}
+FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
+
+
+def make_config(name: str, factorize: bool) -> Config:
+    dataset, shape, batch = SETUPS[name]
+    return Config(mode="centralized", device="cpu", progress=False,
+                  model=ModelConfig(name=name, factorize=factorize),
+                  dataset=DatasetConfig(name=dataset, input_shape=shape, num_classes=10),
+                  train=TrainConfig(batch_size=batch, lr=0.01, momentum=0.9, lambda_gl=1e-4, sampler="per_layer"))
+
+
+def time_steps(cfg: Config, fraction: float | None, batches: list, repeats: int) -> tuple[float, float, int]:
+    """(median seconds per step, forward MACs per example of the sampled steps, total rank)."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if fraction is not None:
+        lod.truncate(model, {n: max(1, math.ceil(fraction * layer.rank)) for n, layer in lod.layers(model)})
+    factorized = bool(lod.layers(model))
+    train = cfg.train if factorized else TrainConfig(**{**vars(cfg.train), "lambda_gl": 0.0})
+    optimizer = make_optimizer(model, train)
+    sampler = lod.RankSampler(model, "per_layer", seed=0) if factorized else None
+    example = (torch.zeros(1, *cfg.dataset.input_shape),)
+    cost = RankCost(model, example)
+    task, device = task_for(cfg.dataset.name), torch.device("cpu")
+    train_epoch(model, batches[:2], optimizer, train, task, device, sampler=sampler)  # warm-up
+    times, examples = [], 0
+    for _ in range(repeats):
+        stats = train_epoch(model, batches, optimizer, train, task, device, sampler=sampler, cost=cost)
+        times.append(stats["seconds"] / stats["steps"])
+        examples += stats["num_examples"]
+    total_rank = sum(layer.rank for _, layer in lod.layers(model))
+    return statistics.median(times), cost.macs / examples, total_rank
+
+
+def bench(name: str, repeats: int, steps: int) -> bool:
+    dataset, shape, batch = SETUPS[name]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
+               for _ in range(steps)]
+    dense_time, dense_macs, _ = time_steps(make_config(name, False), None, batches, repeats)
+    cfg = make_config(name, True)
+    print(f"\n{name} ({dataset}-shaped random data, batch {batch}, {torch.get_num_threads()} thread(s)): "
+          f"dense step {dense_time * 1e3:.2f} ms, {dense_macs / 1e6:.3f} MMACs/example")
+    print(f"{'p':>6} {'rank':>6} {'MMACs/ex':>9} {'step ms':>8} {'x dense':>8} {'MAC ratio':>10} "
+          f"{'time ratio':>11} {'target':>7}  ok")
+    full_time = full_macs = None
+    all_ok = True
+    for p in FRACTIONS:
+        t, macs, rank = time_steps(cfg, p, batches, repeats)
+        if full_time is None:
+            full_time, full_macs = t, macs
+        mac_ratio, time_ratio = macs / full_macs, t / full_time
+        target = 1.3 * mac_ratio + 0.1
+        ok = time_ratio <= target
+        all_ok &= ok
+        print(f"{p:>6.3f} {rank:>6d} {macs / 1e6:>9.3f} {t * 1e3:>8.2f} {t / dense_time:>8.2f} {mac_ratio:>10.3f} "
+              f"{time_ratio:>11.3f} {target:>7.3f}  {'yes' if ok else 'NO'}")
+    return all_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["lenet", "resnet18"], choices=sorted(SETUPS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes over the batches; the median is kept")
+    parser.add_argument("--steps", type=int, default=10, help="batches per timed pass")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {name: bench(name, args.repeats, args.steps) for name in args.models}
+    print("\n" + ", ".join(f"{n}: {'target met' if ok else 'TARGET MISSED'}" for n, ok in results.items()))
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

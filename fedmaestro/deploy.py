@@ -1,0 +1,307 @@
+"""Train once, deploy everywhere (Sec. 3.4): greedy rank removal from a trained model, and exports.
+
+``python -m fedmaestro mode=deploy checkpoint=<run dir | model.pt | checkpoint.pt> [deploy.svd_baseline=<dense run>]``
+
+Greedy search: every candidate removes ``deploy.step`` of one layer's starting rank (at least one
+rank) from the end of that layer's ordered columns; each candidate's loss is estimated on one large
+training batch (``deploy.batch_size``, 2048 by default; BatchNorm layers use that batch's
+statistics, so no recalibration is needed to compare candidates, as in AutoSlim); the candidate
+with the smallest loss increase is applied (``deploy.criterion=loss``, the paper's; or the increase
+per MAC / parameter it removes). Repeat until the deployed MACs (or parameters) fall to
+``deploy.stop_macs`` (``stop_params``) of the start, or the test accuracy below
+``deploy.min_accuracy``. Every ``deploy.eval_every`` steps the point is evaluated on the test set
+(BatchNorm statistics recalibrated at its ranks first).
+
+Footprints are those of the deployed model: every layer for which r (m + n) >= m n is merged back to
+a dense layer (App. D.4), as in the training records. Ratios ``*_rel`` are to the dense model of the
+config; targets (``deploy.target_macs``, ``target_params``) are fractions of the start's deployed
+footprint, so for a full-rank start (lambda = 0) the two agree.
+
+SVD baseline (Fig. 5a / 11): ``deploy.svd_baseline`` names a trained dense model
+(``model.factorize=false``); it is factorized by SVD (``lod.factorize``: U = U~ sqrt(S),
+V = V~ sqrt(S), columns ordered by singular value) and pruned by the same greedy search.
+
+Outputs in the run directory: ``deploy_curve.csv`` (method, step, ranks, params/MACs deployed and
+factorized, their ratios, batch loss, test accuracy), ``deploy.png``, ``deploy.json`` (the summary)
+and ``deploy_<method>_<macs|params><target>.pt`` for every target: the model at the curve's first
+point at or below the target, merged to dense where cheaper (``centralized.load_model`` reads it).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from . import data, lod
+from .centralized import (apply_threads, deployed_footprint, dense_footprint, example_input, load_datasets,
+                          load_model, save_model)
+from .config import Config, DeployConfig
+from .footprint import Footprint, measure
+from .plots import plot_deploy
+from .train import Task, evaluate, recalibrate_batchnorm, resolve_device, task_for
+
+__all__ = ["GreedyContext", "batch_loss", "greedy_curve", "export_point", "accuracy_at", "svd_model", "run"]
+
+console = Console()
+
+CURVE_FIELDS = ("method", "step", "removed", "batch_loss", "accuracy", "params", "macs", "params_factorized",
+                "macs_factorized", "params_rel", "macs_rel", "params_frac", "macs_frac", "total_rank", "ranks")
+
+
+@contextmanager
+def _batch_statistics(model: nn.Module):
+    """Eval mode (no dropout), but BatchNorm normalizes with the batch's own statistics and leaves
+    its running statistics untouched (momentum 0)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, batch, task: Task, device: torch.device) -> float:
+    """The loss of ``model`` (at its active ranks) on one batch, BatchNorm on the batch's statistics."""
+    with _batch_statistics(model):
+        output, target = task.forward(model, batch, device)
+        return float(task.loss(output, target))
+
+
+@dataclass
+class GreedyContext:
+    """What the greedy search needs besides the model: data, task, footprint references, config."""
+
+    batch: tuple  # the one large batch
+    task: Task
+    device: torch.device
+    example: tuple
+    dense: Footprint  # the config's non-factorized model
+    deploy: DeployConfig
+    test_loader: object | None = None  # None: no test accuracy on the curve
+    calib_loader: object | None = None  # BatchNorm recalibration before test evaluation
+
+
+def _point(model: nn.Module, ctx: GreedyContext, start: Footprint, method: str, step: int, removed: str,
+           loss: float, evaluate_now: bool) -> dict:
+    deployed = deployed_footprint(model, ctx.example)
+    factorized = measure(model, example=ctx.example)
+    ranks = {n: layer.rank for n, layer in lod.layers(model)}
+    accuracy = math.nan
+    if evaluate_now and ctx.test_loader is not None:
+        accuracy = _test_accuracy(model, ctx)
+    return {"method": method, "step": step, "removed": removed, "batch_loss": loss, "accuracy": accuracy,
+            "params": deployed.params, "macs": deployed.macs, "params_factorized": factorized.params,
+            "macs_factorized": factorized.macs, "params_rel": deployed.params / ctx.dense.params,
+            "macs_rel": deployed.macs / ctx.dense.macs, "params_frac": deployed.params / start.params,
+            "macs_frac": deployed.macs / start.macs, "total_rank": sum(ranks.values()), "ranks": ranks}
+
+
+def _test_accuracy(model: nn.Module, ctx: GreedyContext) -> float:
+    if ctx.calib_loader is not None:
+        recalibrate_batchnorm(model, ctx.calib_loader, ctx.task, ctx.device)
+    return evaluate(model, ctx.test_loader, ctx.task, ctx.device)["accuracy"]
+
+
+def _done(point: dict, ctx: GreedyContext) -> bool:
+    d = ctx.deploy
+    if point["macs_frac"] <= d.stop_macs:
+        return True
+    if d.stop_params is not None and point["params_frac"] <= d.stop_params:
+        return True
+    return d.min_accuracy is not None and not math.isnan(point["accuracy"]) and point["accuracy"] < d.min_accuracy
+
+
+@torch.no_grad()
+def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") -> list[dict]:
+    """Prune ``model`` in place by the greedy search; returns the curve, one point per step (start first)."""
+    layers = lod.layers(model)
+    if not layers:
+        raise ValueError("deploy: the model has no LoD layers to prune; give a factorized model "
+                         "(model.factorize=true), or a dense one as deploy.svd_baseline")
+    start = deployed_footprint(model, ctx.example)
+    chunk = {name: max(1, round(ctx.deploy.step * layer.rank)) for name, layer in layers}
+    loss = batch_loss(model, ctx.batch, ctx.task, ctx.device)
+    curve = [_point(model, ctx, start, method, 0, "", loss, True)]
+    step = 0
+    while not _done(curve[-1], ctx):
+        best = None
+        for name, layer in layers:
+            if layer.rank == 0:
+                continue
+            new_rank = max(0, layer.rank - chunk[name])
+            layer.active_rank = new_rank
+            try:
+                candidate = batch_loss(model, ctx.batch, ctx.task, ctx.device)
+                score = _score(candidate - loss, model, layer, new_rank, ctx)
+            finally:
+                layer.active_rank = None
+            if best is None or score < best[0]:
+                best = (score, name, new_rank, candidate)
+        if best is None:  # every layer is at rank 0
+            break
+        _, name, new_rank, loss = best
+        lod.truncate(model, {name: new_rank})
+        step += 1
+        last = _done_soon(model, ctx, start)
+        curve.append(_point(model, ctx, start, method, step, f"{name}->{new_rank}", loss,
+                            step % ctx.deploy.eval_every == 0 or last))
+    return curve
+
+
+def _done_soon(model: nn.Module, ctx: GreedyContext, start: Footprint) -> bool:
+    """Whether this point ends the curve on footprint alone (so that it gets a test evaluation)."""
+    deployed = deployed_footprint(model, ctx.example)
+    d = ctx.deploy
+    return deployed.macs / start.macs <= d.stop_macs or (
+        d.stop_params is not None and deployed.params / start.params <= d.stop_params) or all(
+        layer.rank == 0 for _, layer in lod.layers(model))
+
+
+def _score(increase: float, model: nn.Module, layer, new_rank: int, ctx: GreedyContext) -> float:
+    """The loss increase, or (criterion loss_per_mac / loss_per_param) the increase per cost removed
+    (the factorized layer's MACs / parameters of the removed columns)."""
+    criterion = ctx.deploy.criterion
+    if criterion == "loss":
+        return increase
+    removed_cols = layer.rank - new_rank
+    if criterion == "loss_per_param":
+        saved = removed_cols * (layer.out_dim + layer.fan_in)
+    else:
+        layer.active_rank = None
+        full = measure(model, example=ctx.example).macs
+        layer.active_rank = new_rank
+        saved = full - measure(model, example=ctx.example).macs
+    return increase / max(saved, 1)
+
+
+def first_at_or_below(curve: list[dict], key: str, target: float) -> dict | None:
+    """The largest model on ``curve`` whose ``key`` (``macs_frac``, ``params_frac``) is <= target."""
+    return next((p for p in curve if p[key] <= target + 1e-12), None)
+
+
+def accuracy_at(curve: list[dict], key: str, target: float) -> float:
+    """Test accuracy interpolated linearly in ``key`` at ``target`` between the evaluated points."""
+    points = sorted(((p[key], p["accuracy"]) for p in curve if not math.isnan(p["accuracy"])), reverse=True)
+    for (x0, a0), (x1, a1) in zip(points, points[1:]):
+        if x1 <= target <= x0:
+            return a0 if x0 == x1 else a1 + (a0 - a1) * (target - x1) / (x0 - x1)
+    return math.nan
+
+
+def export_point(source: nn.Module, point: dict, ctx: GreedyContext, cfg: Config, path: Path) -> dict:
+    """Cut a copy of ``source`` to the point's ranks, recalibrate, evaluate, merge, save; the summary."""
+    model = copy.deepcopy(source)
+    lod.truncate(model, point["ranks"])
+    accuracy = _test_accuracy(model, ctx) if ctx.test_loader is not None else math.nan
+    before = {n for n, _ in lod.layers(model)}
+    lod.to_dense(model)
+    merged = sorted(before - {n for n, _ in lod.layers(model)})
+    footprint = measure(model, example=ctx.example)
+    if (footprint.params, footprint.macs) != (point["params"], point["macs"]):
+        raise AssertionError(f"deploy: the exported model measures {footprint} but its curve point says "
+                             f"params={point['params']}, macs={point['macs']}")
+    summary = {"path": str(path), "accuracy": accuracy, "params": footprint.params, "macs": footprint.macs,
+               "params_rel": point["params_rel"], "macs_rel": point["macs_rel"], "params_frac": point["params_frac"],
+               "macs_frac": point["macs_frac"], "ranks": point["ranks"], "merged": merged}
+    save_model(path, model, cfg, ranks=point["ranks"], merged=merged,
+               deploy={k: v for k, v in summary.items() if k not in ("path", "ranks", "merged")})
+    return summary
+
+
+def svd_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config]:
+    """The dense model at ``path``, factorized by SVD (the baseline of Fig. 5a / 11)."""
+    model, cfg = load_model(path, device)
+    if lod.layers(model):
+        raise ValueError(f"deploy.svd_baseline={path} is a factorized model; give a model trained with "
+                         f"model.factorize=false (the SVD baseline factorizes a dense model after training)")
+    lod.factorize(model, skip=cfg.model.skip)
+    return model, cfg
+
+
+def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyContext:
+    """Data of the model's data set (root / subsets / seed from the deploy config)."""
+    data_cfg = copy.deepcopy(model_cfg)
+    data_cfg.data, data_cfg.seed = copy.deepcopy(cfg.data), cfg.seed
+    train_set, test_set = load_datasets(data_cfg)
+    if isinstance(train_set, data.InMemoryDataset):
+        train_set = copy.copy(train_set)
+        train_set.train = False  # the loss batch and the recalibration batches without augmentation
+    batch = next(iter(data.BatchLoader(train_set, cfg.deploy.batch_size, shuffle=True, seed=cfg.seed)))
+    task = task_for(model_cfg.dataset.name, model_cfg.train.label_smoothing)
+    return GreedyContext(
+        batch=batch, task=task, device=device, example=example_input(model_cfg, device),
+        dense=dense_footprint(model_cfg), deploy=cfg.deploy,
+        test_loader=data.BatchLoader(test_set, 512, shuffle=False),
+        calib_loader=data.BatchLoader(train_set, 256, shuffle=True, seed=cfg.seed))
+
+
+def _write_curve(curves: dict[str, list[dict]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        writer.writeheader()
+        for rows in curves.values():
+            for row in rows:
+                writer.writerow({**row, "ranks": json.dumps(row["ranks"])})
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    apply_threads(cfg)
+    if not cfg.checkpoint:
+        raise ValueError("mode=deploy needs checkpoint=<a trained model: its run directory, model.pt or "
+                         "checkpoint.pt>, e.g. checkpoint=outputs/centralized/<time>")
+    device = resolve_device(cfg.device)
+    model, model_cfg = load_model(cfg.checkpoint, device)
+    ctx = _context(cfg, model_cfg, device)
+    sources = {"maestro": (model, model_cfg)}
+    if cfg.deploy.svd_baseline:
+        sources["svd"] = svd_model(cfg.deploy.svd_baseline, device)
+    curves, exports = {}, []
+    for method, (source, source_cfg) in sources.items():
+        console.print(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in lod.layers(source))} ranks")
+        pruned = copy.deepcopy(source)
+        curves[method] = greedy_curve(pruned, ctx, method)
+        for key, targets in (("macs_frac", cfg.deploy.target_macs), ("params_frac", cfg.deploy.target_params)):
+            for target in targets:
+                point = first_at_or_below(curves[method], key, target)
+                if point is None:
+                    console.print(f"[yellow]{method}: the curve stops above {key}={target}; lower deploy.stop_macs")
+                    continue
+                name = f"deploy_{method}_{key.split('_')[0]}{target:g}.pt"
+                summary = export_point(source, point, ctx, source_cfg, run_dir / name)
+                exports.append({"method": method, "target": f"{key}<={target:g}",
+                                "curve_accuracy_at_target": accuracy_at(curves[method], key, target), **summary})
+    _write_curve(curves, run_dir / "deploy_curve.csv")
+    plot = plot_deploy(curves, run_dir / "deploy.png", marks=cfg.deploy.target_macs)
+    summary = {"checkpoint": str(cfg.checkpoint), "svd_baseline": cfg.deploy.svd_baseline, "exports": exports,
+               "curve_points": {m: len(c) for m, c in curves.items()}}
+    (run_dir / "deploy.json").write_text(json.dumps(summary, indent=2))
+    _print_exports(exports)
+    console.print(f"curve: {run_dir / 'deploy_curve.csv'}; plot: {plot}")
+    return summary
+
+
+def _print_exports(exports: list[dict]) -> None:
+    table = Table(title="Exported models (greedy deployment)")
+    for column in ("method", "target", "accuracy", "curve acc. at target", "params", "MACs", "params x", "MACs x"):
+        table.add_column(column)
+    for e in exports:
+        table.add_row(e["method"], e["target"], f"{e['accuracy']:.4f}", f"{e['curve_accuracy_at_target']:.4f}",
+                      f"{e['params']:,}", f"{e['macs']:,}", f"{e['params_rel']:.3f}", f"{e['macs_rel']:.3f}")
+    console.print(table)

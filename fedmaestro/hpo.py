@@ -1,0 +1,183 @@
+"""Lambda search (Algorithm 2): halve lambda_gl from a large value until a model meets the constraints.
+
+``python -m fedmaestro mode=hpo hpo.min_accuracy=0.87 hpo.max_params=0.3 [train.* ...]``
+
+For lambda = ``hpo.lambda_large``, /2, /4, ... while lambda > ``hpo.lambda_small``: train a fresh
+model (same seed, ``train.*`` recipe) in ``<run dir>/lambda_<value>``. At every evaluation epoch
+(every ``hpo.eval_every`` epochs, and the last one) measure test accuracy and the deployed parameter
+count (layers merged to dense where cheaper, relative to the dense model):
+
+* accuracy >= ``min_accuracy`` and params <= ``max_params``: return this model (Algorithm 2, line 12);
+* params < ``few_params``: the model is too sparse, stop training this lambda (line 16).
+
+After a lambda's training: if its params exceed ``max_params`` no smaller lambda can meet the limit
+(lambda only shrinks models less), so return the previous lambda's model, the last one that met the
+parameter limit (line 23; none if it was the first); otherwise halve lambda. If lambda reaches
+``lambda_small`` without success, return that last model too.
+
+Algorithm 2 evaluates at ``t mod E_eval == 0`` for t = 0..E-1, i.e. already after the first epoch;
+here the checks run after epochs E_eval, 2 E_eval, ... and after the last epoch, so the final model
+of every lambda is checked. Accuracy is the trainer's (test set) accuracy.
+
+Outputs: ``hpo_summary.csv`` and ``hpo.json`` (every lambda tried: epochs, accuracy, parameters,
+MACs, training cost relative to one dense training, outcome), ``model.pt`` (the returned model, also
+in its lambda's directory). ``resume=true`` continues an interrupted search: finished lambdas are
+replayed from their records, an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .centralized import Trainer, apply_threads
+from .config import Config, to_dict
+
+__all__ = ["Trial", "HPOResult", "search", "run"]
+
+console = Console()
+
+
+@dataclass
+class Trial:
+    lambda_gl: float
+    run_dir: str
+    epochs: int = 0  # epochs trained
+    accuracy: float | None = None  # at the last evaluation
+    params: int = 0  # deployed, at the end of this lambda's training
+    macs: int = 0
+    params_rel: float = 0.0
+    macs_rel: float = 0.0
+    train_macs_rel: float = 0.0  # this lambda's training MACs / one full dense training (train.epochs)
+    outcome: str = ""  # met | too_sparse | over_params | under_params
+
+
+@dataclass
+class HPOResult:
+    chosen: Trial | None
+    reason: str
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        """Training MACs of the whole search, in units of one full dense training."""
+        return sum(t.train_macs_rel for t in self.trials)
+
+
+def _lambdas(large: float, small: float):
+    lam = large
+    while lam > small:
+        yield lam
+        lam /= 2
+
+
+def _check(record: dict, h) -> str | None:
+    """Algorithm 2, lines 8-17, on one epoch record: 'met', 'too_sparse' or None (go on)."""
+    if record.get("accuracy") is None:
+        return None
+    if record["accuracy"] >= h.min_accuracy and record["params_rel"] <= h.max_params:
+        return "met"
+    if record["params_rel"] < h.few_params:
+        return "too_sparse"
+    return None
+
+
+def _train_one(cfg: Config, lam: float, run_dir: Path, datasets) -> tuple[Trial, str | None]:
+    sub = copy.deepcopy(cfg)
+    sub.train.lambda_gl = lam
+    sub.train.eval_every = cfg.hpo.eval_every
+    trainer = Trainer(sub, run_dir, datasets)
+    if cfg.resume:
+        trainer.resume()
+    decision = None
+    for record in trainer.records:  # a resumed lambda: replay the decisions on its finished epochs
+        decision = _check(record, cfg.hpo)
+        if decision:
+            break
+    if decision is None:
+        def on_epoch(record: dict) -> bool:
+            nonlocal decision
+            decision = _check(record, cfg.hpo)
+            return decision is not None
+
+        trainer.fit(on_epoch=on_epoch)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
+    trainer.save_model(run_dir / "model.pt")
+    last = trainer.records[-1]
+    evaluated = [r for r in trainer.records if r.get("accuracy") is not None]
+    trial = Trial(lambda_gl=lam, run_dir=str(run_dir), epochs=last["epoch"],
+                  accuracy=evaluated[-1]["accuracy"] if evaluated else None, params=last["params_deployed"],
+                  macs=last["macs_deployed"], params_rel=last["params_rel"], macs_rel=last["macs_rel"],
+                  train_macs_rel=last["train_macs_rel"] * last["epoch"] / max(cfg.train.epochs, 1))
+    return trial, decision
+
+
+def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResult:
+    """Algorithm 2; every lambda trains in ``run_dir/lambda_<value>``. Writes the summary files."""
+    h = cfg.hpo
+    result = HPOResult(chosen=None, reason="")
+    previous: Trial | None = None
+    for lam in _lambdas(h.lambda_large, h.lambda_small):
+        console.print(f"[bold]hpo[/]: lambda_gl = {lam:g}")
+        trial, decision = _train_one(cfg, lam, run_dir / f"lambda_{lam:.6g}", datasets)
+        result.trials.append(trial)
+        if decision == "met":
+            trial.outcome = "met"
+            result.chosen, result.reason = trial, (f"lambda {lam:g} met accuracy >= {h.min_accuracy} and params <= "
+                                                   f"{h.max_params}x at epoch {trial.epochs}")
+            break
+        if trial.params_rel > h.max_params:
+            trial.outcome = "over_params"
+            result.chosen = previous
+            result.reason = (f"lambda {lam:g} ends above the parameter limit ({trial.params_rel:.3f}x > "
+                             f"{h.max_params}x): smaller lambdas shrink less; returning the last model within the "
+                             f"limit" + ("" if previous else " (there is none)"))
+            break
+        trial.outcome = "too_sparse" if decision == "too_sparse" else "under_params"
+        previous = trial
+    else:
+        result.chosen = previous
+        result.reason = (f"lambda reached hpo.lambda_small={h.lambda_small:g} without meeting accuracy >= "
+                         f"{h.min_accuracy}; returning the last model within the parameter limit")
+    _write(result, run_dir)
+    return result
+
+
+def _write(result: HPOResult, run_dir: Path) -> None:
+    rows = [asdict(t) for t in result.trials]
+    with (run_dir / "hpo_summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(Trial(0.0, "")).keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {"chosen": asdict(result.chosen) if result.chosen else None, "reason": result.reason,
+               "search_cost_dense_trainings": result.cost, "trials": rows}
+    (run_dir / "hpo.json").write_text(json.dumps(summary, indent=2))
+    if result.chosen is not None:
+        shutil.copyfile(Path(result.chosen.run_dir) / "model.pt", run_dir / "model.pt")
+
+
+def _print(result: HPOResult) -> None:
+    table = Table(title="Lambda search (Algorithm 2)")
+    for column in ("lambda", "epochs", "accuracy", "params", "params x", "MACs x", "train cost x dense", "outcome"):
+        table.add_column(column)
+    for t in result.trials:
+        table.add_row(f"{t.lambda_gl:g}", str(t.epochs), "-" if t.accuracy is None else f"{t.accuracy:.4f}",
+                      f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}", f"{t.train_macs_rel:.2f}", t.outcome)
+    console.print(table)
+    console.print(f"search cost: {result.cost:.2f}x one dense training; {result.reason}")
+    if result.chosen:
+        console.print(f"returned: lambda {result.chosen.lambda_gl:g}, {result.chosen.run_dir}/model.pt")
+
+
+def run(cfg: Config, run_dir: Path) -> HPOResult:
+    apply_threads(cfg)
+    result = search(cfg, run_dir)
+    _print(result)
+    return result

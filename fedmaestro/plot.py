@@ -1,0 +1,57 @@
+"""``python -m fedmaestro.plot <dir> [<dir> ...] [--out DIR]``: figures of finished runs, as PNG files.
+
+* a deploy run (holds ``deploy_curve.csv``): ``deploy.png`` (Fig. 11);
+* a centralized run (holds ``metrics.jsonl``): ``training.png``, ``total_rank.png``,
+  ``ranks_per_layer.png`` (Fig. 4);
+* anything else, e.g. a ``--multirun`` directory of a lambda sweep (plus, as further arguments, the
+  dense run or other sweeps to compare): every run below the directories together, as
+  ``sweep_accuracy.png`` (Fig. 12), ``sweep_total_rank.png`` (Fig. 8), ``sweep_ranks.png`` (Fig. 9)
+  and Table 11 as ``sweep.md`` / ``sweep.csv``, written into ``--out`` (default: the first directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .plots import find_runs, plot_centralized, plot_deploy, plot_sweep, read_curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedmaestro.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run, multirun or deploy directories")
+    parser.add_argument("--out", type=Path, default=None, help="where sweep figures go (default: the first dir)")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        parser.error(f"not a directory: {', '.join(missing)}")
+    written: list[Path] = []
+    sweep_dirs = []
+    for d in args.dirs:
+        if (d / "deploy_curve.csv").is_file():
+            rows = read_curve(d / "deploy_curve.csv")
+            curves: dict[str, list[dict]] = {}
+            for row in rows:
+                curves.setdefault(str(row["method"]), []).append(row)
+            written.append(plot_deploy(curves, d / "deploy.png"))
+        elif (d / "metrics.jsonl").is_file() and len(args.dirs) == 1:
+            written += plot_centralized(d)
+        else:
+            sweep_dirs.append(d)
+    if sweep_dirs:
+        runs = find_runs(*sweep_dirs)
+        if not runs:
+            parser.error(f"no runs (metrics.jsonl + config.json) below {', '.join(map(str, sweep_dirs))}")
+        out = args.out or sweep_dirs[0]
+        out.mkdir(parents=True, exist_ok=True)
+        written += plot_sweep(runs, out)
+        written += [out / "sweep.md", out / "sweep.csv"]
+        print((out / "sweep.md").read_text())
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Figures and tables of the centralized runs: PNG files written into the run (or sweep) directory.
+
+* ``plot_centralized(run_dir)``: ``total_rank.png`` (Fig. 4a / 8: total rank sum_i r_i over training),
+  ``ranks_per_layer.png`` (Fig. 4b / 9: every layer's final rank against its full rank) and
+  ``training.png`` (Fig. 4c / 10: training loss, test accuracy and deployed parameters per epoch).
+* ``sweep_table(runs)`` / ``plot_sweep(runs, out_dir)``: a lambda sweep (``--multirun``) as Table 11
+  (accuracy, inference MACs and parameters, training cost relative to the dense model) and Fig. 12
+  (accuracy against parameters and MACs), plus every run's ranks per layer and total rank over
+  training on shared axes (the nested ranks of Fig. 9).
+* ``plot_deploy(curves, path)``: greedy deployment curves (Fig. 5a / 11): test accuracy against MACs
+  and parameters, one line per method (Maestro, the SVD baseline).
+
+``python -m fedmaestro.plot <dir> ...`` (fedmaestro/plot.py) draws these for existing directories.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["read_records", "plot_centralized", "Run", "find_runs", "sweep_table", "write_sweep", "plot_sweep",
+           "read_curve", "plot_deploy", "DPI"]
+
+DPI = 120
+IGNORED_IN_LABELS = ("seed", "resume", "checkpoint", "progress", "device", "data.root", "train.threads",
+                     "train.num_workers")
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; give the directory of a centralized run "
+                                f"(it holds metrics.jsonl)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_centralized(run_dir: str | Path) -> list[Path]:
+    """The training figures of one run; returns the PNG paths written."""
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    if not records:
+        return []
+    epochs = [r["epoch"] for r in records]
+    paths = []
+    evaluated = [r for r in records if "accuracy" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in records], marker=".")
+    axes[0].set(xlabel="epoch", ylabel="training loss (sampled ranks)", yscale="log", title="Training loss")
+    axes[1].plot([r["epoch"] for r in evaluated], [r["accuracy"] for r in evaluated], marker=".", color="C2")
+    axes[1].set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy (full current rank)")
+    axes[2].plot(epochs, [r["params_rel"] for r in records], marker=".", color="C1", label="parameters")
+    axes[2].plot(epochs, [r["macs_rel"] for r in records], marker=".", color="C3", label="MACs")
+    axes[2].set(xlabel="epoch", ylabel="deployed / dense", title="Footprint (merged where cheaper)", ylim=(0, None))
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    paths.append(_save(fig, run_dir / "training.png"))
+    ranks = [r.get("ranks") or {} for r in records]
+    if ranks[-1]:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot([0] + epochs, [_full_total(run_dir, ranks[0])] + [r["total_rank"] for r in records], marker=".")
+        ax.set(xlabel="epoch", ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 4a)",
+               ylim=(0, None))
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, run_dir / "total_rank.png"))
+        paths.append(_plot_layer_ranks({"final": ranks[-1]}, _full_ranks(run_dir, ranks[0]),
+                                       run_dir / "ranks_per_layer.png", "Ranks per layer after training (Fig. 4b)"))
+    return paths
+
+
+def _full_ranks(run_dir: Path, first: dict[str, int]) -> dict[str, int]:
+    """Every layer's full rank min(out, fan_in), from the run's config; else the first epoch's ranks."""
+    config = run_dir / "config.json"
+    if config.is_file():
+        try:
+            from .config import resolve
+            from .lod import layers
+            from .train import build_model
+            import torch
+
+            cfg = resolve(json.loads(config.read_text()))
+            with torch.random.fork_rng(devices=[]):
+                return {n: layer.max_rank for n, layer in layers(build_model(cfg))}
+        except (ValueError, KeyError) as err:  # a config this version cannot rebuild: say so, fall back
+            print(f"plots: cannot rebuild the model of {config} ({err}); full ranks taken from epoch 1")
+    return dict(first)
+
+
+def _full_total(run_dir: Path, first: dict[str, int]) -> int:
+    return sum(_full_ranks(run_dir, first).values())
+
+
+def _plot_layer_ranks(series: dict[str, dict[str, int]], full: dict[str, int], path: Path, title: str) -> Path:
+    names = list(full) or list(next(iter(series.values())))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 3.8))
+    x = range(len(names))
+    ax.bar(x, [full.get(n, 0) for n in names], color="none", edgecolor="grey", label="full rank")
+    for k, (label, ranks) in enumerate(series.items()):
+        ax.plot(x, [ranks.get(n, 0) for n in names], marker="o", ms=3, label=label, color=f"C{k % 10}")
+    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="rank $r_i$", title=title, yscale="symlog" if max(full.values(), default=1) > 64 else "linear")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sweeps (Table 11-15, Fig. 12)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    records: list[dict]
+    flat: dict = field(default_factory=dict)
+
+    @property
+    def last(self) -> dict:
+        return self.records[-1]
+
+    @property
+    def dense(self) -> bool:
+        return not self.config.get("model", {}).get("factorize", True)
+
+    @property
+    def lambda_gl(self) -> float:
+        return float(self.config.get("train", {}).get("lambda_gl", 0.0))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def find_runs(*roots: str | Path) -> list[Run]:
+    """Every finished-or-not centralized run (metrics.jsonl + config.json) at or below ``roots``."""
+    runs = []
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist; give a run or multirun directory")
+        for metrics in sorted(root.rglob("metrics.jsonl")):
+            config = metrics.parent / "config.json"
+            records = read_records(metrics.parent)
+            if config.is_file() and records:
+                cfg = json.loads(config.read_text())
+                runs.append(Run(metrics.parent, cfg, records, _flatten(cfg)))
+    return runs
+
+
+def _varying_keys(runs: list[Run]) -> list[str]:
+    keys = sorted(set().union(*(r.flat for r in runs)))
+    return [k for k in keys if not k.startswith(IGNORED_IN_LABELS) and len({json.dumps(r.flat.get(k)) for r in runs}) > 1]
+
+
+def _label(run: Run, keys: list[str]) -> str:
+    if run.dense:
+        rest = [k for k in keys if k not in ("model.factorize", "train.lambda_gl") and not k.startswith("train.")]
+        return "Non-Factorized" + "".join(f", {k.split('.')[-1]}={run.flat.get(k)}" for k in rest)
+    parts = [f"λ={run.lambda_gl:g}"] + [f"{k.split('.')[-1]}={run.flat.get(k)}" for k in keys
+                                        if k not in ("model.factorize", "train.lambda_gl")]
+    return "Maestro (" + ", ".join(parts) + ")"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def sweep_table(runs: list[Run]) -> list[dict]:
+    """One row per variant (runs that differ only in ``seed`` are averaged): Table 11's columns.
+
+    ``acc``, ``macs``, ``params`` (deployed, merged where cheaper), their ratios to the dense model,
+    the training cost ``train_macs_rel`` / ``train_params_rel`` and, where a dense run is among
+    ``runs``, the training wall time relative to it (``time_rel``). Sorted: dense first, then by
+    lambda.
+    """
+    if not runs:
+        raise ValueError("sweep_table: no runs (no metrics.jsonl + config.json below the given directories)")
+    keys = _varying_keys(runs)
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[_label(run, keys)].append(run)
+    dense_wall = [r.last["wall_s"] / max(r.last["epoch"], 1) for r in runs if r.dense]
+    rows = []
+    for label, members in groups.items():
+        lasts = [m.last for m in members]
+        evaluated = [m.last.get("accuracy") for m in members if m.last.get("accuracy") is not None]
+        row = {"variant": label, "dense": members[0].dense, "lambda_gl": members[0].lambda_gl, "runs": len(members),
+               "epochs": lasts[0]["epoch"]}
+        row["acc"], row["acc_std"] = _mean_std(evaluated) if evaluated else (math.nan, math.nan)
+        for key, name in (("macs_deployed", "macs"), ("params_deployed", "params"), ("macs_rel", "macs_rel"),
+                          ("params_rel", "params_rel"), ("train_macs_rel", "train_macs_rel"),
+                          ("train_params_rel", "train_params_rel"), ("total_rank", "total_rank")):
+            row[name], row[name + "_std"] = _mean_std([float(r[key]) for r in lasts])
+        if dense_wall:
+            row["time_rel"] = statistics.fmean(r["wall_s"] / max(r["epoch"], 1) for r in lasts) / statistics.fmean(dense_wall)
+        row["paths"] = [str(m.path) for m in members]
+        rows.append(row)
+    rows.sort(key=lambda r: (not r["dense"], r["lambda_gl"], r["variant"]))
+    return rows
+
+
+def _pm(mean: float, std: float, fmt: str, runs: int) -> str:
+    return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if runs > 1 else "")
+
+
+def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """``sweep.csv`` (every column) and ``sweep.md`` (Table 11's layout) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
+    columns = [k for k in rows[0] if k != "paths"] + ["paths"]
+    if any("time_rel" in r for r in rows) and "time_rel" not in columns:
+        columns.insert(-1, "time_rel")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "paths": ";".join(row["paths"])})
+    has_time = any("time_rel" in r for r in rows)
+    lines = ["| Variant | Acc. (%) | MACs (Inf.) | Params. (Inf.) | Rel. MACs / Params. (Train.)"
+             + (" | Rel. time (Train.)" if has_time else "") + " | runs |",
+             "|---|---|---|---|---" + ("|---" if has_time else "") + "|---|"]
+    for r in rows:
+        n = r["runs"]
+        line = (f"| {r['variant']} | {_pm(100 * r['acc'], 100 * r['acc_std'], '.2f', n)} "
+                f"| {_pm(r['macs'], r['macs_std'], ',.0f', n)} ({r['macs_rel']:.2f}x) "
+                f"| {_pm(r['params'], r['params_std'], ',.0f', n)} ({r['params_rel']:.3f}x) "
+                f"| {r['train_macs_rel']:.2f}x / {r['train_params_rel']:.2f}x")
+        if has_time:
+            line += f" | {r['time_rel']:.2f}x" if "time_rel" in r else " | -"
+        lines.append(line + f" | {n} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float, float, str]] | None = None) -> list[Path]:
+    """Fig. 12 (accuracy vs deployed parameters and MACs over a lambda sweep), Fig. 8 and Fig. 9.
+
+    ``reference``: optional (params_rel, accuracy, label) points drawn for comparison (e.g. another
+    implementation's published numbers). Returns the PNG paths (and writes sweep.csv / sweep.md).
+    """
+    out_dir = Path(out_dir)
+    rows = sweep_table(runs)
+    write_sweep(rows, out_dir)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    maestro = [r for r in rows if not r["dense"]]
+    for ax, key, name in ((axes[0], "params_rel", "parameters"), (axes[1], "macs_rel", "MACs")):
+        ax.errorbar([r[key] for r in maestro], [100 * r["acc"] for r in maestro],
+                    yerr=[100 * r["acc_std"] for r in maestro], marker="o", capsize=3, label="Maestro")
+        for r in maestro:
+            ax.annotate(f"{r['lambda_gl']:g}", (r[key], 100 * r["acc"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
+        for r in rows:
+            if r["dense"]:
+                ax.axhline(100 * r["acc"], color="grey", ls="--", lw=1)
+                ax.plot([1.0], [100 * r["acc"]], marker="*", ms=12, color="black", ls="none", label=r["variant"])
+        if reference and key == "params_rel":
+            ax.plot([p for p, _, _ in reference], [100 * a for _, a, _ in reference], marker="s", ls=":",
+                    color="C3", label=reference[0][2])
+        ax.set(xscale="log", xlabel=f"deployed {name} / dense (log)", ylabel="test accuracy (%)",
+               title=f"Accuracy vs {name} over lambda (Fig. 12)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir / "sweep_accuracy.png"))
+    factorized = sorted((r for r in runs if not r.dense and r.last.get("ranks")), key=lambda r: r.lambda_gl)
+    if factorized:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for k, run in enumerate(factorized):
+            ax.plot([r["epoch"] for r in run.records], [r["total_rank"] for r in run.records],
+                    label=f"λ={run.lambda_gl:g}", color=plt.cm.viridis(k / max(len(factorized) - 1, 1)))
+        ax.set(xlabel="epoch", ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 8)",
+               ylim=(0, None))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / "sweep_total_rank.png"))
+        full = _full_ranks(factorized[0].path, factorized[0].records[0]["ranks"])
+        series = {}
+        for run in factorized:
+            series.setdefault(f"λ={run.lambda_gl:g}", run.last["ranks"])  # first seed of each lambda
+        paths.append(_plot_layer_ranks(series, full, out_dir / "sweep_ranks.png", "Ranks per layer (Fig. 9)"))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# Deployment curves (Fig. 5a / 11)
+# ------------------------------------------------------------------------------------------------
+
+def read_curve(path: str | Path) -> list[dict]:
+    """Rows of a ``deploy_curve.csv`` with numbers parsed."""
+    with Path(path).open() as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed = {}
+        for k, v in row.items():
+            try:
+                parsed[k] = float(v) if v not in ("", None) else math.nan
+            except ValueError:
+                parsed[k] = v
+        out.append(parsed)
+    return out
+
+
+def plot_deploy(curves: dict[str, list[dict]], path: str | Path, marks: list[float] = ()) -> Path:
+    """Test accuracy against deployed MACs and parameters (ratios to the dense model), one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, name in ((axes[0], "macs_rel", "MACs"), (axes[1], "params_rel", "parameters")):
+        for k, (method, rows) in enumerate(curves.items()):
+            rows = [r for r in rows if not math.isnan(r.get("accuracy", math.nan))]
+            ax.plot([r[key] for r in rows], [100 * r["accuracy"] for r in rows], marker=".", ms=4,
+                    label=method, color=f"C{k}")
+        if key == "macs_rel":
+            for m in marks:
+                ax.axvline(m, color="grey", ls=":", lw=1)
+        ax.set(xlabel=f"deployed {name} / dense", ylabel="test accuracy (%)",
+               title=f"Greedy deployment: accuracy vs {name} (Fig. 11)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, Path(path))

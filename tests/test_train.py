@@ -1,0 +1,212 @@
+"""The training step shared by the centralized mode and the clients (fedmaestro/train.py).
+
+Everything runs on small random batches with LeNet-5 (factorized: 5 LoD layers, total rank 236) on
+one CPU thread; the whole file takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedmaestro import lod
+from fedmaestro.config import Config, TrainConfig
+from fedmaestro.footprint import measure
+from fedmaestro.train import (RankCost, build_model, evaluate, make_optimizer, make_scheduler, recalibrate_batchnorm,
+                              resolve_device, task_for, train_epoch)
+
+CPU = torch.device("cpu")
+EXAMPLE = (torch.zeros(1, 1, 28, 28),)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batches(n: int = 6, size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def lenet(factorize: bool = True, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model.factorize = factorize
+    return build_model(cfg)
+
+
+def test_weight_decay_only_on_weights_and_the_paper_optimizers():
+    model = lenet()
+    opt = make_optimizer(model, TrainConfig(weight_decay=1e-4, momentum=0.9))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert isinstance(opt, torch.optim.SGD) and decayed["momentum"] == 0.9
+    adam = make_optimizer(model, TrainConfig(optimizer="adam", lr=1e-3, betas=[0.9, 0.98]))
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def lr_curve(train: TrainConfig, epochs: int) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    sched = make_scheduler(opt, train)
+    out = []
+    for _ in range(epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_multistep_schedule_decays_at_the_milestones():
+    lrs = lr_curve(TrainConfig(lr=0.01, milestones=[2, 4], gamma=0.1), 6)
+    assert lrs == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_inverse_sqrt_schedule_warms_up_then_decays():
+    lrs = lr_curve(TrainConfig(lr=1.0, warmup_epochs=4, lr_schedule="inverse_sqrt"), 16)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # linear rise to the peak at the warm-up's end
+    assert lrs[15] == pytest.approx(math.sqrt(4 / 16))  # then lr sqrt(W / epoch)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_bad_schedule_name_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
+
+
+def test_rank_cost_counts_the_sampled_submodel_exactly():
+    model = lenet()
+    lod.truncate(model, {"fc1": 50, "fc2": 40})  # not at full rank: the coefficients must follow the ranks
+    cost = RankCost(model, EXAMPLE)
+    full = measure(model, example=EXAMPLE)
+    sampler = lod.RankSampler(model, "per_layer", seed=1)
+    expected_macs = expected_params = 0
+    for _ in range(25):
+        sampler.step()
+        now = measure(model, example=EXAMPLE)  # measure honours the active ranks
+        cost.add_step(8)
+        expected_macs += 8 * now.macs
+        expected_params += now.params
+    assert cost.macs == expected_macs and cost.params == expected_params
+    assert cost.stored_params == 25 * full.params  # held and updated: every layer at its current rank
+    cost.add_step(8, full_pass=True)  # the "w/ full-training" ablation pays a full-rank pass on top
+    assert cost.macs == expected_macs + 8 * (measure(model, example=EXAMPLE).macs + full.macs)
+
+
+def test_training_cost_at_full_rank_matches_table_11_params():
+    # Table 11, lambda = 0: 1.49x parameters in training = the full-rank factorized LeNet over the dense one.
+    cost = RankCost(lenet(), EXAMPLE)
+    cost.add_step(1)
+    assert cost.stored_params / measure(lenet(False), (1, 28, 28)).params == pytest.approx(66274 / 44426)
+
+
+def test_subgradient_penalty_changes_the_step():
+    data = batches(3)
+    plain, penalized = lenet(), lenet()
+    for model, lam in ((plain, 0.0), (penalized, 1e-2)):
+        t = TrainConfig(lambda_gl=lam, sampler="none")
+        train_epoch(model, data, make_optimizer(model, t), t, task_for("fashion_mnist"), CPU)
+    # same data, same init: the only difference is lambda * grad(HGL), which pulls every factor to zero
+    diff = [(a - b).abs().max().item() for a, b in zip(plain.parameters(), penalized.parameters())]
+    assert max(diff) > 1e-4
+    assert lod.hgl_penalty(penalized) < lod.hgl_penalty(plain)
+
+
+def test_proximal_mode_zeroes_tails_exactly_and_subgradient_does_not():
+    data = batches(6)
+    zeros = {}
+    for mode in ("proximal", "subgradient"):
+        model = lenet()
+        t = TrainConfig(lambda_gl=2.0, hgl_mode=mode, lr=0.01)
+        train_epoch(model, data, make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
+                    sampler=lod.RankSampler(model, "per_layer", seed=0))
+        zeros[mode] = 0
+        for _, layer in lod.layers(model):
+            zero = (layer.u.detach().abs().sum(1) == 0).tolist()  # (rank,) columns of U that are exactly 0
+            zeros[mode] += sum(zero)
+            if mode == "proximal":  # nested groups: what the prox zeroes is a tail, never a hole
+                assert zero == sorted(zero), zero
+    # threshold lr * lambda = 0.02 per step against fc tail columns of norm ~0.4 (SVD init): over 6 steps
+    # the nested soft-thresholds zero ~90 columns (measured); a subgradient step never lands on 0.0
+    assert zeros["proximal"] > 50, zeros
+    assert zeros["subgradient"] == 0, zeros
+
+
+def test_train_epoch_resets_active_ranks_and_reports():
+    model = lenet()
+    t = TrainConfig(lambda_gl=1e-4)
+    stats = train_epoch(model, batches(4), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
+                        sampler=lod.RankSampler(model, "per_layer", seed=0), on_step=lambda n: steps.append(n))
+    assert all(layer.active_rank is None for _, layer in lod.layers(model))
+    assert stats["steps"] == 4 and stats["num_examples"] == 128 and math.isfinite(stats["loss"])
+
+
+steps: list[int] = []
+
+
+def test_on_step_is_called_after_every_step():
+    steps.clear()
+    model = lenet()
+    t = TrainConfig()
+    train_epoch(model, batches(3), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU, on_step=steps.append)
+    assert steps == [1, 2, 3]
+
+
+def test_full_pass_self_distillation_trains_the_full_rank_model_too():
+    data = batches(4)
+    t_plain, t_full = TrainConfig(sampler="per_layer"), TrainConfig(sampler="per_layer", full_pass=True)
+    results = {}
+    for name, t in (("plain", t_plain), ("full", t_full)):
+        model = lenet()
+        cost = RankCost(model, EXAMPLE)
+        train_epoch(model, data, make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
+                    sampler=lod.RankSampler(model, "per_layer", seed=0), cost=cost)
+        results[name] = (cost.macs, evaluate(model, [data[0]], task_for("fashion_mnist"), CPU)["loss"])
+    # the full pass costs one full-rank forward per example more (~the paper's 2x in Table 5)
+    assert results["full"][0] > 1.8 * results["plain"][0]
+    assert results["full"][1] != results["plain"][1]
+
+
+def test_nan_loss_raises_with_a_fix():
+    model = lenet()
+    t = TrainConfig(lr=1e30)  # diverges within a few steps
+    with pytest.raises(FloatingPointError, match="lower train.lr"):
+        train_epoch(model, batches(6), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU)
+
+
+def test_evaluate_uses_all_columns_whatever_the_active_ranks():
+    model, data = lenet(), batches(2)
+    reference = evaluate(model, data, task_for("fashion_mnist"), CPU)
+    for _, layer in lod.layers(model):
+        layer.active_rank = 1
+    assert evaluate(model, data, task_for("fashion_mnist"), CPU) == reference
+    assert all(layer.active_rank == 1 for _, layer in lod.layers(model))  # restored afterwards
+
+
+def test_batchnorm_recalibration_matches_the_data_statistics():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    lod.factorize(model)
+    data = [(x * 3 + 2, y) for x, y in batches(4)]
+    assert recalibrate_batchnorm(model, data, task_for("fashion_mnist"), CPU)
+    with torch.no_grad():
+        z = model[0](torch.cat([x for x, _ in data]))  # (N, 4, 26, 26): what BN sees
+    # cumulative average of per-batch means over 4 equal batches = the mean over all of them
+    torch.testing.assert_close(model[1].running_mean, z.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model[1].momentum == 0.1  # restored
+    assert not recalibrate_batchnorm(lenet(), data, task_for("fashion_mnist"), CPU)  # no BN: nothing to do
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device=auto or device=cpu"):
+            resolve_device("cuda")
