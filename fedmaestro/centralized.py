@@ -39,7 +39,7 @@ from .train import (RankCost, build_model, evaluate, make_optimizer, make_schedu
                     resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
-           "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
+           "load_model", "save_model", "with_data_facts", "apply_threads", "unaugmented", "TIME_FIELDS"]
 
 console = Console()
 
@@ -87,6 +87,15 @@ def with_data_facts(cfg: Config, train_set) -> Config:
     return cfg
 
 
+def unaugmented(dataset):
+    """``dataset`` read without augmentation (a shallow copy of an in-memory training split with
+    ``train=False``), for BatchNorm recalibration and deploy's loss batch; other data sets as they are."""
+    if isinstance(dataset, data.InMemoryDataset) and dataset.train:
+        dataset = copy.copy(dataset)
+        dataset.train = False
+    return dataset
+
+
 def apply_threads(cfg: Config) -> None:
     """``train.threads``: the number of CPU threads torch uses in this process."""
     if cfg.train.threads:
@@ -107,6 +116,10 @@ class Trainer:
                                              num_workers=t.num_workers)
         self.test_loader = data.BatchLoader(test_set, max(t.batch_size, 256), shuffle=False,
                                             num_workers=t.num_workers)
+        # BatchNorm recalibration after shrinking reads the training split without augmentation, in an
+        # order that depends on (seed, epoch) only, so a resumed run recalibrates on the same batches
+        self.calib_loader = data.BatchLoader(unaugmented(train_set), max(t.batch_size, 256), shuffle=True,
+                                             seed=cfg.seed + 1, num_workers=t.num_workers)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
         self.task = task_for(cfg.dataset.name, t.label_smoothing)
@@ -196,7 +209,8 @@ class Trainer:
             lod.shrink(self.model, t.eps_ps, self.optimizer)
             if [layer.rank for _, layer in lod.layers(self.model)] != before:
                 self.cost.refresh()
-                recalibrate_batchnorm(self.model, self.train_loader, self.task, self.device)
+                self.calib_loader.set_epoch(self.epoch)
+                recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
         self.epoch += 1
         record = {"epoch": self.epoch, "lr": lr, "train_loss": stats["loss"], "train_s": round(stats["seconds"], 3)}
         if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import data, lod
 from .centralized import (apply_threads, deployed_footprint, dense_footprint, example_input, load_datasets,
-                          load_model, save_model)
+                          load_model, save_model, unaugmented)
 from .config import Config, DeployConfig
 from .footprint import Footprint, measure
 from .plots import plot_deploy
@@ -240,9 +240,7 @@ def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyCont
     data_cfg = copy.deepcopy(model_cfg)
     data_cfg.data, data_cfg.seed = copy.deepcopy(cfg.data), cfg.seed
     train_set, test_set = load_datasets(data_cfg)
-    if isinstance(train_set, data.InMemoryDataset):
-        train_set = copy.copy(train_set)
-        train_set.train = False  # the loss batch and the recalibration batches without augmentation
+    train_set = unaugmented(train_set)  # the loss batch and the recalibration batches without augmentation
     batch = next(iter(data.BatchLoader(train_set, cfg.deploy.batch_size, shuffle=True, seed=cfg.seed)))
     task = task_for(model_cfg.dataset.name, model_cfg.train.label_smoothing)
     return GreedyContext(

@@ -19,13 +19,12 @@ from torch import nn
 
 from . import lod, models
 from .config import Config, TrainConfig
+from .models.transformer import PAD_INDEX
 
 __all__ = [
     "Task", "task_for", "resolve_device", "build_model", "make_optimizer", "make_scheduler", "train_epoch",
     "evaluate", "recalibrate_batchnorm", "RankCost", "seed_everything",
 ]
-
-PAD_INDEX = 1  # Multi30k / Transformer padding token (the paper's Table 9)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,236 @@
+"""The centralized mode (fedmaestro/centralized.py): records, shrinking, the dense baseline, resume,
+checkpoints, and one run through the real Hydra config.
+
+Most tests train LeNet-5 on a tiny in-memory data set (10 classes, each a fixed random 28x28 pattern
+plus noise: learnable in a few steps) on one CPU thread; the Hydra test reads 256 Fashion-MNIST
+images. The whole file takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmaestro import centralized, data, lod
+from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model, unaugmented
+from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
+from fedmaestro.data.memory import NORMALIZATION
+
+DENSE_LENET_PARAMS = 44_426  # Table 11
+DESIGN_FIELDS = ("epoch", "accuracy", "loss", "params", "macs", "ranks", "wall_s")  # DESIGN.md, a record
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def patterns(n: int, seed: int, train: bool = True, augment: bool = False) -> data.InMemoryDataset:
+    """n images of 10 classes: class c is a fixed random black/white pattern (the same for every seed) + noise."""
+    protos = 255.0 * (torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(123)) > 0.5)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = (protos[y] + 30 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0, 255).to(torch.uint8)
+    return data.InMemoryDataset(x, y, train=train, name="fashion_mnist", norm=NORMALIZATION["fashion_mnist"],
+                                augment=augment)
+
+
+DATASETS = (patterns(256, 0), patterns(128, 1, train=False))
+
+
+def tiny(**train) -> Config:
+    t = dict(epochs=3, batch_size=32, lr=0.05, lambda_gl=1e-3, eps_ps=1e-4, sampler="per_layer")
+    t.update(train)
+    return Config(mode="centralized", device="cpu", progress=False, model=ModelConfig(name="lenet"),
+                  dataset=DatasetConfig(name="fashion_mnist", input_shape=[1, 28, 28], num_classes=10),
+                  train=TrainConfig(**t))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in records]
+
+
+def test_records_follow_the_design_schema_and_match_metrics_jsonl(tmp_path):
+    trainer = Trainer(tiny(), tmp_path, DATASETS)
+    records = trainer.fit(show_progress=False)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == records
+    for r in records:
+        assert set(DESIGN_FIELDS) <= set(r)
+        assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) and r["wall_s"] > 0
+        assert r["ranks"] == {n: layer.rank for n, layer in lod.layers(trainer.model)} or r is not records[-1]
+        assert r["total_rank"] == sum(r["ranks"].values())
+        assert r["params_deployed"] <= r["params"]  # merging to dense is only done where cheaper
+        assert r["params_rel"] == pytest.approx(r["params_deployed"] / DENSE_LENET_PARAMS)
+    assert [r["wall_s"] for r in records] == sorted(r["wall_s"] for r in records)
+    # LeNet-5 sits on a plateau for its first ~100 steps at this rate: the loss falls, accuracy may not yet
+    assert records[-1]["train_loss"] < records[0]["train_loss"] < math.log(10) + 0.1
+    # the first epoch at full rank costs 66,274 / 44,426 = 1.49x parameters (Table 11, lambda = 0)
+    assert records[0]["train_params_rel"] == pytest.approx(66_274 / DENSE_LENET_PARAMS)
+
+
+def test_shrinking_cuts_parameters_and_keeps_the_optimizer_state(tmp_path, monkeypatch):
+    real_shrink, seen = lod.shrink, []
+
+    def spy(model, eps, optimizer=None):
+        assert optimizer is trainer.optimizer, "the trainer must hand its optimizer to lod.shrink"
+        before = {id(p): optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()
+                  if p in optimizer.state}
+        ranks = real_shrink(model, eps, optimizer)
+        for name, layer in lod.layers(model):
+            for p in (layer.u, layer.v):
+                buf = optimizer.state[p]["momentum_buffer"]
+                assert buf.shape == p.shape  # cut with the parameter ...
+                assert torch.equal(buf, before[id(p)][: p.shape[0]])  # ... and kept, not reset
+        seen.append(ranks)
+        return ranks
+
+    monkeypatch.setattr(lod, "shrink", spy)
+    # the exact proximal step zeroes tails, so a few steps are enough to shrink
+    trainer = Trainer(tiny(epochs=2, hgl_mode="proximal", lambda_gl=2.0, eps_ps=1e-6), tmp_path, DATASETS)
+    full = trainer.footprint_record()
+    records = trainer.fit(show_progress=False)
+    assert len(seen) == 2
+    assert records[-1]["total_rank"] < full["total_rank"]
+    assert records[-1]["params"] < full["params"] and records[0]["params"] < full["params"]
+    assert records[-1]["ranks"] == seen[-1]
+
+
+def test_no_shrinking_when_disabled(tmp_path):
+    trainer = Trainer(tiny(epochs=1, hgl_mode="proximal", lambda_gl=2.0, eps_ps=1e-6, shrink=False), tmp_path,
+                      DATASETS)
+    record = trainer.fit(show_progress=False)[-1]
+    assert record["total_rank"] == 236 and record["params"] == 66_274
+
+
+def test_dense_baseline_trains_through_the_same_loop(tmp_path):
+    cfg = tiny(lambda_gl=0.0)
+    cfg.model.factorize = False
+    trainer = Trainer(cfg, tmp_path, DATASETS)
+    assert not lod.layers(trainer.model) and trainer.sampler is None
+    records = trainer.fit(show_progress=False)
+    last = records[-1]
+    assert last["ranks"] == {} and last["total_rank"] == 0
+    assert last["params"] == last["params_deployed"] == DENSE_LENET_PARAMS and last["params_rel"] == 1.0
+    assert last["train_macs_rel"] == pytest.approx(1.0) and last["train_loss"] < records[0]["train_loss"]
+    cfg.train.lambda_gl = 1e-3
+    with pytest.raises(ValueError, match="train.lambda_gl"):
+        Trainer(cfg, tmp_path / "bad", DATASETS)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, monkeypatch):
+    cfg = tiny(epochs=4, lambda_gl=3e-3, eps_ps=1e-3)
+    whole = Trainer(cfg, tmp_path / "whole", DATASETS)
+    expected = whole.fit(show_progress=False)
+    assert expected[0]["total_rank"] > expected[-1]["total_rank"]  # shrinking happened: resume must resize
+
+    # the second run dies in the middle of epoch 3, after training a few steps of it
+    real_train_epoch, calls = centralized.train_epoch, []
+
+    def dying(model, loader, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            real_train_epoch(model, list(loader)[:2], *args, **kwargs)
+            raise Killed
+        return real_train_epoch(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(centralized, "train_epoch", dying)
+    with pytest.raises(Killed):
+        Trainer(cfg, tmp_path / "cut", DATASETS).fit(show_progress=False)
+    monkeypatch.setattr(centralized, "train_epoch", real_train_epoch)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == [1, 2]
+
+    cfg.resume = True
+    resumed = Trainer(cfg, tmp_path / "cut", DATASETS)
+    assert resumed.resume() and resumed.epoch == 2
+    records = resumed.fit(show_progress=False)
+    assert without_times(records) == without_times(expected)
+    assert without_times(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == without_times(expected)
+    final, reference = resumed.model.state_dict(), whole.model.state_dict()
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final)
+
+
+def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path):
+    Trainer(tiny(epochs=1), tmp_path, DATASETS).fit(show_progress=False)
+    changed = tiny(epochs=5, lr=0.1, sampler="across_layers")  # more epochs is allowed: it extends the run
+    changed.resume, changed.device = True, "cpu"
+    with pytest.raises(ValueError) as info:
+        Trainer(changed, tmp_path, DATASETS).resume()
+    message = str(info.value)
+    assert "train.lr: 0.05 -> 0.1" in message and "train.sampler: 'per_layer' -> 'across_layers'" in message
+    assert "train.epochs" not in message and "train.lambda_gl" not in message
+    extended = tiny(epochs=2)
+    extended.resume = True
+    trainer = Trainer(extended, tmp_path, DATASETS)
+    assert trainer.resume()
+    assert [r["epoch"] for r in trainer.fit(show_progress=False)] == [1, 2]
+
+
+def test_checkpoints_and_models_load_with_weights_only(tmp_path):
+    trainer = Trainer(tiny(epochs=2, lambda_gl=3e-3, eps_ps=1e-3), tmp_path, DATASETS)
+    trainer.fit(show_progress=False)
+    trainer.save_model(tmp_path / "model.pt")
+    for name in ("checkpoint.pt", "model.pt"):
+        state = torch.load(tmp_path / name, weights_only=True)  # no pickled objects, only plain data
+        assert "config" in state and "model" in state
+    model, cfg = load_model(tmp_path)  # the run directory's model.pt, rebuilt from its config alone
+    assert cfg.train.lambda_gl == 3e-3
+    assert {n: layer.rank for n, layer in lod.layers(model)} == trainer.records[-1]["ranks"]
+    x = DATASETS[1].batch(torch.arange(16))[0]
+    model.eval(), trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trainer.model(x), rtol=0, atol=0)
+
+
+def test_batchnorm_recalibration_reads_the_training_split_without_augmentation(tmp_path):
+    augmented = patterns(64, 0, augment=True)
+    assert unaugmented(augmented).train is False and augmented.train is True  # a copy; the original trains
+    trainer = Trainer(tiny(epochs=1), tmp_path, (augmented, DATASETS[1]))
+    assert trainer.train_loader.dataset.train and not trainer.calib_loader.dataset.train
+
+
+def compose(overrides: list[str]) -> tuple[Config, Path]:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from fedmaestro.__main__ import CONF_DIR
+    from fedmaestro.config import resolve
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        raw = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    run_dir = Path(str(OmegaConf.select(raw, "hydra.run.dir")))
+    with open_dict(raw):
+        del raw["hydra"]
+    return resolve(raw), run_dir
+
+
+def test_the_paper_preset_runs_end_to_end_on_fashion_mnist(tmp_path):
+    cfg, run_dir = compose(["+experiment=paper/lenet_fmnist", "train.lambda_gl=1e-3", "train.epochs=2",
+                            "data.subset=256", "data.test_subset=256", "progress=false",
+                            f"hydra.run.dir={tmp_path}"])
+    assert (cfg.mode, cfg.model.name, cfg.dataset.name, cfg.train.batch_size, cfg.train.lr) == (
+        "centralized", "lenet", "fashion_mnist", 64, 0.01)
+    centralized.run(cfg, run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2] and all(set(DESIGN_FIELDS) <= set(r) for r in records)
+    for name in ("config.json", "checkpoint.pt", "model.pt", "training.png", "total_rank.png",
+                 "ranks_per_layer.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lambda_gl"] == 1e-3
