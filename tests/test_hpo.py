@@ -1,0 +1,164 @@
+"""The lambda search (Algorithm 2, fedmaestro/hpo.py).
+
+The decision logic runs against a scripted trainer (each lambda's accuracy and parameter count per
+epoch are given by a table), so every branch of Algorithm 2 is hit exactly; two searches then train
+LeNet-5 for real on a tiny in-memory data set (see test_centralized.py), a few seconds in all.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fedmaestro import hpo
+from test_centralized import DATASETS, tiny
+
+
+class ScriptedTrainer:
+    """Trainer's interface for hpo: lambda -> (final accuracy, params_rel); the parameter count is
+    reached after the first epoch (shrinking is fast), the accuracy grows linearly over the epochs."""
+
+    table: dict[float, tuple[float, float]] = {}
+    built: list[float] = []
+
+    def __init__(self, cfg, run_dir, datasets=None):
+        self.cfg, self.run_dir, self.records = cfg, run_dir, []
+        self.lam = cfg.train.lambda_gl
+        ScriptedTrainer.built.append(self.lam)
+
+    def record(self, epoch: int) -> dict:
+        t = self.cfg.train
+        acc, params = self.table[self.lam]
+        frac = epoch / t.epochs
+        rec = {"epoch": epoch, "params_rel": params, "macs_rel": 1.0, "train_macs_rel": 0.5}
+        rec.update(params_deployed=round(44_426 * rec["params_rel"]), macs_deployed=281_640)
+        if epoch % t.eval_every == 0 or epoch == t.epochs:
+            rec["accuracy"] = acc * frac
+        return rec
+
+    def fit(self, on_epoch=None, show_progress=True):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for epoch in range(1, self.cfg.train.epochs + 1):
+            self.records.append(self.record(epoch))
+            if on_epoch is not None and on_epoch(self.records[-1]):
+                break
+        return self.records
+
+    def save_model(self, path):
+        torch.save({"lambda": self.lam}, path)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    monkeypatch.setattr(hpo, "Trainer", ScriptedTrainer)
+    ScriptedTrainer.built = []
+    return ScriptedTrainer
+
+
+def search_cfg(min_accuracy=0.75, max_params=0.3, epochs=6, eval_every=2):
+    cfg = tiny(epochs=epochs)
+    cfg.mode = "hpo"
+    cfg.hpo.min_accuracy, cfg.hpo.max_params, cfg.hpo.eval_every = min_accuracy, max_params, eval_every
+    cfg.hpo.lambda_large, cfg.hpo.lambda_small, cfg.hpo.few_params = 0.8, 0.05, 0.02
+    return cfg
+
+
+def test_lambdas_halve_from_large_while_above_small():
+    assert list(hpo._lambdas(0.8, 0.05)) == [0.8, 0.4, 0.2, 0.1]
+    assert list(hpo._lambdas(5.12e-3, 1e-5)) == pytest.approx([5.12e-3 / 2**k for k in range(9)])
+
+
+def test_returns_the_first_lambda_that_meets_both_constraints_at_an_evaluation(scripted, tmp_path):
+    scripted.table = {0.8: (0.60, 0.05), 0.4: (0.90, 0.10), 0.2: (0.95, 0.20)}
+    result = hpo.search(search_cfg(), tmp_path)
+    assert scripted.built == [0.8, 0.4]  # 0.2 is never trained
+    assert result.chosen.lambda_gl == 0.4 and result.chosen.outcome == "met"
+    # accuracy 0.9 * e / 6 >= 0.75 first at e = 5, but only even epochs are evaluated: epoch 6
+    assert result.chosen.epochs == 6
+    assert [t.outcome for t in result.trials] == ["under_params", "met"]
+    assert torch.load(tmp_path / "model.pt", weights_only=True) == {"lambda": 0.4}
+
+
+def test_met_stops_that_lambda_early(scripted, tmp_path):
+    scripted.table = {0.8: (1.0, 0.10)}
+    result = hpo.search(search_cfg(min_accuracy=0.5, eval_every=2, epochs=8), tmp_path)
+    assert result.chosen.lambda_gl == 0.8 and result.chosen.epochs == 4  # acc 0.5 at epoch 4 of 8
+    assert result.cost == pytest.approx(0.5 * 4 / 8)  # trained half of one (scripted 0.5x) training
+
+
+def test_over_the_parameter_limit_returns_the_last_model_within_it(scripted, tmp_path):
+    scripted.table = {0.8: (0.60, 0.10), 0.4: (0.70, 0.25), 0.2: (0.90, 0.50)}
+    result = hpo.search(search_cfg(), tmp_path)
+    assert scripted.built == [0.8, 0.4, 0.2]
+    assert [t.outcome for t in result.trials] == ["under_params", "under_params", "over_params"]
+    assert result.chosen.lambda_gl == 0.4 and "last model within the limit" in result.reason
+    assert torch.load(tmp_path / "model.pt", weights_only=True) == {"lambda": 0.4}
+
+
+def test_first_lambda_over_the_limit_returns_nothing(scripted, tmp_path):
+    scripted.table = {0.8: (0.90, 0.50)}
+    result = hpo.search(search_cfg(), tmp_path)
+    assert result.chosen is None and "there is none" in result.reason
+    assert not (tmp_path / "model.pt").exists()
+    assert json.loads((tmp_path / "hpo.json").read_text())["chosen"] is None
+
+
+def test_too_sparse_stops_the_lambda_and_the_search_goes_on(scripted, tmp_path):
+    scripted.table = {0.8: (0.50, 0.001), 0.4: (0.80, 0.20)}
+    result = hpo.search(search_cfg(eval_every=1), tmp_path)
+    first = result.trials[0]
+    assert first.outcome == "too_sparse" and first.epochs < 6  # stopped as soon as params < few_params
+    assert result.chosen.lambda_gl == 0.4
+
+
+def test_no_lambda_meets_accuracy_returns_the_last_within_the_limit(scripted, tmp_path):
+    scripted.table = {0.8: (0.5, 0.05), 0.4: (0.6, 0.1), 0.2: (0.65, 0.2), 0.1: (0.7, 0.3)}
+    result = hpo.search(search_cfg(), tmp_path)
+    assert scripted.built == [0.8, 0.4, 0.2, 0.1]
+    assert result.chosen.lambda_gl == 0.1 and "lambda_small" in result.reason
+
+
+def test_summary_table_lists_every_lambda_and_its_cost(scripted, tmp_path, capsys):
+    scripted.table = {0.8: (0.60, 0.10), 0.4: (0.70, 0.25), 0.2: (0.90, 0.50)}
+    cfg = search_cfg()
+    result = hpo.run(cfg, tmp_path)
+    with (tmp_path / "hpo_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lambda_gl"]) for r in rows] == [0.8, 0.4, 0.2]
+    assert [r["outcome"] for r in rows] == ["under_params", "under_params", "over_params"]
+    assert float(rows[2]["params_rel"]) == pytest.approx(0.5)
+    summary = json.loads((tmp_path / "hpo.json").read_text())
+    assert summary["search_cost_dense_trainings"] == pytest.approx(1.5) == result.cost
+    assert summary["chosen"]["lambda_gl"] == 0.4
+    out = capsys.readouterr().out
+    assert "Lambda search" in out and "search cost: 1.50x" in out and "returned: lambda 0.4" in out
+
+
+def test_real_search_returns_the_first_lambda_when_the_constraints_are_loose(tmp_path):
+    cfg = tiny(epochs=2)
+    cfg.mode = "hpo"
+    cfg.hpo.min_accuracy, cfg.hpo.max_params, cfg.hpo.eval_every = 0.0, 1.0, 1
+    cfg.hpo.lambda_large, cfg.hpo.lambda_small = 0.2, 0.04
+    result = hpo.search(cfg, tmp_path, DATASETS)
+    assert [t.lambda_gl for t in result.trials] == [0.2]
+    assert result.chosen.epochs == 1 and result.chosen.outcome == "met"
+    assert (tmp_path / "lambda_0.2" / "metrics.jsonl").is_file()
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["config"]["train"]["lambda_gl"] == 0.2
+
+
+def test_real_search_halves_down_to_small_when_accuracy_is_out_of_reach(tmp_path):
+    cfg = tiny(epochs=2, hgl_mode="proximal")
+    cfg.mode = "hpo"
+    cfg.hpo.min_accuracy, cfg.hpo.max_params, cfg.hpo.eval_every, cfg.hpo.few_params = 1.0, 1.0, 1, 0.0
+    cfg.hpo.lambda_large, cfg.hpo.lambda_small = 2.0, 0.4
+    result = hpo.search(cfg, tmp_path, DATASETS)
+    assert [t.lambda_gl for t in result.trials] == [2.0, 1.0, 0.5]
+    assert all(t.epochs == 2 for t in result.trials) and result.chosen.lambda_gl == 0.5
+    # larger lambda, smaller model: the search's premise holds on this data too
+    params = [t.params for t in result.trials]
+    assert params == sorted(params) and params[0] < params[-1]
+    assert result.cost == pytest.approx(sum(t.train_macs_rel for t in result.trials)) and result.cost > 0
