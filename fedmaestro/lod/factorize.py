@@ -56,8 +56,9 @@ def factorize(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
     if not targets:
         raise ValueError(f"factorize: {type(model).__name__} has no nn.Linear or nn.Conv2d outside skip={list(skip)}; "
                          "nothing to factorize")
-    for name, module in targets:
-        _set_child(model, name, _to_lod(name, module))
+    replacements = [(name, _to_lod(name, module)) for name, module in targets]  # all checks before any swap
+    for name, module in replacements:
+        _set_child(model, name, module)
     return model
 
 

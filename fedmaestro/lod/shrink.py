@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .factorize import layers
-from .layers import LoDLayer
+from .layers import LoDLayer, replace_data
 
 __all__ = ["importance", "shrink", "truncate", "cut_rank"]
 
@@ -26,7 +26,8 @@ def cut_rank(layer: LoDLayer, rank: int, optimizer: torch.optim.Optimizer | None
     """Keep the first ``rank`` columns of U and V; slice gradients and optimizer state alike.
 
     The Parameter objects are kept (their data shrinks), so the optimizer's param groups stay valid
-    and training continues exactly as if the cut columns had never existed.
+    and training continues exactly as if the cut columns had never existed. Safe while a graph
+    of an earlier step (say the last ``loss``) is alive: see ``layers.replace_data``.
     """
     if not 0 <= rank <= layer.rank:
         raise ValueError(f"cut_rank: rank must be in [0, {layer.rank}] (the layer's current rank), got {rank}")
@@ -34,7 +35,7 @@ def cut_rank(layer: LoDLayer, rank: int, optimizer: torch.optim.Optimizer | None
         return
     for param in (layer.u, layer.v):
         old_shape = param.shape
-        param.data = param.data[:rank].clone()
+        replace_data(param, param.data[:rank].clone())
         if param.grad is not None:
             param.grad = param.grad[:rank].clone()
         state = optimizer.state.get(param) if optimizer is not None else None
