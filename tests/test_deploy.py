@@ -1,0 +1,168 @@
+"""Train once, deploy everywhere (fedmaestro/deploy.py): the greedy search of Sec. 3.4, its exports,
+and the SVD baseline of Fig. 5a / 11.
+
+LeNet-5 trained for two short epochs on the tiny in-memory data set of test_centralized.py; the
+end-to-end run reads 512 + 256 Fashion-MNIST images. A few seconds in all, on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fedmaestro import deploy, lod
+from fedmaestro.centralized import Trainer, deployed_footprint, load_model
+from fedmaestro.config import Config, DataConfig, DeployConfig
+from fedmaestro.footprint import measure
+from fedmaestro.train import evaluate, task_for
+from fedmaestro import data
+from test_centralized import DATASETS, tiny
+
+CPU = torch.device("cpu")
+EXAMPLE = (torch.zeros(1, 1, 28, 28),)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(Maestro model dir (lambda 0), dense model dir), trained briefly."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("models")
+    out = []
+    for name, factorize in (("maestro", True), ("dense", False)):
+        cfg = tiny(epochs=2, lambda_gl=0.0, lr=0.1)
+        cfg.model.factorize = factorize
+        trainer = Trainer(cfg, root / name, DATASETS)
+        trainer.fit(show_progress=False)
+        trainer.save_model(root / name / "model.pt")
+        out.append(root / name)
+    return tuple(out)
+
+
+def context(stop_macs=0.3, criterion="loss", test=True) -> deploy.GreedyContext:
+    train, test_set = DATASETS
+    batch = next(iter(data.BatchLoader(train, 128, shuffle=True, seed=0)))
+    cfg = tiny()
+    return deploy.GreedyContext(batch=batch, task=task_for("fashion_mnist"), device=CPU, example=EXAMPLE,
+                                dense=measure(_dense(), example=EXAMPLE),
+                                deploy=DeployConfig(stop_macs=stop_macs, criterion=criterion),
+                                test_loader=data.BatchLoader(test_set, 128, shuffle=False) if test else None)
+
+
+def _dense():
+    cfg = tiny()
+    cfg.model.factorize = False
+    from fedmaestro.train import build_model
+    return build_model(cfg)
+
+
+def test_every_step_applies_the_candidate_with_the_smallest_loss(trained):
+    model, _ = load_model(trained[0])
+    start = copy.deepcopy(model)
+    ctx = context(stop_macs=0.3, test=False)
+    curve = deploy.greedy_curve(model, ctx)
+    assert len(curve) > 5 and curve[0]["step"] == 0 and curve[0]["ranks"] == {n: l.rank for n, l in lod.layers(start)}
+    chunk = {n: max(1, round(0.1 * l.rank)) for n, l in lod.layers(start)}
+    replay = copy.deepcopy(start)
+    for before, after in zip(curve, curve[1:]):
+        lod.truncate(replay, before["ranks"])
+        losses = {}
+        for name, layer in lod.layers(replay):
+            if layer.rank:
+                layer.active_rank = max(0, layer.rank - chunk[name])
+                losses[name] = deploy.batch_loss(replay, ctx.batch, ctx.task, CPU)
+                layer.active_rank = None
+        cheapest = min(losses, key=losses.get)
+        changed = [n for n in after["ranks"] if after["ranks"][n] != before["ranks"][n]]
+        assert changed == [cheapest] and after["removed"] == f"{cheapest}->{after['ranks'][cheapest]}"
+        assert after["ranks"][cheapest] == max(0, before["ranks"][cheapest] - chunk[cheapest])
+        assert after["batch_loss"] == pytest.approx(losses[cheapest], rel=1e-6)
+    assert curve[-1]["macs_frac"] <= 0.3 < curve[-2]["macs_frac"]  # stops at the first point below stop_macs
+
+
+def test_curve_is_monotone_in_parameters_and_macs_and_counts_merged_layers(trained):
+    model, _ = load_model(trained[0])
+    curve = deploy.greedy_curve(model, context(stop_macs=0.1))
+    for a, b in zip(curve, curve[1:]):
+        assert b["total_rank"] < a["total_rank"]
+        assert b["params"] <= a["params"] and b["macs"] <= a["macs"]
+        assert b["params_factorized"] < a["params_factorized"] and b["macs_factorized"] <= a["macs_factorized"]
+    assert all(not math.isnan(p["accuracy"]) for p in curve)  # eval_every = 1
+    # a full-rank start is cheaper dense in every layer: it deploys as the dense LeNet (App. D.4)
+    assert curve[0]["params"] == 44_426 and curve[0]["macs"] == 281_640 and curve[0]["params_factorized"] == 66_274
+    for p in curve:
+        cut = copy.deepcopy(load_model(trained[0])[0])
+        lod.truncate(cut, p["ranks"])
+        assert deployed_footprint(cut, EXAMPLE).params == p["params"]
+
+
+def test_loss_per_mac_criterion_divides_by_the_macs_a_candidate_saves(trained):
+    model, _ = load_model(trained[0])
+    ctx = context(criterion="loss_per_mac", test=False)
+    layer = dict(lod.layers(model))["fc1"]
+    full = measure(model, example=EXAMPLE).macs
+    layer.active_rank = layer.rank - 12
+    saved = full - measure(model, example=EXAMPLE).macs
+    assert deploy._score(1.0, model, layer, layer.rank - 12, ctx) == pytest.approx(1.0 / saved)
+    layer.active_rank = None
+
+
+def test_helpers_pick_the_first_point_below_a_target_and_interpolate():
+    curve = [{"macs_frac": 1.0, "accuracy": 0.9}, {"macs_frac": 0.6, "accuracy": math.nan},
+             {"macs_frac": 0.4, "accuracy": 0.7}]
+    assert deploy.first_at_or_below(curve, "macs_frac", 0.5) is curve[2]
+    assert deploy.first_at_or_below(curve, "macs_frac", 0.3) is None
+    # linear between the evaluated points (1.0, 0.9) and (0.4, 0.7); 0.6 has no evaluation
+    assert deploy.accuracy_at(curve, "macs_frac", 0.5) == pytest.approx(0.7 + 0.2 * 0.1 / 0.6)
+    assert math.isnan(deploy.accuracy_at(curve, "macs_frac", 0.2))
+
+
+def test_svd_baseline_factorizes_a_dense_model_exactly_and_refuses_a_factorized_one(trained):
+    dense, _ = load_model(trained[1])
+    svd, _ = deploy.svd_model(trained[1], CPU)
+    assert len(lod.layers(svd)) == 5 and not lod.layers(dense)
+    x = DATASETS[1].batch(torch.arange(32))[0]
+    dense.eval(), svd.eval()
+    with torch.no_grad():  # float32 SVD: agreement to rounding of a few ulp of the logits' scale
+        torch.testing.assert_close(svd(x), dense(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="model.factorize=false"):
+        deploy.svd_model(trained[0], CPU)
+
+
+def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained, tmp_path):
+    cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(trained[0]),
+                 data=DataConfig(subset=512, test_subset=256),
+                 deploy=DeployConfig(batch_size=256, target_macs=[1.0, 0.5], target_params=[0.3], stop_macs=0.05,
+                                     stop_params=0.25,
+                                     eval_every=2, svd_baseline=str(trained[1] / "model.pt")))
+    summary = deploy.run(cfg, tmp_path)
+    with (tmp_path / "deploy_curve.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    methods = {r["method"] for r in rows}
+    assert methods == {"maestro", "svd"} and summary["curve_points"]["maestro"] > 3
+    assert (tmp_path / "deploy.png").stat().st_size > 0
+    assert json.loads((tmp_path / "deploy.json").read_text())["exports"] == json.loads(json.dumps(summary["exports"]))
+    assert {(e["method"], e["target"]) for e in summary["exports"]} == {
+        (m, t) for m in methods for t in ("macs_frac<=1", "macs_frac<=0.5", "params_frac<=0.3")}
+    test_loader = data.BatchLoader(data.subset(data.load("fashion_mnist", train=False), 256), 256, shuffle=False)
+    for e in summary["exports"]:
+        state = torch.load(e["path"], weights_only=True)
+        assert state["merged"] == e["merged"]
+        model, _ = load_model(e["path"])
+        footprint = measure(model, example=EXAMPLE)
+        assert (footprint.params, footprint.macs) == (e["params"], e["macs"])
+        # merged exactly where the dense layer is cheaper: r (m + n) >= m n (App. D.4)
+        for name, rank in e["ranks"].items():
+            layer = dict(lod.layers(load_model(trained[0])[0]))[name]
+            cheaper_dense = rank * (layer.out_dim + layer.fan_in) >= layer.out_dim * layer.fan_in
+            assert (name in e["merged"]) == cheaper_dense, (name, rank)
+        assert {n for n, _ in lod.layers(model)} == set(e["ranks"]) - set(e["merged"])
+        assert evaluate(model, test_loader, task_for("fashion_mnist"), CPU)["accuracy"] == pytest.approx(e["accuracy"])
+        if e["target"] == "macs_frac<=1":  # the start: full rank, every layer merged back to dense
+            assert e["params"] == 44_426 and len(e["merged"]) == 5
+        else:
+            assert e[e["target"].split("<=")[0]] <= float(e["target"].split("<=")[1]) + 1e-12
