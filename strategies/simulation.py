@@ -38,10 +38,9 @@ class _NotThisDeprecation(logging.Filter):
 
 def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose: bool = False) -> None:
     """Run ``server_app`` against ``num_supernodes`` virtual nodes running ``client_app`` (Ray backend)."""
-    from flwr.simulation import run_simulation
-
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning about GPU env vars
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the link state's database set-up, at INFO under Hydra
+    from flwr.simulation import run_simulation  # after the line above: alembic logs its plugins at import
     flwr_logger = logging.getLogger("flwr")
     level, quiet = flwr_logger.level, _NotThisDeprecation()
     flwr_logger.addFilter(quiet)
@@ -55,9 +54,11 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
         flwr_logger.removeFilter(quiet)
 
 
-def run(cfg: Config, run_dir: Path) -> None:
-    """The federated mode: simulate ``fl.num_clients`` clients; outputs go to ``run_dir``."""
-    launched = time.perf_counter()
+def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
+    """The federated mode: simulate ``fl.num_clients`` clients; outputs go to ``run_dir``.
+
+    ``launched_at`` (``time.perf_counter()``): where start-up is counted from (default: now)."""
+    launched = time.perf_counter() if launched_at is None else launched_at
     from clients.client_app import app as client_app
 
     from .server_app import make_app
