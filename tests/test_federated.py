@@ -292,3 +292,30 @@ def test_query_needs_a_partition_id(tmp_path):
         context.node_config.pop(P.PARTITION_ID)
     with pytest.raises(RuntimeError, match="partition-id"):
         MaestroStrategy(cfg, run_dir, show_progress=False).start(grid)
+
+
+# --- presets: every federated experiment file composes and runs a round ----------------------------------------
+@pytest.mark.parametrize("preset, factorized, sampler, shrinks", [
+    ("fl_maestro", True, "per_layer", True), ("fl_fedavg", False, "none", False),
+    ("fl_fjord", True, "across_layers", False), ("fl_heterofl", True, "fixed", False)])
+def test_every_federated_preset_runs(tmp_path, preset, factorized, sampler, shrinks):
+    cfg, run_dir = make_cfg(tmp_path, f"+experiment={preset}", "fl.rounds=1", "train.eps_ps=0.3")
+    assert cfg.model.factorize is factorized and cfg.train.sampler == sampler
+    assert cfg.devices.name == "three_tiers" and cfg.fl.num_clients == 4  # the preset overrides the method only
+    run(cfg, run_dir)
+    r = records(run_dir)[0]
+    assert r["shrunk"] is shrinks  # eps 0.3 cuts at once whenever shrinking is on
+    assert (r["total_rank"] < 236) is shrinks if factorized else r["total_rank"] == 0
+    assert len(r["clients"]["valid"]) == 3 and set(r["tiers"]) == {"small", "medium", "large"}
+
+
+@pytest.mark.parametrize("devices", ["three_tiers_faulty", "three_tiers_macs", "five_tiers", "homogeneous"])
+def test_every_device_preset_solves_its_caps(tmp_path, devices):
+    cfg, run_dir = make_cfg(tmp_path, f"devices={devices}")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    caps = strategy.caps_of_tiers()
+    sizes = [sum(c.values()) for c in caps]
+    assert sizes == sorted(sizes) and 0 < sizes[0] and sizes[-1] <= 236  # tiers ordered small to large
+    for tier, c in zip(cfg.devices.tiers, caps):
+        if tier.max_macs:
+            assert strategy.global_model.costs["macs"](c) <= tier.max_macs * strategy.global_model.dense.macs
