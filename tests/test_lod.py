@@ -210,10 +210,10 @@ def test_prefix_linear_gradcheck_and_equals_the_reference(b, with_bias):
 
 
 CONV_KERNEL_CASES = [  # (in, rank, b, kernel, stride, padding, dilation, size, expect kn2row)
-    (9, 3, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 4), True),    # 9 b = 18 <= 2 in = 18
+    (9, 3, 2, (3, 3), (1, 1), (1, 1), (1, 1), (5, 4), True),    # 9 b = 18 <= 4.5 in
     (9, 3, 2, (3, 3), (1, 1), (0, 0), (1, 1), (5, 5), True),    # no padding
     (8, 3, 1, (3, 2), (1, 1), (2, 0), (2, 1), (6, 5), True),    # dilation, padding <= d (k - 1)
-    (9, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), (5, 4), False),   # 9 b = 27 > 18: direct conv
+    (4, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), (5, 4), False),   # 9 b = 27 > 4.5 in = 18: direct conv
     (4, 3, 2, (3, 3), (2, 2), (1, 1), (1, 1), (6, 5), False),   # stride 2: direct conv
     (9, 3, 1, (3, 3), (1, 1), (3, 3), (1, 1), (4, 4), False),   # padding > k - 1: direct conv
 ]
@@ -226,6 +226,7 @@ def test_prefix_conv2d_gradcheck_and_equals_the_reference(case, with_bias):
     u, v, bias = _factor_inputs(rank, 4, (cin, *k), seed=20)
     bias = bias if with_bias else None
     x = _randn(2, cin, *size, seed=23).requires_grad_(True)
+    assert kernels.KN2ROW_MAX_STACKED == 4.5  # the cases below are chosen around this threshold
     assert kernels.use_kn2row(x, v, b, stride, padding, dilation) == kn2row  # the path under test
     assert gradcheck(lambda *a: kernels.prefix_conv2d(*a, b, stride, padding, dilation), (x, u, v, bias))
     inputs = [t for t in (x, u, v, bias) if t is not None]
