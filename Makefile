@@ -42,8 +42,13 @@ test-fast: install
 run: install
 	$(PY) -m fedmaestro +experiment=fl_maestro
 
+# Every benchmark prints its figures and exits 1 on a missed target; all three run, then make fails if any missed.
 bench: install
-	$(PY) bench/layers.py
+	@status=0; \
+	$(PY) bench/layers.py || status=1; \
+	$(PY) bench/train_step.py || status=1; \
+	$(PY) bench/fl_round.py +experiment=fl_maestro || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
