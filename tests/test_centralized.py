@@ -24,12 +24,7 @@ DENSE_LENET_PARAMS = 44_426  # Table 11
 DESIGN_FIELDS = ("epoch", "accuracy", "loss", "params", "macs", "ranks", "wall_s")  # DESIGN.md, a record
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def patterns(n: int, seed: int, train: bool = True, augment: bool = False) -> data.InMemoryDataset:

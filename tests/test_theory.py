@@ -30,12 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PNGS = ("theory_svd.png", "theory_pca.png", "theory_order.png", "theory_adaptivity.png")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

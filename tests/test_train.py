@@ -22,12 +22,7 @@ CPU = torch.device("cpu")
 EXAMPLE = (torch.zeros(1, 1, 28, 28),)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def batches(n: int = 6, size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
