@@ -39,8 +39,7 @@ IGNORED_IN_LABELS = ("seed", "resume", "checkpoint", "progress", "device", "data
 def read_records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; give the directory of a centralized run "
-                                f"(it holds metrics.jsonl)")
+        raise FileNotFoundError(f"{path} does not exist; give the directory of a run (it holds metrics.jsonl)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -3,35 +3,22 @@ vs round, and per-tier accuracy (files ``plot_*.png`` in the run directory)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-__all__ = ["plot_federated", "load_records"]
-
-
-def load_records(run_dir: str | Path) -> list[dict]:
-    with (Path(run_dir) / "metrics.jsonl").open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+__all__ = ["plot_federated"]
 
 
 def plot_federated(run_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedmaestro.plots import _save, plt, read_records
 
     run_dir = Path(run_dir)
-    records = load_records(run_dir)
+    records = read_records(run_dir)
     evaluated = [r for r in records if "accuracy" in r]
     tier_names = list(records[-1].get("tiers", {})) if records else []
     written = []
 
     def save(fig, name):
-        path = run_dir / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, run_dir / name))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["round"] for r in evaluated], [r["accuracy"] for r in evaluated], marker="o", label="global, full rank")
