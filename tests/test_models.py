@@ -403,3 +403,18 @@ def test_default_class_counts_and_layouts():
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="resnet50"):
         models.build("resnet51")
+
+
+def test_lenet_pool_equals_max_pool2d_with_and_without_autograd():
+    from fedmaestro.models.lenet import MaxPool2x2
+
+    pool = MaxPool2x2()
+    for shape in [(3, 6, 24, 24), (2, 16, 8, 8), (2, 4, 7, 9)]:  # odd sizes floor as max_pool2d does
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2))
+        xg = x.clone().requires_grad_()
+        pool(xg).square().sum().backward()
+        ref = x.clone().requires_grad_()
+        torch.nn.functional.max_pool2d(ref, 2).square().sum().backward()
+        assert torch.equal(xg.grad, ref.grad)
