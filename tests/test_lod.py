@@ -235,6 +235,25 @@ def test_prefix_conv2d_gradcheck_and_equals_the_reference(case, with_bias):
     assert not fused[1][b:].any() and not fused[2][b:].any()
 
 
+@pytest.mark.parametrize("b", [4, 3, 2, 1])
+def test_prefix_conv2d_without_autograd_merges_the_kernel_only_where_cheaper(b, monkeypatch):
+    # in 2, out 4, 3 x 3: merged when b (4 + 18) >= 72, i.e. b >= 3.3 -> b = 4; b = 3: 66 < 72, factored
+    merged = b * (4 + 18) >= 4 * 18
+    u, v, bias = _factor_inputs(4, 4, (2, 3, 3), seed=40)
+    x = _randn(2, 2, 7, 6, seed=41)
+    y_ref = kernels.reference_conv2d(x, u, v, bias, b, (1, 1), (1, 1), (1, 1))
+    calls = []
+    monkeypatch.setattr(kernels._PrefixConv2d, "apply", lambda *a: calls.append(1) or kernels.reference_conv2d(
+        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]))
+    with torch.no_grad():
+        y = kernels.prefix_conv2d(x, u, v, bias, b, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(y, y_ref, **TOL)
+    assert bool(calls) == (not merged)
+    with torch.enable_grad():  # with autograd: always the factored kernel
+        kernels.prefix_conv2d(x, u.requires_grad_(), v, bias, b, (1, 1), (1, 1), (1, 1))
+    assert len(calls) == 1 + (not merged)
+
+
 def test_kn2row_chunks_of_a_large_batch_agree_with_one_chunk(monkeypatch):
     """Many images split into chunks (buffer reuse) give the same values as one chunk."""
     u, v, bias = _factor_inputs(3, 4, (9, 3, 3), seed=30)

