@@ -21,6 +21,7 @@ and ``wall_s`` (the run so far, resumptions included).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -35,8 +36,8 @@ from . import checkpoint, data, lod
 from .config import Config, resolve, to_dict
 from .footprint import Footprint, measure
 from .plots import plot_centralized
-from .train import (RankCost, build_model, evaluate, make_optimizer, make_scheduler, recalibrate_batchnorm,
-                    resolve_device, seed_everything, task_for, train_epoch)
+from .train import (RankCost, active_lambda, build_model, evaluate, make_optimizer, make_scheduler,
+                    recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
            "load_model", "save_model", "with_data_facts", "apply_threads", "unaugmented", "TIME_FIELDS"]
@@ -199,6 +200,10 @@ class Trainer:
         t, start = self.cfg.train, time.perf_counter()
         self.train_loader.set_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
+        lam = t.lambda_gl
+        if self.factorized and t.lambda_stop_params is not None:
+            lam = active_lambda(t, deployed_footprint(self.model, self.example).params / self.dense.params)
+            t = dataclasses.replace(t, lambda_gl=lam)
         stats = train_epoch(self.model, self.train_loader, self.optimizer, t, self.task, self.device,
                             sampler=self.sampler, scaler=self.scaler, cost=self.cost, on_step=on_step)
         self.scheduler.step()
@@ -212,7 +217,7 @@ class Trainer:
                 self.calib_loader.set_epoch(self.epoch)
                 recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
         self.epoch += 1
-        record = {"epoch": self.epoch, "lr": lr, "train_loss": stats["loss"], "train_s": round(stats["seconds"], 3)}
+        record = {"epoch": self.epoch, "lr": lr, "lambda_gl": lam, "train_loss": stats["loss"], "train_s": round(stats["seconds"], 3)}
         if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
             result = evaluate(self.model, self.test_loader, self.task, self.device)
             record.update(accuracy=result["accuracy"], loss=result["loss"])

@@ -89,6 +89,9 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
     lambda_gl: float = 0.0  # HGL strength
+    # HGL off (lambda 0) from the first epoch (federated: round) that starts with the model's deployed
+    # params at or below this fraction of the dense model's; null = HGL all along
+    lambda_stop_params: Optional[float] = None
     hgl_mode: str = "subgradient"  # the paper's penalty in the loss, or the exact proximal step
     eps_ps: float = 1e-5  # progressive shrinking threshold; null disables shrinking
     shrink: bool = True
@@ -112,6 +115,9 @@ class TrainConfig:
         _check("train.batch_size", self.batch_size, self.batch_size > 0, "must be > 0")
         _check("train.lr", self.lr, self.lr > 0, "must be > 0")
         _check("train.lambda_gl", self.lambda_gl, self.lambda_gl >= 0, "must be >= 0")
+        _check("train.lambda_stop_params", self.lambda_stop_params,
+               self.lambda_stop_params is None or 0 < self.lambda_stop_params <= 1,
+               "must be null or a fraction in (0, 1] of the dense model's parameters")
         _check("train.eps_ps", self.eps_ps, self.eps_ps >= 0, "must be >= 0")
 
 

@@ -193,6 +193,14 @@ class RankCost:
         self.macs, self.params, self.stored_params = state["macs"], state["params"], state["stored_params"]
 
 
+def active_lambda(train: TrainConfig, params_rel: float) -> float:
+    """The HGL strength for the next epoch (round) of a model at ``params_rel`` x the dense model's deployed
+    parameters: ``lambda_gl``, or 0 once ``lambda_stop_params`` is reached (the model trains on at its ranks)."""
+    if train.lambda_stop_params is not None and params_rel <= train.lambda_stop_params:
+        return 0.0
+    return train.lambda_gl
+
+
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
                 device: torch.device, sampler: lod.RankSampler | None = None, scaler=None,
                 cost: RankCost | None = None, on_step: Callable[[int], None] | None = None) -> dict:
@@ -273,7 +281,8 @@ def _distillation(student: torch.Tensor, teacher: torch.Tensor, target: torch.Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict:
-    """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples"}."""
+    """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples",
+    "scored"} (scored: the predictions accuracy counts, examples or target tokens)."""
     model.eval()
     total_loss, correct, counted, examples = 0.0, 0.0, 0, 0
     with lod.full_rank(model):
@@ -283,7 +292,8 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict
             total_loss += float(task.loss(output, target)) * n
             c, k = task.score(output, target)
             correct, counted, examples = correct + c, counted + k, examples + n
-    return {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples}
+    return {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples,
+            "scored": counted}
 
 
 @torch.no_grad()

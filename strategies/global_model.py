@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from fedmaestro.train import RankCost, build_model, evaluate, resolve_device, se
 __all__ = ["GlobalModel"]
 
 EVAL_BATCH = 1000
+EVAL_SHARDS = 4  # test-set shards evaluated side by side (fixed: the sums must not depend on the cores)
 
 
 class GlobalModel:
@@ -111,10 +114,37 @@ class GlobalModel:
                 "macs_deployed": deployed.macs, "params_rel": deployed.params / self.dense.params,
                 "macs_rel": deployed.macs / self.dense.macs}
 
+    def evaluate_many(self, caps_list: list[dict[str, int] | None]) -> list[dict]:
+        """``evaluate`` of every caps in ``caps_list``, side by side on the machine's cores.
+
+        The test set is cut into one shard per core; every (model, shard) pair is a job for a pool of
+        threads with one torch thread each, on a model copy of its own. The shards and the order of the
+        sums are fixed, so the numbers do not depend on how many cores the server has."""
+        test_set = self.test_loader.dataset
+        shards = [data.BatchLoader(test_set, EVAL_BATCH, shuffle=False, indices=idx)
+                  for idx in np.array_split(np.arange(len(test_set)), EVAL_SHARDS) if idx.size]
+        models = [self.sub_model(caps) for caps in caps_list]
+        jobs = [(i, shard) for i in range(len(models)) for shard in shards]
+        workers = max(1, min(len(jobs), os.cpu_count() or 1))
+
+        def run(job):
+            i, shard = job
+            return evaluate(copy.deepcopy(models[i]), shard, self.task, self.device)
+
+        with ThreadPoolExecutor(workers, "fedmaestro-eval", initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            parts = list(pool.map(run, jobs))
+        rows = []
+        for i, model in enumerate(models):
+            mine = [p for (j, _), p in zip(jobs, parts) if j == i]
+            examples, scored = sum(p["num_examples"] for p in mine), sum(p["scored"] for p in mine)
+            correct = sum(round(p["accuracy"] * p["scored"]) for p in mine)  # counts of correct predictions
+            row = {"accuracy": correct / max(scored, 1),
+                   "loss": sum(p["loss"] * p["num_examples"] for p in mine) / max(examples, 1)}
+            row.update(self.footprint(model))
+            rows.append(row)
+        return rows
+
     def evaluate(self, caps: dict[str, int] | None = None) -> dict:
         """{accuracy, loss} on the central test set, and the footprint, of the global model cut to ``caps``."""
-        model = self.sub_model(caps)
-        out = evaluate(model, self.test_loader, self.task, self.device)
-        out.pop("num_examples")
-        out.update(self.footprint(model))
-        return out
+        return self.evaluate_many([caps])[0]

@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedmaestro import checkpoint, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, to_dict
+from fedmaestro.train import active_lambda
 
 from .global_model import GlobalModel
 from .records import RunLog
@@ -100,9 +101,11 @@ class MaestroStrategy(Strategy):
         c = self.cfg
         counts = np.bincount(self.tier_of, minlength=len(c.devices.tiers))
         log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
-                 "lambda %g, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
-                 c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl, c.strategy.shrink_every,
-                 c.train.eps_ps)
+                 "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
+                 c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
+                 "" if c.train.lambda_stop_params is None else
+                 f" until the params fall to {c.train.lambda_stop_params:g}x dense",
+                 c.strategy.shrink_every, c.train.eps_ps)
         for t, n in zip(c.devices.tiers, counts):
             log.info("  tier %s: %d clients, budget %g%s%s", t.name, n, t.budget,
                      f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "")
@@ -159,6 +162,7 @@ class MaestroStrategy(Strategy):
             log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier trains the whole "
                         "model (budgets do not apply)")
             self.warned_dense_budget = True
+        lam = self.round_lambda()
         deadline = time.time() + c.strategy.round_timeout
         self.sent, messages = {}, []
         for pid in sorted(pids, key=lambda p: (p in faults, p)):  # healthy first: see _exchange
@@ -169,7 +173,7 @@ class MaestroStrategy(Strategy):
             record = ConfigRecord(dict(config))  # a copy per node: the caller's config is never changed
             record.update({P.ROUND: server_round, P.CAPS: [int(caps[n]) for n in layout.layers],
                            P.LR: float(c.train.lr), P.LOCAL_EPOCHS: int(c.fl.local_epochs),
-                           P.LAMBDA: float(c.train.lambda_gl), P.SAMPLER: c.train.sampler, P.SEED: int(c.seed),
+                           P.LAMBDA: lam, P.SAMPLER: c.train.sampler, P.SEED: int(c.seed),
                            P.FAULT: fault, P.DEADLINE: float(deadline)})
             node = self.node_of[pid]
             messages.append(Message(RecordDict({P.ARRAYS: _to_record(part), P.CONFIG: record}), dst_node_id=node,
@@ -177,8 +181,16 @@ class MaestroStrategy(Strategy):
             self.sent[node] = Sent(pid, tier, {n: tuple(a.shape) for n, a in part.items()}, fault)
             self.bytes_down += nested.num_bytes(part)
         self.round_info = {"sampled": sorted(pids), "faults": {str(p): f for p, f in sorted(faults.items())},
-                           "deadline": deadline}
+                           "deadline": deadline, "lambda_gl": lam}
         return messages
+
+    def round_lambda(self) -> float:
+        """The HGL strength sent this round: ``train.lambda_gl`` until the global model's deployed params fall
+        to ``train.lambda_stop_params`` x dense, then 0 (derived from the model alone, so a resumed run agrees)."""
+        t, gm = self.cfg.train, self.global_model
+        if not gm.factorized or t.lambda_stop_params is None:
+            return float(t.lambda_gl)
+        return float(active_lambda(t, gm.footprint(gm.model)["params_rel"]))
 
     def _check_train_reply(self, msg: Message) -> tuple[Sent, dict, float, dict] | str:
         """(what was sent, arrays, weight, metrics) of a valid reply, or why it is invalid."""
@@ -346,17 +358,21 @@ class MaestroStrategy(Strategy):
         c, gm = self.cfg, self.global_model
         last = rnd == c.fl.rounds
         evaluated = rnd % c.strategy.eval_every == 0 or last
-        out = gm.evaluate() if evaluated else gm.footprint(gm.model)
         ranks = gm.ranks()
+        tier_caps = list(zip(c.devices.tiers, self.caps_of_tiers())) if c.strategy.eval_tiers else []
+        # the full model, then every tier that cuts it (a tier at full rank has the full model's numbers)
+        jobs = [None] + [caps for _, caps in tier_caps if caps != ranks]
+        rows = gm.evaluate_many(jobs) if evaluated else [gm.footprint(gm.sub_model(caps)) for caps in jobs]
+        out = rows[0]
         out.update({"ranks": ranks, "total_rank": int(sum(ranks.values()))})
-        if c.strategy.eval_tiers:
-            tiers_out = {}
-            for tier, caps in zip(c.devices.tiers, self.caps_of_tiers()):
-                if caps == ranks:  # the tier holds the whole model: same numbers
+        if tier_caps:
+            tiers_out, cut = {}, iter(rows[1:])
+            for tier, caps in tier_caps:
+                if caps == ranks:
                     row = {k: out[k] for k in ("accuracy", "loss") if k in out}
                     row.update(gm.footprint(gm.model))
                 else:
-                    row = gm.evaluate(caps) if evaluated else gm.footprint(gm.sub_model(caps))
+                    row = next(cut)
                 row["rank"] = int(sum(caps.values()))
                 tiers_out[tier.name] = row
             out["tiers"] = tiers_out
@@ -402,7 +418,7 @@ class MaestroStrategy(Strategy):
             record.update({
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
                 "clients": {k: info[k] for k in ("sampled", "valid", "dropped", "late", "faults", "per_tier")},
-                "shrunk": info["shrunk"],
+                "shrunk": info["shrunk"], "lambda_gl": info["lambda_gl"],
             })
             t2 = time.perf_counter()
             client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \

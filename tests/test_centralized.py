@@ -109,6 +109,20 @@ def test_no_shrinking_when_disabled(tmp_path):
     assert record["total_rank"] == 236 and record["params"] == 66_274
 
 
+def test_lambda_stops_once_the_params_target_is_reached(tmp_path):
+    # a strong lasso brings the deployed params below 0.995x dense after epoch 2; from then on lambda is 0
+    stop = Trainer(tiny(lambda_gl=0.2, eps_ps=0.05, lambda_stop_params=0.995), tmp_path / "stop",
+                   DATASETS).fit(show_progress=False)
+    assert [r["lambda_gl"] for r in stop] == [0.2, 0.2, 0.0]
+    assert stop[0]["params_rel"] > 0.995 >= stop[1]["params_rel"]
+    going = Trainer(tiny(lambda_gl=0.2, eps_ps=0.05), tmp_path / "on", DATASETS).fit(show_progress=False)
+    assert [r["lambda_gl"] for r in going] == [0.2] * 3
+    assert without_times(going[:2]) == without_times(stop[:2])
+    assert going[-1]["params"] < stop[-1]["params"]  # the lasso kept cutting where it was not stopped
+    with pytest.raises(ValueError, match=r"train.lambda_stop_params=1.5 is invalid"):
+        tiny(lambda_stop_params=1.5)
+
+
 def test_dense_baseline_trains_through_the_same_loop(tmp_path):
     cfg = tiny(lambda_gl=0.0)
     cfg.model.factorize = False

@@ -15,12 +15,14 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord
 from flwr.clientapp import ClientApp
 
 from clients import client_app as real_client
 from clients import local
-from fedmaestro import nested, tiers
+from fedmaestro.train import evaluate
+from fedmaestro import data, nested, tiers
 from fedmaestro import protocol as P
 from strategies.local_grid import LocalGrid
 from strategies.maestro import MaestroStrategy
@@ -226,6 +228,40 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     cfg, part = make_cfg(tmp_path, "fl.rounds=3", "train.eps_ps=0.3", "resume=true", "seed=5", name="part")
     with pytest.raises(ValueError, match=r"seed: 0 -> 5"):
         run(cfg, part)
+
+
+def test_lambda_is_sent_until_the_global_model_reaches_the_params_target(tmp_path):
+    lasso = ["devices=homogeneous", "fl.rounds=3", "train.lambda_gl=0.2", "train.eps_ps=0.05"]
+    cfg, stop_dir = make_cfg(tmp_path, *lasso, "train.lambda_stop_params=0.6", name="stop")
+    _, grid = run(cfg, stop_dir)
+    sent = [{m.content.config_records[P.CONFIG][P.LAMBDA] for m in train_messages(grid, rnd)} for rnd in (1, 2, 3)]
+    stop = records(stop_dir)
+    assert sent == [{0.2}, {0.2}, {0.0}] and [r["lambda_gl"] for r in stop] == [0.2, 0.2, 0.0]
+    assert stop[0]["params_rel"] > 0.6 >= stop[1]["params_rel"]
+    cfg, on_dir = make_cfg(tmp_path, *lasso, name="on")
+    run(cfg, on_dir)
+    on = records(on_dir)
+    assert [r["lambda_gl"] for r in on] == [0.2] * 3 and timeless(on)[:2] == timeless(stop)[:2]
+    assert on[-1]["params"] < stop[-1]["params"]
+
+
+def test_server_evaluation_side_by_side_does_not_depend_on_the_cores(tmp_path, monkeypatch):
+    cfg, _ = make_cfg(tmp_path, "devices=three_tiers", "train.eps_ps=0.3")
+    gm = MaestroStrategy(cfg, None, show_progress=False).global_model
+    gm.shrink(0.3)  # ranks below full, so the tiers cut the model
+    caps = [None] + [gm.tier_caps(t) for t in cfg.devices.tiers]
+    torch.set_num_threads(2)
+    side_by_side = gm.evaluate_many(caps)
+    torch.set_num_threads(1)
+    monkeypatch.setattr("strategies.global_model.os.cpu_count", lambda: 1)
+    assert side_by_side == [gm.evaluate(c) for c in caps]
+    params = [row["params"] for row in side_by_side]  # each row measured its own model
+    assert params[0] == params[3] > params[2] > params[1]  # full = large (budget 1.0) > medium > small
+    test_set = gm.test_loader.dataset
+    model = gm.sub_model(caps[1])
+    whole = evaluate(model, data.BatchLoader(test_set, 1000, shuffle=False), gm.task, gm.device)
+    assert side_by_side[1]["accuracy"] == whole["accuracy"]  # shards add up to the whole test set
+    assert side_by_side[1]["loss"] == pytest.approx(whole["loss"], rel=1e-6)
 
 
 def test_dense_fedavg_is_the_example_weighted_mean(tmp_path):
