@@ -117,9 +117,10 @@ class GlobalModel:
     def evaluate_many(self, caps_list: list[dict[str, int] | None]) -> list[dict]:
         """``evaluate`` of every caps in ``caps_list``, side by side on the machine's cores.
 
-        The test set is cut into one shard per core; every (model, shard) pair is a job for a pool of
-        threads with one torch thread each, on a model copy of its own. The shards and the order of the
-        sums are fixed, so the numbers do not depend on how many cores the server has."""
+        The test set is cut into ``EVAL_SHARDS`` fixed shards; every (model, shard) pair is a job for a
+        pool of threads (one per core) with one torch thread each, on a model copy of its own. The shards
+        and the order of the sums are fixed, so the numbers do not depend on how many cores the server
+        has (a conv's sums do depend on its thread count)."""
         test_set = self.test_loader.dataset
         shards = [data.BatchLoader(test_set, EVAL_BATCH, shuffle=False, indices=idx)
                   for idx in np.array_split(np.arange(len(test_set)), EVAL_SHARDS) if idx.size]
