@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .kernels import dense_is_cheaper
 from .layers import LoDConv2d, LoDLayer, LoDLinear
 
 __all__ = ["factorize", "layers", "to_dense"]
@@ -85,6 +86,6 @@ def _dense(layer: LoDLayer) -> nn.Module:
 def to_dense(model: nn.Module) -> nn.Module:
     """Merge, in place, every LoD layer for which r (m + n) >= m n back to a dense layer (App. D.4)."""
     for name, layer in layers(model):
-        if layer.rank * (layer.out_dim + layer.fan_in) >= layer.out_dim * layer.fan_in:
+        if dense_is_cheaper(layer.rank, layer.out_dim, layer.fan_in):
             _set_child(model, name, _dense(layer))
     return model

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["prefix_linear", "prefix_conv2d", "reference_linear", "reference_conv2d", "use_kn2row"]
+__all__ = ["prefix_linear", "prefix_conv2d", "reference_linear", "reference_conv2d", "use_kn2row", "dense_is_cheaper"]
+
+
+def dense_is_cheaper(rank: int, out_dim: int, fan_in: int) -> bool:
+    """r (m + n) >= m n: the factors of rank r cost at least the dense m x n weight, in parameters and in
+    MACs per output position (App. D.4: such a layer is deployed merged)."""
+    return rank * (out_dim + fan_in) >= out_dim * fan_in
 
 
 def reference_linear(x, u, v, bias, b: int) -> torch.Tensor:
@@ -251,7 +257,7 @@ def prefix_conv2d(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch
     merged kernel U[:, :b]^T V[:, :b]: LeNet's first layer (1 -> 6 channels) evaluates 4x faster."""
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, u, v, bias))):
         out, fan_in = u.shape[1], v[0].numel()
-        if b * (out + fan_in) >= out * fan_in:
+        if dense_is_cheaper(b, out, fan_in):
             kernel = (u[:b].T @ v[:b].flatten(1)).view(out, *v.shape[1:])
             return F.conv2d(x, kernel, bias, stride, padding, dilation)
     explicit = _explicit_padding(padding, v.shape[2:], dilation) if isinstance(padding, str) else padding
