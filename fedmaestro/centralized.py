@@ -202,7 +202,10 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         lam = t.lambda_gl
         if self.factorized and t.lambda_stop_params is not None:
-            lam = active_lambda(t, deployed_footprint(self.model, self.example).params / self.dense.params)
+            # the previous epoch's record measured the model as it is now (after its shrinking)
+            params_rel = self.records[-1]["params_rel"] if self.records else \
+                deployed_footprint(self.model, self.example).params / self.dense.params
+            lam = active_lambda(t, params_rel)
             t = dataclasses.replace(t, lambda_gl=lam)
         stats = train_epoch(self.model, self.train_loader, self.optimizer, t, self.task, self.device,
                             sampler=self.sampler, scaler=self.scaler, cost=self.cost, on_step=on_step)
@@ -217,7 +220,8 @@ class Trainer:
                 self.calib_loader.set_epoch(self.epoch)
                 recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
         self.epoch += 1
-        record = {"epoch": self.epoch, "lr": lr, "lambda_gl": lam, "train_loss": stats["loss"], "train_s": round(stats["seconds"], 3)}
+        record = {"epoch": self.epoch, "lr": lr, "lambda_gl": lam, "train_loss": stats["loss"],
+                  "train_s": round(stats["seconds"], 3)}
         if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
             result = evaluate(self.model, self.test_loader, self.task, self.device)
             record.update(accuracy=result["accuracy"], loss=result["loss"])

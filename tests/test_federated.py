@@ -21,9 +21,9 @@ from flwr.clientapp import ClientApp
 
 from clients import client_app as real_client
 from clients import local
-from fedmaestro.train import evaluate
 from fedmaestro import data, nested, tiers
 from fedmaestro import protocol as P
+from fedmaestro.train import evaluate
 from strategies.local_grid import LocalGrid
 from strategies.maestro import MaestroStrategy
 from strategies.records import TIME_KEYS
