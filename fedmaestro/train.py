@@ -282,7 +282,8 @@ def _distillation(student: torch.Tensor, teacher: torch.Tensor, target: torch.Te
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict:
     """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples",
-    "scored"} (scored: the predictions accuracy counts, examples or target tokens)."""
+    "scored", "correct"} (scored: the predictions accuracy counts, examples or target tokens; correct: how many
+    of them are right)."""
     model.eval()
     total_loss, correct, counted, examples = 0.0, 0.0, 0, 0
     with lod.full_rank(model):
@@ -293,7 +294,7 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict
             c, k = task.score(output, target)
             correct, counted, examples = correct + c, counted + k, examples + n
     return {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples,
-            "scored": counted}
+            "scored": counted, "correct": int(correct)}
 
 
 @torch.no_grad()

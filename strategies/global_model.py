@@ -139,8 +139,7 @@ class GlobalModel:
         for i, model in enumerate(models):
             mine = [p for (j, _), p in zip(jobs, parts) if j == i]
             examples, scored = sum(p["num_examples"] for p in mine), sum(p["scored"] for p in mine)
-            correct = sum(round(p["accuracy"] * p["scored"]) for p in mine)  # counts of correct predictions
-            row = {"accuracy": correct / max(scored, 1),
+            row = {"accuracy": sum(p["correct"] for p in mine) / max(scored, 1),
                    "loss": sum(p["loss"] * p["num_examples"] for p in mine) / max(examples, 1)}
             row.update(self.footprint(model))
             rows.append(row)
