@@ -96,6 +96,8 @@ def train(message: Message, context: Context) -> Message:
     pid = partition_id(context)
     c = message.content.config_records[P.CONFIG]
     fault, deadline = str(c[P.FAULT]), float(c[P.DEADLINE])
+    if fault not in P.FAULTS:
+        raise ValueError(f"unknown fault {fault!r} in the train message; the protocol knows {list(P.FAULTS)}")
     if fault == P.DROPOUT:  # the device is gone: no work, and the server hears nothing before the deadline
         _sleep_until(deadline + P.LATE_MARGIN_S)
         return _reply(message, {P.PARTITION_ID: pid})

@@ -10,8 +10,9 @@ can drive the four hooks too, without checkpoints, faults' ordering or records):
 2. replies are awaited until the round's deadline (``strategy.round_timeout``); clients told to fail
    (``devices.tiers[].dropout`` / ``straggler``) answer only after it.
 3. ``aggregate_train``: every reply is validated (an error, missing or extra keys or metrics, a shape
-   other than what was sent, a wrong dtype, a non-finite value, a partition id other than the node's:
-   dropped and logged); the valid ones are aggregated column by column (``nested.aggregate``, sorted by
+   other than what was sent, a wrong dtype, a non-finite value, arrays that do not decode, metrics that
+   are not finite numbers, a partition id other than the node's, a num-examples other than the one the
+   client announced when the run started: dropped and logged; the bytes of every reply count); the valid ones are aggregated column by column (``nested.aggregate``, sorted by
    partition id so that float sums repeat exactly); every ``shrink_every`` rounds the global model is
    shrunk. No valid reply: the model is left unchanged, with a warning.
 4. evaluation: the global model on the central test set at full rank and at every tier's caps (params
@@ -69,6 +70,18 @@ def _record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def _payload_bytes(record: ArrayRecord) -> int:
+    """Elements x item size of every array in ``record``, read from the arrays' metadata: nothing is
+    decoded, so a reply whose arrays do not decode is still counted (the bytes did travel)."""
+    total = 0
+    for array in record.values():
+        try:
+            total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
+        except TypeError:  # a dtype numpy does not know: the serialized size
+            total += len(array.data)
+    return total
+
+
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
@@ -86,6 +99,7 @@ class MaestroStrategy(Strategy):
         self.dropout = {pid: tier_cfgs[t].dropout for pid, t in enumerate(self.tier_of)}
         self.straggler = {pid: tier_cfgs[t].straggler for pid, t in enumerate(self.tier_of)}
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id (learned in identify)
+        self.examples_of: dict[int, float] = {}  # partition id -> training examples it announced (identify)
         self.sent: dict[int, Sent] = {}  # node id -> what it was sent this round
         self.current: dict[str, np.ndarray] = {}  # the global arrays the round's messages were cut from
         self.dtypes: dict[str, np.dtype] = {}
@@ -127,17 +141,18 @@ class MaestroStrategy(Strategy):
         errors = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
         if errors:
             raise RuntimeError("clients failed to start:\n  " + "\n  ".join(errors[:5]))
-        node_of = {}
+        node_of, examples_of = {}, {}
         for m in replies:
-            pid = int(m.content.metric_records[P.METRICS][P.PARTITION_ID])
+            metrics = m.content.metric_records[P.METRICS]
+            pid = int(metrics[P.PARTITION_ID])
             if pid in node_of:
                 raise RuntimeError(f"two nodes ({node_of[pid]}, {m.metadata.src_node_id}) claim partition-id {pid}")
-            node_of[pid] = m.metadata.src_node_id
+            node_of[pid], examples_of[pid] = m.metadata.src_node_id, metrics[P.NUM_EXAMPLES]
         if sorted(node_of) != list(range(n)):
             missing = sorted(set(range(n)) - set(node_of))
             raise RuntimeError(f"partition ids must be 0..{n - 1} (fl.num_clients={n}); got {sorted(node_of)}, "
                                f"missing {missing[:10]} (a node that did not answer within {timeout:.0f} s?)")
-        self.node_of = node_of
+        self.node_of, self.examples_of = node_of, examples_of
         return node_of
 
     # --- train -------------------------------------------------------------------------------------
@@ -206,13 +221,24 @@ class MaestroStrategy(Strategy):
         missing = [k for k in P.TRAIN_REPLY_METRICS if k not in metrics]
         if missing:
             return f"metrics {missing} are missing"
+        not_numbers = [f"{k}={metrics[k]!r}" for k in P.TRAIN_REPLY_METRICS
+                       if isinstance(metrics[k], list) or not math.isfinite(metrics[k])]
+        if not_numbers:
+            return f"metrics must be finite numbers, got {', '.join(not_numbers)}"
+        not_counts = [f"{k}={metrics[k]!r}" for k in (P.PARTITION_ID, P.STEPS)
+                      if metrics[k] < 0 or metrics[k] != int(metrics[k])]
+        if not_counts:
+            return f"metrics must be whole numbers >= 0, got {', '.join(not_counts)}"
         if int(metrics[P.PARTITION_ID]) != sent.partition_id:
             return f"partition-id {metrics[P.PARTITION_ID]} but node {msg.metadata.src_node_id} is {sent.partition_id}"
         weight = metrics[P.NUM_EXAMPLES]
-        if isinstance(weight, list) or not math.isfinite(weight) or weight <= 0:
+        if weight <= 0:
             return f"num-examples={weight!r} must be a positive number"
-        if not math.isfinite(metrics[P.TRAIN_LOSS]):
-            return f"train-loss is {metrics[P.TRAIN_LOSS]}"
+        if weight != self.examples_of.get(sent.partition_id, weight):  # the aggregation weight is not the client's to choose
+            return (f"num-examples={weight!r}, but the client announced {self.examples_of[sent.partition_id]} "
+                    f"training examples when the run started")
+        if metrics[P.TRAIN_SECONDS] < 0:
+            return f"train-seconds={metrics[P.TRAIN_SECONDS]!r} must be >= 0"
         try:
             arrays = _record_arrays(content.array_records[P.ARRAYS])
         except Exception as e:  # noqa: BLE001  (an array that does not decode is the client's fault)
@@ -228,7 +254,7 @@ class MaestroStrategy(Strategy):
         valid, dropped, seen = [], {}, set()
         for msg in replies:
             if msg.has_content():
-                self.bytes_up += sum(nested.num_bytes(_record_arrays(r)) for r in msg.content.array_records.values())
+                self.bytes_up += sum(_payload_bytes(r) for r in msg.content.array_records.values())
             node = msg.metadata.src_node_id
             out = "a second reply from the same node" if node in seen else self._check_train_reply(msg)
             seen.add(node)
@@ -353,10 +379,10 @@ class MaestroStrategy(Strategy):
         log.info("resumed from %s after round %d", path, rnd)
         return rnd
 
-    def evaluate_global(self, rnd: int) -> dict:
-        """The record's evaluation part: the global model at full rank and at every tier's caps."""
+    def evaluate_global(self, rnd: int, last: bool = False) -> dict:
+        """The record's evaluation part: the global model at full rank and at every tier's caps (accuracy and
+        loss every ``strategy.eval_every`` rounds and in the ``last`` round, the footprints every round)."""
         c, gm = self.cfg, self.global_model
-        last = rnd == c.fl.rounds
         evaluated = rnd % c.strategy.eval_every == 0 or last
         ranks = gm.ranks()
         tier_caps = list(zip(c.devices.tiers, self.caps_of_tiers())) if c.strategy.eval_tiers else []
@@ -383,16 +409,23 @@ class MaestroStrategy(Strategy):
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
         """Run (or resume) ``num_rounds`` (default ``fl.rounds``) rounds; records, checkpoints, progress."""
         c = self.cfg
+        if evaluate_fn is not None:
+            raise ValueError("MaestroStrategy.start: evaluate_fn is not used; the strategy evaluates the global model "
+                             "on the central test set itself (at full rank and at every tier: strategy.eval_every, "
+                             "strategy.eval_tiers). Leave evaluate_fn out.")
         num_rounds = c.fl.rounds if num_rounds is None else num_rounds
         if timeout is not None and timeout != c.strategy.round_timeout:
             self.cfg.strategy.round_timeout = float(timeout)
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         done = self.resume() if c.resume else 0
-        if initial_arrays is not None and not done:
-            self.global_model.load(_record_arrays(initial_arrays))
+        if initial_arrays is not None:
+            if done:
+                log.warning("resumed after round %d: initial_arrays are not used (the checkpoint's model goes on)", done)
+            else:
+                self.global_model.load(_record_arrays(initial_arrays))
         self.summary()
-        self.runlog.begin(num_rounds, done)
+        self.runlog.begin(num_rounds)
         self.identify(grid)
         self.runlog.started()
         result = Result()
@@ -407,7 +440,7 @@ class MaestroStrategy(Strategy):
             t1 = time.perf_counter()
             record = {"round": rnd}
             fed = self._federated_eval(grid, rnd, arrays, evaluate_config)
-            record.update(self.evaluate_global(rnd))
+            record.update(self.evaluate_global(rnd, last=rnd == num_rounds))
             if fed is not None:
                 record.update({"fed_accuracy": fed[P.ACCURACY], "fed_loss": fed[P.LOSS]})
                 result.evaluate_metrics_clientapp[rnd] = fed

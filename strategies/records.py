@@ -51,7 +51,7 @@ class RunLog:
     def load_state_dict(self, state: dict) -> None:
         self.records, self.wall = list(state["records"]), float(state["wall"])
 
-    def begin(self, num_rounds: int, done: int) -> None:
+    def begin(self, num_rounds: int) -> None:
         """Before the first round: the config file, and metrics.jsonl holding exactly the records so far."""
         self.num_rounds = num_rounds
         if self.run_dir is None:

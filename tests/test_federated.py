@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
 
 from clients import client_app as real_client
@@ -25,7 +25,7 @@ from fedmaestro import data, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.train import evaluate
 from strategies.local_grid import LocalGrid
-from strategies.maestro import MaestroStrategy
+from strategies.maestro import MaestroStrategy, _payload_bytes
 from strategies.records import TIME_KEYS
 from strategies.server_app import compose
 
@@ -135,25 +135,38 @@ def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> Clien
             metrics[P.PARTITION_ID] = pid + 100
         elif kind == "dtype":
             arrays["conv1.bias"] = arrays["conv1.bias"].astype(np.float64)
+        elif kind == "list":
+            metrics[P.TRAIN_LOSS] = [1.0]
+        elif kind == "fraction":
+            metrics[P.PARTITION_ID] = pid + 0.5
+        elif kind == "seconds":
+            metrics[P.TRAIN_SECONDS] = float("nan")
+        elif kind == "weight":
+            metrics[P.NUM_EXAMPLES] = metrics[P.NUM_EXAMPLES] * 1000
         if captured is not None and kind is None:
             captured[pid] = (arrays, metrics[P.NUM_EXAMPLES])
-        return real_client._reply(message, metrics, arrays)
+        out = real_client._reply(message, metrics, arrays)
+        if kind == "undecodable":  # 40 bytes that claim a serialization numpy cannot read
+            out.content.array_records[P.ARRAYS]["fc3.bias"] = Array(dtype="float32", shape=(10,), stype="torch",
+                                                                     data=bytes(40))
+        return out
 
     return app
 
 
 def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_path, caplog):
-    behaviour = {0: "raise", 1: "nan", 2: "shape", 3: "extra", 4: "missing", 5: "pid", 6: "dtype"}
-    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=8", "fl.clients_per_round=8", "fl.rounds=1",
+    behaviour = {0: "raise", 1: "nan", 2: "shape", 3: "extra", 4: "missing", 5: "pid", 6: "dtype",
+                 7: "undecodable", 8: "list", 9: "fraction", 10: "seconds", 11: "weight"}
+    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=13", "fl.clients_per_round=13", "fl.rounds=1",
                             "devices=three_tiers", "strategy.shrink_every=0")
     strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
     before = strategy.global_model.arrays()
     captured = {}
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
-        strategy.start(LocalGrid(faulty_app(behaviour, captured), 8))
+        strategy.start(LocalGrid(faulty_app(behaviour, captured), 13))
     r = records(run_dir)[0]
     dropped = r["clients"]["dropped"]
-    assert r["clients"]["valid"] == [7] and sorted(map(int, dropped)) == list(range(7))
+    assert r["clients"]["valid"] == [12] and sorted(map(int, dropped)) == list(range(12))
     assert "client exploded" in dropped["0"]
     assert "fc2.u has 1 non-finite values" in dropped["1"]
     assert "fc1.u has shape" in dropped["2"]
@@ -161,13 +174,45 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
     assert "missing arrays ['fc3.bias']" in dropped["4"]
     assert "partition-id 105" in dropped["5"]
     assert "conv1.bias has dtype float64, expected float32" in dropped["6"]
-    assert sum("dropped the reply of client" in m for m in caplog.messages) == 7
+    assert "arrays do not decode" in dropped["7"]
+    assert "finite numbers, got train-loss=[1.0]" in dropped["8"]
+    assert "whole numbers >= 0, got partition-id=9.5" in dropped["9"]
+    assert "finite numbers, got train-seconds=nan" in dropped["10"]
+    assert "but the client announced" in dropped["11"]
+    assert sum("dropped the reply of client" in m for m in caplog.messages) == 12
     # the global model is the aggregate of the one valid reply, exactly
-    arrays, weight = captured[7]
+    arrays, weight = captured[12]
     expected = nested.aggregate(before, [(arrays, weight)], strategy.global_model.layout.axes)
     after = strategy.global_model.arrays()
     for name in expected:
         np.testing.assert_array_equal(after[name], expected[name])
+
+
+def test_the_server_evaluates_every_eval_every_rounds_and_the_last_round_of_the_run(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "strategy.eval_every=2")
+    run(cfg, run_dir)
+    assert ["accuracy" in r for r in records(run_dir)] == [False, True, True]
+    assert all("params" in r and "tiers" in r for r in records(run_dir))  # footprints every round
+    cfg, short = make_cfg(tmp_path, "fl.rounds=3", "strategy.eval_every=2", name="short")
+    MaestroStrategy(cfg, short, show_progress=False).start(LocalGrid(real_client.app, 4), num_rounds=1)
+    assert "accuracy" in records(short)[0]  # the run's last round, although fl.rounds says 3
+    with pytest.raises(ValueError, match="evaluate_fn is not used"):
+        MaestroStrategy(cfg, short, show_progress=False).start(LocalGrid(real_client.app, 4), evaluate_fn=print)
+
+
+def test_a_client_refuses_a_fault_the_protocol_does_not_know(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1")
+    _, grid = run(cfg, run_dir)
+    message = train_messages(grid, 1)[0]
+    message.content.config_records[P.CONFIG][P.FAULT] = "meteor"
+    with pytest.raises(ValueError, match="unknown fault 'meteor'"):
+        real_client.train(message, grid.contexts[message.metadata.dst_node_id])
+
+
+def test_bytes_up_are_counted_from_array_metadata_even_when_the_arrays_do_not_decode():
+    record = ArrayRecord({"a": Array(np.zeros((3, 4), np.float32)), "b": Array(np.zeros(5, np.float64)),
+                          "c": Array(dtype="float32", shape=(10,), stype="torch", data=bytes(40))})
+    assert _payload_bytes(record) == 3 * 4 * 4 + 5 * 8 + 10 * 4  # payload only, no serialization headers
 
 
 def test_a_round_without_valid_replies_leaves_the_model_unchanged(tmp_path, caplog):
