@@ -62,11 +62,9 @@ def client_data(cfg: Config) -> ClientData:
     key = _data_key(cfg)
     if key not in _DATA:
         train_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
-        eval_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
+        eval_set = data.unaugmented(train_set)  # the same examples; local test examples are never augmented
         if cfg.data.subset:
             train_set, eval_set = data.subset(train_set, cfg.data.subset), data.subset(eval_set, cfg.data.subset)
-        if hasattr(eval_set, "train"):
-            eval_set.train = False  # local test examples are never augmented
         p = cfg.partition
         parts = data.partition(data.labels(train_set), p.scheme, cfg.fl.num_clients, cfg.seed, alpha=p.alpha,
                                min_partition_size=p.min_partition_size,

@@ -40,7 +40,7 @@ from .train import (RankCost, active_lambda, build_model, evaluate, make_optimiz
                     recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
-           "load_model", "save_model", "with_data_facts", "apply_threads", "unaugmented", "TIME_FIELDS"]
+           "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
 
 console = Console()
 
@@ -88,15 +88,6 @@ def with_data_facts(cfg: Config, train_set) -> Config:
     return cfg
 
 
-def unaugmented(dataset):
-    """``dataset`` read without augmentation (a shallow copy of an in-memory training split with
-    ``train=False``), for BatchNorm recalibration and deploy's loss batch; other data sets as they are."""
-    if isinstance(dataset, data.InMemoryDataset) and dataset.train:
-        dataset = copy.copy(dataset)
-        dataset.train = False
-    return dataset
-
-
 def apply_threads(cfg: Config) -> None:
     """``train.threads``: the number of CPU threads torch uses in this process."""
     if cfg.train.threads:
@@ -119,7 +110,7 @@ class Trainer:
                                             num_workers=t.num_workers)
         # BatchNorm recalibration after shrinking reads the training split without augmentation, in an
         # order that depends on (seed, epoch) only, so a resumed run recalibrates on the same batches
-        self.calib_loader = data.BatchLoader(unaugmented(train_set), max(t.batch_size, 256), shuffle=True,
+        self.calib_loader = data.BatchLoader(data.unaugmented(train_set), max(t.batch_size, 256), shuffle=True,
                                              seed=cfg.seed + 1, num_workers=t.num_workers)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
@@ -191,7 +182,13 @@ class Trainer:
                                         f"run to continue, or drop checkpoint= to start fresh in {self.run_dir}")
             console.print(f"[yellow]resume=true but {path} does not exist: starting from epoch 0")
             return False
-        self.load_state_dict(checkpoint.load(path, map_location=self.device))
+        state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors; the model and
+        # optimizer states move to their parameters' device as they load
+        missing = sorted({"epoch", "optimizer", "scheduler", "rng", "records"} - set(state))
+        if missing:
+            raise ValueError(f"resume: {path} is not a training checkpoint (it has no {missing}); a model file "
+                             f"(model.pt) cannot be resumed: give the run's checkpoint.pt")
+        self.load_state_dict(state)
         console.print(f"resumed from {path} at epoch {self.epoch}")
         return True
 

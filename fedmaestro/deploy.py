@@ -44,7 +44,7 @@ from torch import nn
 
 from . import data, lod
 from .centralized import (apply_threads, deployed_footprint, dense_footprint, example_input, load_datasets,
-                          load_model, save_model, unaugmented)
+                          load_model, save_model)
 from .config import Config, DeployConfig
 from .footprint import Footprint, measure
 from .plots import plot_deploy
@@ -100,17 +100,19 @@ class GreedyContext:
 
 def _point(model: nn.Module, ctx: GreedyContext, start: Footprint, method: str, step: int, removed: str,
            loss: float, evaluate_now: bool) -> dict:
+    """One point of the curve; its test accuracy when ``evaluate_now``, and always at a point that ends the
+    curve on its footprint (a stop fraction reached, or every layer at rank 0)."""
     deployed = deployed_footprint(model, ctx.example)
     factorized = measure(model, example=ctx.example)
     ranks = {n: layer.rank for n, layer in lod.layers(model)}
-    accuracy = math.nan
-    if evaluate_now and ctx.test_loader is not None:
-        accuracy = _test_accuracy(model, ctx)
-    return {"method": method, "step": step, "removed": removed, "batch_loss": loss, "accuracy": accuracy,
-            "params": deployed.params, "macs": deployed.macs, "params_factorized": factorized.params,
-            "macs_factorized": factorized.macs, "params_rel": deployed.params / ctx.dense.params,
-            "macs_rel": deployed.macs / ctx.dense.macs, "params_frac": deployed.params / start.params,
-            "macs_frac": deployed.macs / start.macs, "total_rank": sum(ranks.values()), "ranks": ranks}
+    point = {"method": method, "step": step, "removed": removed, "batch_loss": loss, "accuracy": math.nan,
+             "params": deployed.params, "macs": deployed.macs, "params_factorized": factorized.params,
+             "macs_factorized": factorized.macs, "params_rel": deployed.params / ctx.dense.params,
+             "macs_rel": deployed.macs / ctx.dense.macs, "params_frac": deployed.params / start.params,
+             "macs_frac": deployed.macs / start.macs, "total_rank": sum(ranks.values()), "ranks": ranks}
+    if (evaluate_now or _done(point, ctx) or point["total_rank"] == 0) and ctx.test_loader is not None:
+        point["accuracy"] = _test_accuracy(model, ctx)
+    return point
 
 
 def _test_accuracy(model: nn.Module, ctx: GreedyContext) -> float:
@@ -159,19 +161,9 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") 
         _, name, new_rank, loss = best
         lod.truncate(model, {name: new_rank})
         step += 1
-        last = _done_soon(model, ctx, start)
         curve.append(_point(model, ctx, start, method, step, f"{name}->{new_rank}", loss,
-                            step % ctx.deploy.eval_every == 0 or last))
+                            step % ctx.deploy.eval_every == 0))
     return curve
-
-
-def _done_soon(model: nn.Module, ctx: GreedyContext, start: Footprint) -> bool:
-    """Whether this point ends the curve on footprint alone (so that it gets a test evaluation)."""
-    deployed = deployed_footprint(model, ctx.example)
-    d = ctx.deploy
-    return deployed.macs / start.macs <= d.stop_macs or (
-        d.stop_params is not None and deployed.params / start.params <= d.stop_params) or all(
-        layer.rank == 0 for _, layer in lod.layers(model))
 
 
 def _score(increase: float, model: nn.Module, layer, new_rank: int, ctx: GreedyContext) -> float:
@@ -240,7 +232,7 @@ def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyCont
     data_cfg = copy.deepcopy(model_cfg)
     data_cfg.data, data_cfg.seed = copy.deepcopy(cfg.data), cfg.seed
     train_set, test_set = load_datasets(data_cfg)
-    train_set = unaugmented(train_set)  # the loss batch and the recalibration batches without augmentation
+    train_set = data.unaugmented(train_set)  # the loss batch and the recalibration batches without augmentation
     batch = next(iter(data.BatchLoader(train_set, cfg.deploy.batch_size, shuffle=True, seed=cfg.seed)))
     task = task_for(model_cfg.dataset.name, model_cfg.train.label_smoothing)
     return GreedyContext(

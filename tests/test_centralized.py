@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from fedmaestro import centralized, data, lod
-from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model, unaugmented
+from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model
+from fedmaestro.data import unaugmented
 from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
 from fedmaestro.data.memory import NORMALIZATION
 
@@ -189,6 +190,40 @@ def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path):
     trainer = Trainer(extended, tmp_path, DATASETS)
     assert trainer.resume()
     assert [r["epoch"] for r in trainer.fit(show_progress=False)] == [1, 2]
+
+
+def test_resume_from_a_model_file_says_it_needs_the_checkpoint(tmp_path):
+    first = Trainer(tiny(epochs=1), tmp_path, DATASETS)
+    first.fit(show_progress=False)
+    first.save_model(tmp_path / "model.pt")
+    again = tiny(epochs=2)
+    again.resume, again.checkpoint = True, str(tmp_path / "model.pt")
+    trainer = Trainer(again, tmp_path, DATASETS)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"not a training checkpoint .*give the run's checkpoint.pt"):
+        trainer.resume()
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())  # nothing was loaded
+
+
+def test_a_model_file_cannot_make_its_loader_read_the_environment(tmp_path, monkeypatch):
+    trainer = Trainer(tiny(epochs=0), tmp_path, DATASETS)
+    trainer.save_model(tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state["config"]["data"]["root"] = "${oc.env:FEDMAESTRO_SECRET}"
+    torch.save(state, tmp_path / "doctored.pt")
+    monkeypatch.setenv("FEDMAESTRO_SECRET", "leaked")
+    with pytest.raises(ValueError, match=r"interpolations.*data.root='\$\{oc.env:FEDMAESTRO_SECRET\}'"):
+        load_model(tmp_path / "doctored.pt")
+    assert load_model(tmp_path / "model.pt")[1].data.root is None  # the genuine file loads
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("grad_clip", -1.0, "null for no clipping"), ("gamma", -0.1, "must be > 0"), ("weight_decay", -0.1, ">= 0"),
+    ("warmup_epochs", -1, ">= 0"), ("betas", [0.9], "two numbers in"), ("momentum", 1.0, r"\[0, 1\)"),
+    ("milestones", [0, 5], "epoch > 0"), ("distill_weight", -1.0, ">= 0"), ("label_smoothing", 1.0, r"\[0, 1\)")])
+def test_training_settings_that_would_train_wrongly_are_refused(key, value, rule):
+    with pytest.raises(ValueError, match=rf"train.{key}=.* is invalid: .*{rule}"):
+        TrainConfig(**{key: value})
 
 
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):

@@ -522,6 +522,15 @@ def test_imagenet_image_folder_with_standard_transforms(tmp_path):
     assert torch.equal(next(iter(loader))[1], batches[0][1])  # seeded order
 
 
+def test_unaugmented_imagenet_training_split_reads_with_the_evaluation_transform(tmp_path):
+    make_image_folder(tmp_path)
+    train = data.load("imagenet", tmp_path, train=True)
+    plain = data.unaugmented(train)  # local test examples, BatchNorm recalibration, deploy's loss batch
+    assert [type(t).__name__ for t in plain.transform.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert type(train.transform.transforms[0]).__name__ == "RandomResizedCrop"  # a copy: the original augments
+    assert len(plain) == len(train) and torch.equal(plain[4][0], plain[4][0])
+
+
 def test_imagenet_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"imagenet: no val folder; looked in .*imagenet/val.*image-net.org"):
         data.load("imagenet", tmp_path, train=False)

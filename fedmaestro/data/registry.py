@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from . import paths, synthetic, text, vision
 from .memory import NORMALIZATION, InMemoryDataset
 
-__all__ = ["DATASETS", "load", "labels", "subset", "check_name", "clear_cache"]
+__all__ = ["DATASETS", "load", "labels", "subset", "unaugmented", "check_name", "clear_cache"]
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet", "multi30k", "synthetic")
 AUGMENTED = ("cifar10", "cifar100")  # random crop (pad 4) + horizontal flip on training splits
@@ -73,6 +73,21 @@ def load(name: str, root=None, train: bool = True) -> Dataset:
     inputs, targets = _decoded(name, where, bool(train))
     return InMemoryDataset(inputs, targets, train=train, name=name, norm=NORMALIZATION[name],
                            augment=name in AUGMENTED)
+
+
+def unaugmented(dataset: Dataset) -> Dataset:
+    """``dataset`` read without augmentation: a shallow copy of an augmented training split (in-memory
+    sets with ``train=False``, ImageNet with its evaluation transform); other data sets as they are.
+    For held-out local test examples, BatchNorm recalibration and deploy's loss batch."""
+    from torchvision.datasets import ImageFolder
+
+    if isinstance(dataset, InMemoryDataset) and dataset.train:
+        dataset = copy.copy(dataset)
+        dataset.train = False
+    elif isinstance(dataset, ImageFolder):  # ImageNet, the one ImageFolder data set (``vision.load_imagenet``)
+        dataset = copy.copy(dataset)
+        dataset.transform = vision.imagenet_transform(False)
+    return dataset
 
 
 def labels(dataset: Dataset) -> np.ndarray:
