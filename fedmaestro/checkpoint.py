@@ -16,8 +16,10 @@ import torch
 __all__ = ["save", "load", "config_diff", "IGNORED_KEYS"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs,
-# not what it computes (the data root may move with the run between machines).
-IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "train.num_workers", "train.threads",
+# not what it computes (the data root may move with the run between machines). train.num_workers is
+# not one of them: ImageNet's random crops come from torch's global RNG in the main process but from
+# per-worker seeds in loader workers, so changing it changes the augmentation.
+IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "train.threads",
                 "fl.client_cpus", "fl.client_gpus")
 
 

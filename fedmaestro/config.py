@@ -93,7 +93,7 @@ class TrainConfig:
     # params at or below this fraction of the dense model's; null = HGL all along
     lambda_stop_params: Optional[float] = None
     hgl_mode: str = "subgradient"  # the paper's penalty in the loss, or the exact proximal step
-    eps_ps: float = 1e-5  # progressive shrinking threshold; null disables shrinking
+    eps_ps: float = 1e-5  # progressive shrinking threshold (train.shrink=false turns shrinking off)
     shrink: bool = True
     sampler: str = "per_layer"
     full_pass: bool = False  # extra full-rank pass with self-distillation ("w/ full-training")
@@ -119,6 +119,19 @@ class TrainConfig:
                self.lambda_stop_params is None or 0 < self.lambda_stop_params <= 1,
                "must be null or a fraction in (0, 1] of the dense model's parameters")
         _check("train.eps_ps", self.eps_ps, self.eps_ps >= 0, "must be >= 0")
+        _check("train.momentum", self.momentum, 0 <= self.momentum < 1, "must be in [0, 1)")
+        _check("train.weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0")
+        _check("train.gamma", self.gamma, self.gamma > 0, "must be > 0 (the LR is multiplied by it at each milestone)")
+        _check("train.milestones", self.milestones, all(m > 0 for m in self.milestones),
+               "every milestone must be an epoch > 0")
+        _check("train.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, "must be >= 0")
+        _check("train.betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "must be two numbers in [0, 1) (Adam's beta1, beta2)")
+        _check("train.grad_clip", self.grad_clip, self.grad_clip is None or self.grad_clip > 0,
+               "must be > 0 (the largest gradient norm) or null for no clipping")
+        _check("train.label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "must be in [0, 1)")
+        _check("train.distill_weight", self.distill_weight, self.distill_weight >= 0, "must be >= 0")
+        _check("train.num_workers", self.num_workers, self.num_workers >= 0, "must be >= 0")
 
 
 @dataclass
@@ -237,6 +250,8 @@ class HPOConfig:
                f"must be > hpo.lambda_small={self.lambda_small} (Algorithm 2 halves lambda from large to small)")
         _check("hpo.lambda_small", self.lambda_small, self.lambda_small > 0, "must be > 0")
         _check("hpo.eval_every", self.eval_every, self.eval_every > 0, "must be > 0 (epochs)")
+        _check("hpo.few_params", self.few_params, 0 <= self.few_params < self.max_params,
+               f"must be in [0, hpo.max_params={self.max_params}) (share of dense below which a model is too sparse)")
 
 
 @dataclass
@@ -293,11 +308,30 @@ def register() -> None:
         cs.store(group=group, name=f"base_{group}", node=node)
 
 
-def resolve(cfg: DictConfig | Config) -> Config:
-    """The typed, validated Config of a composed DictConfig (raises ValueError naming the bad key)."""
+def resolve(cfg: DictConfig | Config | dict) -> Config:
+    """The typed, validated Config of a composed DictConfig, or of a stored plain dict (a checkpoint's, a
+    config.json, a run config sent to a client); raises ValueError naming the bad key.
+
+    A stored config was resolved when it was written, so an interpolation in one (``${oc.env:...}``) is
+    refused, not resolved: a shared model file must not read the environment of whoever loads it.
+    """
     if isinstance(cfg, Config):
         return cfg
+    if isinstance(cfg, dict):
+        interpolated = sorted(_interpolations(cfg))
+        if interpolated:
+            raise ValueError(f"config: a stored config holds interpolations, which are not resolved from files or "
+                             f"messages: {', '.join(interpolated[:5])}; write the values themselves")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+
+
+def _interpolations(node: Any, path: str = "") -> list[str]:
+    """``key=value`` of every string under ``node`` that OmegaConf would interpolate (contains ``${``)."""
+    if isinstance(node, dict):
+        return [hit for k, v in node.items() for hit in _interpolations(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, list):
+        return [hit for i, v in enumerate(node) for hit in _interpolations(v, f"{path}[{i}]")]
+    return [f"{path}={node!r}"] if isinstance(node, str) and "${" in node else []
 
 
 def to_dict(cfg: Config) -> dict:

@@ -122,6 +122,9 @@ def _train_one(cfg: Config, lam: float, run_dir: Path, datasets) -> tuple[Trial,
 def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResult:
     """Algorithm 2; every lambda trains in ``run_dir/lambda_<value>``. Writes the summary files."""
     h = cfg.hpo
+    if cfg.train.epochs < 1:
+        raise ValueError(f"mode=hpo: train.epochs={cfg.train.epochs}; every lambda must train at least one epoch "
+                         f"(Algorithm 2 evaluates every hpo.eval_every={h.eval_every} epochs): set train.epochs >= 1")
     result = HPOResult(chosen=None, reason="")
     previous: Trial | None = None
     for lam in _lambdas(h.lambda_large, h.lambda_small):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fedmaestro import hpo
+from fedmaestro.config import HPOConfig
 from test_centralized import DATASETS, tiny
 
 
@@ -162,3 +163,11 @@ def test_real_search_halves_down_to_small_when_accuracy_is_out_of_reach(tmp_path
     params = [t.params for t in result.trials]
     assert params == sorted(params) and params[0] < params[-1]
     assert result.cost == pytest.approx(sum(t.train_macs_rel for t in result.trials)) and result.cost > 0
+
+
+def test_hpo_needs_at_least_one_epoch_per_lambda(tmp_path):
+    cfg = tiny(epochs=0)
+    with pytest.raises(ValueError, match="train.epochs=0; every lambda must train at least one epoch"):
+        hpo.search(cfg, tmp_path, DATASETS)
+    with pytest.raises(ValueError, match="hpo.few_params=0.5 is invalid"):
+        HPOConfig(max_params=0.3, few_params=0.5)
