@@ -144,6 +144,10 @@ def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained,
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
     assert methods == {"maestro", "svd"} and summary["curve_points"]["maestro"] > 3
+    for method in methods:  # evaluated every 2nd step, and at the point that ends the curve
+        mine = [r for r in rows if r["method"] == method]
+        assert not math.isnan(float(mine[-1]["accuracy"]))
+        assert all(math.isnan(float(r["accuracy"])) == (int(r["step"]) % 2 == 1) for r in mine[:-1])
     assert (tmp_path / "deploy.png").stat().st_size > 0
     assert json.loads((tmp_path / "deploy.json").read_text())["exports"] == json.loads(json.dumps(summary["exports"]))
     assert {(e["method"], e["target"]) for e in summary["exports"]} == {

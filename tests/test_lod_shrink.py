@@ -84,12 +84,6 @@ def test_hgl_penalty_of_a_model_without_lod_layers_is_zero():
     assert lod.hgl_penalty(nn.Linear(3, 2)).item() == 0.0
 
 
-def test_tail_norms():
-    rows = torch.tensor([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
-    norms = lod.tail_norms(rows)
-    assert norms.tolist() == [5.0, 4.0, pytest.approx(0.0, abs=1e-150)]
-
-
 # --- HGL proximal step -----------------------------------------------------------------------------
 
 def test_proximal_step_on_a_hand_example():

@@ -20,15 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from .factorize import layers
 
-__all__ = ["hgl_penalty", "tail_norms", "hgl_proximal_step"]
-
-
-def tail_norms(factor_rows: torch.Tensor) -> torch.Tensor:
-    """(rank,) Frobenius norms of the tail groups; ``factor_rows`` has one rank component per row."""
-    col_sq = factor_rows.reshape(factor_rows.shape[0], -1).square().sum(dim=1)  # (rank,)
-    tail_sq = col_sq.flip(0).cumsum(0).flip(0)  # tail_sq[b] = sum_{j >= b} col_sq[j]
-    # sqrt has an infinite slope at 0: groups that are exactly zero get subgradient 0 instead of NaN.
-    return tail_sq.clamp_min(torch.finfo(tail_sq.dtype).tiny).sqrt()
+__all__ = ["hgl_penalty", "hgl_proximal_step"]
 
 
 @lru_cache(maxsize=64)
