@@ -153,7 +153,9 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), checkpoint.IGNORED_KEYS + ("train.epochs",))
+        ignored = checkpoint.IGNORED_KEYS + ("train.epochs",) + (
+            () if checkpoint.num_workers_matters(self.cfg.dataset.name) else ("train.num_workers",))
+        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), ignored)
         if diff:
             raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
                              "(checkpoint -> now):\n  " + "\n  ".join(diff) +

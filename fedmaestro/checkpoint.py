@@ -13,14 +13,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["save", "load", "config_diff", "IGNORED_KEYS"]
+__all__ = ["save", "load", "config_diff", "IGNORED_KEYS", "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs,
 # not what it computes (the data root may move with the run between machines). train.num_workers is
-# not one of them: ImageNet's random crops come from torch's global RNG in the main process but from
-# per-worker seeds in loader workers, so changing it changes the augmentation.
+# one only for the in-memory data sets (``num_workers_matters``).
 IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "train.threads",
                 "fl.client_cpus", "fl.client_gpus")
+
+
+def num_workers_matters(dataset: str) -> bool:
+    """Whether ``train.num_workers`` changes what a run computes: only for ImageNet, read through torch's
+    DataLoader, whose random crops come from torch's global RNG without workers and from per-worker
+    seeds with them. The in-memory sets never start loader workers, and Multi30k's items draw nothing
+    random."""
+    return dataset == "imagenet"
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:

@@ -12,9 +12,9 @@ can drive the four hooks too, without checkpoints, faults' ordering or records):
 3. ``aggregate_train``: every reply is validated (an error, missing or extra keys or metrics, a shape
    other than what was sent, a wrong dtype, a non-finite value, arrays that do not decode, metrics that
    are not finite numbers, a partition id other than the node's, a num-examples other than the one the
-   client announced when the run started: dropped and logged; the bytes of every reply count); the valid ones are aggregated column by column (``nested.aggregate``, sorted by
-   partition id so that float sums repeat exactly); every ``shrink_every`` rounds the global model is
-   shrunk. No valid reply: the model is left unchanged, with a warning.
+   client announced when the run started: dropped and logged; the bytes of every reply count); the
+   valid ones are aggregated column by column (``nested.aggregate``, sorted by partition id so that
+   float sums repeat exactly); every ``shrink_every`` rounds the global model is shrunk. No valid reply: the model is left unchanged, with a warning.
 4. evaluation: the global model on the central test set at full rank and at every tier's caps (params
    and MACs of each); federated evaluation on the clients' local test splits every
    ``fl.federated_eval_every`` rounds.
@@ -53,7 +53,8 @@ __all__ = ["MaestroStrategy", "Sent"]
 log = logging.getLogger("fedmaestro.strategy")
 
 # keys that may change between an interrupted run and its resumption
-RESUME_IGNORED = checkpoint.IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout")
+RESUME_IGNORED = checkpoint.IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout",
+                                             "train.num_workers")  # clients read their data without loader workers
 
 
 @dataclass
@@ -71,14 +72,16 @@ def _record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _payload_bytes(record: ArrayRecord) -> int:
-    """Elements x item size of every array in ``record``, read from the arrays' metadata: nothing is
-    decoded, so a reply whose arrays do not decode is still counted (the bytes did travel)."""
+    """Elements x item size of every array in ``record``, from the arrays' metadata, and never more than
+    the bytes that came (a reply may claim a shape its data does not have). Nothing is decoded, so a
+    reply whose arrays do not decode is counted too."""
     total = 0
     for array in record.values():
         try:
-            total += math.prod(array.shape) * np.dtype(array.dtype).itemsize
-        except TypeError:  # a dtype numpy does not know: the serialized size
-            total += len(array.data)
+            claimed = math.prod(array.shape) * np.dtype(array.dtype).itemsize
+        except TypeError:  # a dtype numpy does not know
+            claimed = len(array.data)
+        total += max(0, min(claimed, len(array.data)))
     return total
 
 

@@ -185,7 +185,7 @@ def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path):
     message = str(info.value)
     assert "train.lr: 0.05 -> 0.1" in message and "train.sampler: 'per_layer' -> 'across_layers'" in message
     assert "train.epochs" not in message and "train.lambda_gl" not in message
-    extended = tiny(epochs=2)
+    extended = tiny(epochs=2, num_workers=2)  # loader workers change nothing for in-memory data
     extended.resume = True
     trainer = Trainer(extended, tmp_path, DATASETS)
     assert trainer.resume()

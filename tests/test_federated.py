@@ -140,7 +140,9 @@ def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> Clien
         elif kind == "fraction":
             metrics[P.PARTITION_ID] = pid + 0.5
         elif kind == "seconds":
-            metrics[P.TRAIN_SECONDS] = float("nan")
+            metrics[P.TRAIN_SECONDS] = -1.0
+        elif kind == "nanloss":
+            metrics[P.TRAIN_LOSS] = float("nan")
         elif kind == "weight":
             metrics[P.NUM_EXAMPLES] = metrics[P.NUM_EXAMPLES] * 1000
         if captured is not None and kind is None:
@@ -156,17 +158,17 @@ def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> Clien
 
 def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_path, caplog):
     behaviour = {0: "raise", 1: "nan", 2: "shape", 3: "extra", 4: "missing", 5: "pid", 6: "dtype",
-                 7: "undecodable", 8: "list", 9: "fraction", 10: "seconds", 11: "weight"}
-    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=13", "fl.clients_per_round=13", "fl.rounds=1",
+                 7: "undecodable", 8: "list", 9: "fraction", 10: "seconds", 11: "weight", 12: "nanloss"}
+    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=14", "fl.clients_per_round=14", "fl.rounds=1",
                             "devices=three_tiers", "strategy.shrink_every=0")
     strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
     before = strategy.global_model.arrays()
     captured = {}
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
-        strategy.start(LocalGrid(faulty_app(behaviour, captured), 13))
+        strategy.start(LocalGrid(faulty_app(behaviour, captured), 14))
     r = records(run_dir)[0]
     dropped = r["clients"]["dropped"]
-    assert r["clients"]["valid"] == [12] and sorted(map(int, dropped)) == list(range(12))
+    assert r["clients"]["valid"] == [13] and sorted(map(int, dropped)) == list(range(13))
     assert "client exploded" in dropped["0"]
     assert "fc2.u has 1 non-finite values" in dropped["1"]
     assert "fc1.u has shape" in dropped["2"]
@@ -177,11 +179,12 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
     assert "arrays do not decode" in dropped["7"]
     assert "finite numbers, got train-loss=[1.0]" in dropped["8"]
     assert "whole numbers >= 0, got partition-id=9.5" in dropped["9"]
-    assert "finite numbers, got train-seconds=nan" in dropped["10"]
+    assert "train-seconds=-1.0 must be >= 0" in dropped["10"]
     assert "but the client announced" in dropped["11"]
-    assert sum("dropped the reply of client" in m for m in caplog.messages) == 12
+    assert "finite numbers, got train-loss=nan" in dropped["12"]
+    assert sum("dropped the reply of client" in m for m in caplog.messages) == 13
     # the global model is the aggregate of the one valid reply, exactly
-    arrays, weight = captured[12]
+    arrays, weight = captured[13]
     expected = nested.aggregate(before, [(arrays, weight)], strategy.global_model.layout.axes)
     after = strategy.global_model.arrays()
     for name in expected:
@@ -213,6 +216,9 @@ def test_bytes_up_are_counted_from_array_metadata_even_when_the_arrays_do_not_de
     record = ArrayRecord({"a": Array(np.zeros((3, 4), np.float32)), "b": Array(np.zeros(5, np.float64)),
                           "c": Array(dtype="float32", shape=(10,), stype="torch", data=bytes(40))})
     assert _payload_bytes(record) == 3 * 4 * 4 + 5 * 8 + 10 * 4  # payload only, no serialization headers
+    liar = ArrayRecord({"huge": Array(dtype="float32", shape=(10**9,), stype="torch", data=bytes(1)),
+                        "negative": Array(dtype="float32", shape=(-1, 10), stype="torch", data=bytes(8))})
+    assert _payload_bytes(liar) == 1  # never more than came, never negative
 
 
 def test_a_round_without_valid_replies_leaves_the_model_unchanged(tmp_path, caplog):
