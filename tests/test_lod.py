@@ -215,12 +215,13 @@ CONV_KERNEL_CASES = [  # (in, rank, b, kernel, stride, padding, dilation, size, 
 
 @pytest.mark.parametrize("case", CONV_KERNEL_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_prefix_conv2d_gradcheck_and_equals_the_reference(case, with_bias):
+def test_prefix_conv2d_gradcheck_and_equals_the_reference(case, with_bias, monkeypatch):
     cin, rank, b, k, stride, padding, dilation, size, kn2row = case
     u, v, bias = _factor_inputs(rank, 4, (cin, *k), seed=20)
     bias = bias if with_bias else None
     x = _randn(2, cin, *size, seed=23).requires_grad_(True)
     assert kernels.KN2ROW_MAX_STACKED == 4.5  # the cases below are chosen around this threshold
+    monkeypatch.setattr(kernels, "KN2ROW_MIN_PIXELS", 1)  # gradcheck needs tiny images; the rule is tested apart
     assert kernels.use_kn2row(x, v, b, stride, padding, dilation) == kn2row  # the path under test
     assert gradcheck(lambda *a: kernels.prefix_conv2d(*a, b, stride, padding, dilation), (x, u, v, bias))
     inputs = [t for t in (x, u, v, bias) if t is not None]
@@ -254,8 +255,19 @@ def test_prefix_conv2d_without_autograd_merges_the_kernel_only_where_cheaper(b, 
     assert len(calls) == 1 + (not merged)
 
 
+def test_kn2row_only_on_large_output_feature_maps():
+    v = torch.zeros(16, 64, 3, 3)  # 9 b <= 4.5 in for b <= 32
+    for size, expected in ((32, True), (30, False), (16, False), (4, False)):  # 'same' padding: output = input
+        x = torch.zeros(1, 64, size, size)
+        assert kernels.use_kn2row(x, v, 16, (1, 1), (1, 1), (1, 1)) is expected, size
+    x = torch.zeros(1, 64, 34, 34)  # no padding: 32 x 32 outputs
+    assert kernels.use_kn2row(x, v, 16, (1, 1), (0, 0), (1, 1)) and not kernels.use_kn2row(x, v, 16, (2, 2), (0, 0),
+                                                                                          (1, 1))
+
+
 def test_kn2row_chunks_of_a_large_batch_agree_with_one_chunk(monkeypatch):
     """Many images split into chunks (buffer reuse) give the same values as one chunk."""
+    monkeypatch.setattr(kernels, "KN2ROW_MIN_PIXELS", 1)  # 5 x 5 images through kn2row
     u, v, bias = _factor_inputs(3, 4, (9, 3, 3), seed=30)
     x = _randn(7, 9, 5, 5, seed=33).requires_grad_(True)
     args = (2, (1, 1), (1, 1), (1, 1))

@@ -91,20 +91,28 @@ def prefix_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch
     return _PrefixLinear.apply(x, u, v, bias, b)
 
 
-# kn2row while k k b <= KN2ROW_MAX_STACKED * in_channels: above that the stacked products
-# (N, k k b, H, W) outgrow the input and oneDNN's direct convolution wins. Measured with
-# bench/layers.py (64 -> 64 channels, 3 x 3, 32 x 32 images, one thread, AMD EPYC, AVX2): kn2row
-# takes 0.34 of the dense time at b = 16 (direct: 0.42) and 0.59 at b = 32 (direct: 0.70); at
-# b = 64 (k k b = 9 in) the two are within noise of each other.
+# kn2row while k k b <= KN2ROW_MAX_STACKED * in_channels and the output has at least KN2ROW_MIN_PIXELS
+# positions; otherwise oneDNN's direct convolution wins. bench/layers.py (64 -> 64 channels, 3 x 3,
+# 32 x 32 images, one thread, AMD EPYC, AVX2): kn2row takes 0.34 of the dense time at b = 16 (direct:
+# 0.42) and 0.59 at b = 32 (direct: 0.70). On smaller feature maps the shifted-slice sums do not pay
+# off: forward + backward of one LoDConv2d (C -> C, 3 x 3, batch 32), kn2row time / direct time at
+# k k b / in = 1.1, 2.25, 4.5: 16 x 16 outputs (C 128) 1.04, 1.19, 1.20; 8 x 8 (C 256) 1.22, 1.33,
+# 1.69; 4 x 4 (C 512) 1.94, 3.35, 3.46. A ResNet-18 (CIFAR, batch 32) training step at p = 0.5 took
+# 1.8-2.1 s without the pixel rule and 1.18 s with it (p = 0.25: 1.03-1.16 s and 0.71 s).
 KN2ROW_MAX_STACKED = 4.5
+KN2ROW_MIN_PIXELS = 1024
 
 
 def use_kn2row(x: torch.Tensor, v: torch.Tensor, b: int, stride, padding, dilation) -> bool:
-    """kn2row for the k x k conv: on CPU, stride 1, padding <= dilation (k - 1), few stacked kernels."""
+    """kn2row for the k x k conv: on CPU, stride 1, padding <= dilation (k - 1), few stacked kernels, a large
+    output feature map."""
     _, in_channels, kh, kw = v.shape
-    return (x.device.type == "cpu" and tuple(stride) == (1, 1)
+    if not (x.device.type == "cpu" and tuple(stride) == (1, 1)
             and all(p <= d * (k - 1) for p, d, k in zip(padding, dilation, (kh, kw)))
-            and kh * kw * b <= KN2ROW_MAX_STACKED * in_channels)
+            and kh * kw * b <= KN2ROW_MAX_STACKED * in_channels):
+        return False
+    out_h, out_w = (size + 2 * p - d * (k - 1) for size, p, d, k in zip(x.shape[-2:], padding, dilation, (kh, kw)))
+    return out_h * out_w >= KN2ROW_MIN_PIXELS
 
 
 def _stacked(v: torch.Tensor, b: int) -> torch.Tensor:
