@@ -14,7 +14,8 @@ can drive the four hooks too, without checkpoints, faults' ordering or records):
    are not finite numbers, a partition id other than the node's, a num-examples other than the one the
    client announced when the run started: dropped and logged; the bytes of every reply count); the
    valid ones are aggregated column by column (``nested.aggregate``, sorted by partition id so that
-   float sums repeat exactly); every ``shrink_every`` rounds the global model is shrunk. No valid reply: the model is left unchanged, with a warning.
+   float sums repeat exactly); every ``shrink_every`` rounds the global model is shrunk. No valid reply:
+   the model is left unchanged, with a warning.
 4. evaluation: the global model on the central test set at full rank and at every tier's caps (params
    and MACs of each); federated evaluation on the clients' local test splits every
    ``fl.federated_eval_every`` rounds.
@@ -392,16 +393,12 @@ class MaestroStrategy(Strategy):
         # the full model, then every tier that cuts it (a tier at full rank has the full model's numbers)
         jobs = [None] + [caps for _, caps in tier_caps if caps != ranks]
         rows = gm.evaluate_many(jobs) if evaluated else [gm.footprint(gm.sub_model(caps)) for caps in jobs]
-        out = rows[0]
+        full, out = rows[0], dict(rows[0])
         out.update({"ranks": ranks, "total_rank": int(sum(ranks.values()))})
         if tier_caps:
             tiers_out, cut = {}, iter(rows[1:])
             for tier, caps in tier_caps:
-                if caps == ranks:
-                    row = {k: out[k] for k in ("accuracy", "loss") if k in out}
-                    row.update(gm.footprint(gm.model))
-                else:
-                    row = next(cut)
+                row = dict(full) if caps == ranks else next(cut)
                 row["rank"] = int(sum(caps.values()))
                 tiers_out[tier.name] = row
             out["tiers"] = tiers_out
