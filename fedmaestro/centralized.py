@@ -36,8 +36,8 @@ from . import checkpoint, data, lod
 from .config import Config, resolve, to_dict
 from .footprint import Footprint, measure
 from .plots import plot_centralized
-from .train import (RankCost, active_lambda, build_model, evaluate, make_optimizer, make_scheduler,
-                    recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
+from .train import (RankCost, active_lambda, active_sampler, build_model, evaluate, make_optimizer,
+                    make_scheduler, recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
            "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
@@ -199,15 +199,19 @@ class Trainer:
         t, start = self.cfg.train, time.perf_counter()
         self.train_loader.set_epoch(self.epoch)
         lr = self.optimizer.param_groups[0]["lr"]
-        lam = t.lambda_gl
+        lam, sampler = t.lambda_gl, self.sampler
+        mode = t.sampler if self.factorized else None  # the rank sampler this epoch trains with (recorded)
         if self.factorized and t.lambda_stop_params is not None:
             # the previous epoch's record measured the model as it is now (after its shrinking)
             params_rel = self.records[-1]["params_rel"] if self.records else \
                 deployed_footprint(self.model, self.example).params / self.dense.params
             lam = active_lambda(t, params_rel)
             t = dataclasses.replace(t, lambda_gl=lam)
+            mode = active_sampler(t, params_rel)
+            if mode != t.sampler:  # fine-tuning: every step at the model's ranks
+                sampler = None
         stats = train_epoch(self.model, self.train_loader, self.optimizer, t, self.task, self.device,
-                            sampler=self.sampler, scaler=self.scaler, cost=self.cost, on_step=on_step)
+                            sampler=sampler, scaler=self.scaler, cost=self.cost, on_step=on_step)
         self.scheduler.step()
         self.examples_seen += stats["num_examples"]
         self.steps_seen += stats["steps"]
@@ -219,7 +223,7 @@ class Trainer:
                 self.calib_loader.set_epoch(self.epoch)
                 recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
         self.epoch += 1
-        record = {"epoch": self.epoch, "lr": lr, "lambda_gl": lam, "train_loss": stats["loss"],
+        record = {"epoch": self.epoch, "lr": lr, "lambda_gl": lam, "sampler": mode, "train_loss": stats["loss"],
                   "train_s": round(stats["seconds"], 3)}
         if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
             result = evaluate(self.model, self.test_loader, self.task, self.device)

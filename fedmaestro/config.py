@@ -92,6 +92,9 @@ class TrainConfig:
     # HGL off (lambda 0) from the first epoch (federated: round) that starts with the model's deployed
     # params at or below this fraction of the dense model's; null = HGL all along
     lambda_stop_params: Optional[float] = None
+    # once the lasso has stopped, train without rank sampling (every layer at its cap): fine-tuning at the
+    # ranks reached, which recovers what sampling costs (the paper, Sec. 3.3); needs lambda_stop_params
+    finetune_after_stop: bool = False
     hgl_mode: str = "subgradient"  # the paper's penalty in the loss, or the exact proximal step
     eps_ps: float = 1e-5  # progressive shrinking threshold (train.shrink=false turns shrinking off)
     shrink: bool = True
@@ -118,6 +121,9 @@ class TrainConfig:
         _check("train.lambda_stop_params", self.lambda_stop_params,
                self.lambda_stop_params is None or 0 < self.lambda_stop_params <= 1,
                "must be null or a fraction in (0, 1] of the dense model's parameters")
+        _check("train.finetune_after_stop", self.finetune_after_stop,
+               not self.finetune_after_stop or self.lambda_stop_params is not None,
+               "needs train.lambda_stop_params (the params target that ends the lasso and starts the fine-tuning)")
         _check("train.eps_ps", self.eps_ps, self.eps_ps >= 0, "must be >= 0")
         _check("train.momentum", self.momentum, 0 <= self.momentum < 1, "must be in [0, 1)")
         _check("train.weight_decay", self.weight_decay, self.weight_decay >= 0, "must be >= 0")

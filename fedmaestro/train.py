@@ -193,12 +193,22 @@ class RankCost:
         self.macs, self.params, self.stored_params = state["macs"], state["params"], state["stored_params"]
 
 
+def lasso_stopped(train: TrainConfig, params_rel: float) -> bool:
+    """Whether a model at ``params_rel`` x the dense model's deployed parameters has reached
+    ``lambda_stop_params`` (False when no stop is set)."""
+    return train.lambda_stop_params is not None and params_rel <= train.lambda_stop_params
+
+
 def active_lambda(train: TrainConfig, params_rel: float) -> float:
     """The HGL strength for the next epoch (round) of a model at ``params_rel`` x the dense model's deployed
     parameters: ``lambda_gl``, or 0 once ``lambda_stop_params`` is reached (the model trains on at its ranks)."""
-    if train.lambda_stop_params is not None and params_rel <= train.lambda_stop_params:
-        return 0.0
-    return train.lambda_gl
+    return 0.0 if lasso_stopped(train, params_rel) else train.lambda_gl
+
+
+def active_sampler(train: TrainConfig, params_rel: float) -> str:
+    """The rank sampler for the next epoch (round): ``sampler``, or ``fixed`` (every layer at its cap: no rank
+    sampling) once the lasso has stopped and ``finetune_after_stop`` is set."""
+    return "fixed" if train.finetune_after_stop and lasso_stopped(train, params_rel) else train.sampler
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,

@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedmaestro import checkpoint, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, to_dict
-from fedmaestro.train import active_lambda
+from fedmaestro.train import active_lambda, active_sampler
 
 from .global_model import GlobalModel
 from .records import RunLog
@@ -122,7 +122,8 @@ class MaestroStrategy(Strategy):
                  "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
                  c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
                  "" if c.train.lambda_stop_params is None else
-                 f" until the params fall to {c.train.lambda_stop_params:g}x dense",
+                 f" until the params fall to {c.train.lambda_stop_params:g}x dense"
+                 + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
                  c.strategy.shrink_every, c.train.eps_ps)
         for t, n in zip(c.devices.tiers, counts):
             log.info("  tier %s: %d clients, budget %g%s%s", t.name, n, t.budget,
@@ -181,7 +182,7 @@ class MaestroStrategy(Strategy):
             log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier trains the whole "
                         "model (budgets do not apply)")
             self.warned_dense_budget = True
-        lam = self.round_lambda()
+        lam, sampler = self.round_training()
         deadline = time.time() + c.strategy.round_timeout
         self.sent, messages = {}, []
         for pid in sorted(pids, key=lambda p: (p in faults, p)):  # healthy first: see _exchange
@@ -192,7 +193,7 @@ class MaestroStrategy(Strategy):
             record = ConfigRecord(dict(config))  # a copy per node: the caller's config is never changed
             record.update({P.ROUND: server_round, P.CAPS: [int(caps[n]) for n in layout.layers],
                            P.LR: float(c.train.lr), P.LOCAL_EPOCHS: int(c.fl.local_epochs),
-                           P.LAMBDA: lam, P.SAMPLER: c.train.sampler, P.SEED: int(c.seed),
+                           P.LAMBDA: lam, P.SAMPLER: sampler, P.SEED: int(c.seed),
                            P.FAULT: fault, P.DEADLINE: float(deadline)})
             node = self.node_of[pid]
             messages.append(Message(RecordDict({P.ARRAYS: _to_record(part), P.CONFIG: record}), dst_node_id=node,
@@ -200,16 +201,18 @@ class MaestroStrategy(Strategy):
             self.sent[node] = Sent(pid, tier, {n: tuple(a.shape) for n, a in part.items()}, fault)
             self.bytes_down += nested.num_bytes(part)
         self.round_info = {"sampled": sorted(pids), "faults": {str(p): f for p, f in sorted(faults.items())},
-                           "deadline": deadline, "lambda_gl": lam}
+                           "deadline": deadline, "lambda_gl": lam, "sampler": sampler}
         return messages
 
-    def round_lambda(self) -> float:
-        """The HGL strength sent this round: ``train.lambda_gl`` until the global model's deployed params fall
-        to ``train.lambda_stop_params`` x dense, then 0 (derived from the model alone, so a resumed run agrees)."""
+    def round_training(self) -> tuple[float, str]:
+        """(HGL strength, rank sampler) sent this round: ``train.lambda_gl`` and ``train.sampler`` until the
+        global model's deployed params fall to ``train.lambda_stop_params`` x dense, then lambda 0 (and sampler
+        ``fixed`` with ``train.finetune_after_stop``); derived from the model alone, so a resumed run agrees."""
         t, gm = self.cfg.train, self.global_model
         if not gm.factorized or t.lambda_stop_params is None:
-            return float(t.lambda_gl)
-        return float(active_lambda(t, gm.footprint(gm.model)["params_rel"]))
+            return float(t.lambda_gl), t.sampler
+        params_rel = gm.footprint(gm.model)["params_rel"]
+        return float(active_lambda(t, params_rel)), active_sampler(t, params_rel)
 
     def _check_train_reply(self, msg: Message) -> tuple[Sent, dict, float, dict] | str:
         """(what was sent, arrays, weight, metrics) of a valid reply, or why it is invalid."""
@@ -451,7 +454,7 @@ class MaestroStrategy(Strategy):
             record.update({
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
                 "clients": {k: info[k] for k in ("sampled", "valid", "dropped", "late", "faults", "per_tier")},
-                "shrunk": info["shrunk"], "lambda_gl": info["lambda_gl"],
+                "shrunk": info["shrunk"], "lambda_gl": info["lambda_gl"], "sampler": info["sampler"],
             })
             t2 = time.perf_counter()
             client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \

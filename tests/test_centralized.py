@@ -124,6 +124,24 @@ def test_lambda_stops_once_the_params_target_is_reached(tmp_path):
         tiny(lambda_stop_params=1.5)
 
 
+def test_finetuning_after_the_lasso_stops_trains_without_rank_sampling(tmp_path, monkeypatch):
+    cfg = tiny(lambda_gl=0.2, eps_ps=0.05, lambda_stop_params=0.995, finetune_after_stop=True)
+    trainer = Trainer(cfg, tmp_path / "ft", DATASETS)
+    steps = []
+    sample = trainer.sampler.step
+    monkeypatch.setattr(trainer.sampler, "step", lambda: (steps.append(trainer.epoch), sample()))
+    ft = trainer.fit(show_progress=False)
+    assert [(r["lambda_gl"], r["sampler"]) for r in ft] == [(0.2, "per_layer"), (0.2, "per_layer"), (0.0, "fixed")]
+    per_epoch = [steps.count(e) for e in range(3)]
+    assert per_epoch[0] == per_epoch[1] > 0 == per_epoch[2]  # the third epoch never sampled ranks
+    stop = Trainer(tiny(lambda_gl=0.2, eps_ps=0.05, lambda_stop_params=0.995), tmp_path / "stop",
+                   DATASETS).fit(show_progress=False)
+    assert [r["sampler"] for r in stop] == ["per_layer"] * 3
+    assert without_times(ft[:2]) == without_times(stop[:2]) and ft[2]["train_loss"] != stop[2]["train_loss"]
+    with pytest.raises(ValueError, match=r"train.finetune_after_stop=True is invalid: needs train.lambda_stop_params"):
+        tiny(finetune_after_stop=True)
+
+
 def test_dense_baseline_trains_through_the_same_loop(tmp_path):
     cfg = tiny(lambda_gl=0.0)
     cfg.model.factorize = False

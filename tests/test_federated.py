@@ -289,6 +289,14 @@ def test_lambda_is_sent_until_the_global_model_reaches_the_params_target(tmp_pat
     on = records(on_dir)
     assert [r["lambda_gl"] for r in on] == [0.2] * 3 and timeless(on)[:2] == timeless(stop)[:2]
     assert on[-1]["params"] < stop[-1]["params"]
+    cfg, ft_dir = make_cfg(tmp_path, *lasso, "train.lambda_stop_params=0.6", "train.finetune_after_stop=true",
+                           name="finetune")
+    _, grid = run(cfg, ft_dir)
+    sent = [{m.content.config_records[P.CONFIG][P.SAMPLER] for m in train_messages(grid, rnd)} for rnd in (1, 2, 3)]
+    ft = records(ft_dir)
+    assert sent == [{"per_layer"}, {"per_layer"}, {"fixed"}] and [r["sampler"] for r in ft] == [m for (m,) in sent]
+    assert [r["sampler"] for r in stop] == ["per_layer"] * 3
+    assert timeless(ft)[:2] == timeless(stop)[:2] and ft[2]["loss"] != stop[2]["loss"]
 
 
 def test_server_evaluation_side_by_side_does_not_depend_on_the_cores(tmp_path, monkeypatch):
