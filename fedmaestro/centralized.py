@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import checkpoint, data, lod
-from .config import Config, resolve, to_dict
+from .config import Config, resolve, to_dict, with_defaults
 from .footprint import Footprint, measure
 from .plots import plot_centralized
 from .train import (RankCost, active_lambda, active_sampler, build_model, evaluate, make_optimizer,
@@ -155,7 +155,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         ignored = checkpoint.IGNORED_KEYS + ("train.epochs",) + (
             () if checkpoint.num_workers_matters(self.cfg.dataset.name) else ("train.num_workers",))
-        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), ignored)
+        diff = checkpoint.config_diff(with_defaults(state["config"]), to_dict(self.cfg), ignored)
         if diff:
             raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
                              "(checkpoint -> now):\n  " + "\n  ".join(diff) +

@@ -344,4 +344,20 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def with_defaults(stored: dict) -> dict:
+    """A stored config (a checkpoint's, a config.json) with every key added to the schema since it was
+    written set to its default, so that comparing it with a current config lists only real differences."""
+    return _fill(to_dict(Config()), stored)
+
+
+def _fill(defaults: dict, stored: dict) -> dict:
+    out = dict(stored)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _fill(value, out[key])
+    return out
+
+
 register()

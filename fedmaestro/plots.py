@@ -28,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import with_defaults  # noqa: E402
+
 __all__ = ["read_records", "plot_centralized", "Run", "find_runs", "sweep_table", "write_sweep", "plot_sweep",
            "read_curve", "plot_deploy", "DPI"]
 
@@ -165,7 +167,7 @@ def find_runs(*roots: str | Path) -> list[Run]:
             config = metrics.parent / "config.json"
             records = read_records(metrics.parent)
             if config.is_file() and records:
-                cfg = json.loads(config.read_text())
+                cfg = with_defaults(json.loads(config.read_text()))
                 runs.append(Run(metrics.parent, cfg, records, _flatten(cfg)))
     return runs
 

@@ -221,13 +221,15 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     sub-model, the optimizer steps; in ``proximal`` mode the exact HGL proximal operator with
     threshold lr * lambda follows the step. ``full_pass`` adds the "w/ full-training" ablation: a
     full-rank pass trained on the labels, which also teaches the sampled pass (self-distillation,
-    KL(teacher || student) weighted by ``distill_weight``). ``on_step(steps_done)`` is called after
+    KL(teacher || student) weighted by ``distill_weight``); only where ranks are sampled (without a
+    sampler, or with ``fixed`` / ``none``, the two passes would be the same network). ``on_step(steps_done)`` is called after
     every step (progress bars). The loss is summed on the device: no host sync per step.
     """
     model.train()
     proximal = train.lambda_gl > 0 and train.hgl_mode == "proximal"
     penalty = train.lambda_gl > 0 and train.hgl_mode == "subgradient"
     use_amp = scaler is not None
+    full_pass = train.full_pass and sampler is not None and sampler.mode in lod.SAMPLING_MODES
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss = torch.zeros((), device=device)
     examples, steps, start = 0, 0, time.perf_counter()
@@ -235,13 +237,13 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
         if sampler is not None:
             sampler.step()
         with torch.autocast(device.type, enabled=use_amp):
-            if train.full_pass:
+            if full_pass:
                 with lod.full_rank(model):
                     teacher_out, target = task.forward(model, batch, device)
             output, target = task.forward(model, batch, device)
             loss = task.loss(output, target)
             objective = loss
-            if train.full_pass:
+            if full_pass:
                 objective = objective + task.loss(teacher_out, target)
                 if task.kind != "regression":
                     objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
@@ -264,7 +266,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             lod.hgl_proximal_step(model, optimizer.param_groups[0]["lr"] * train.lambda_gl)
         n = target.shape[0]
         if cost is not None:
-            cost.add_step(n, full_pass=train.full_pass)
+            cost.add_step(n, full_pass=full_pass)
         total_loss += loss.detach().float() * n
         examples += n
         steps += 1

@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedmaestro import checkpoint, nested, tiers
 from fedmaestro import protocol as P
-from fedmaestro.config import Config, to_dict
+from fedmaestro.config import Config, to_dict, with_defaults
 from fedmaestro.train import active_lambda, active_sampler
 
 from .global_model import GlobalModel
@@ -201,7 +201,8 @@ class MaestroStrategy(Strategy):
             self.sent[node] = Sent(pid, tier, {n: tuple(a.shape) for n, a in part.items()}, fault)
             self.bytes_down += nested.num_bytes(part)
         self.round_info = {"sampled": sorted(pids), "faults": {str(p): f for p, f in sorted(faults.items())},
-                           "deadline": deadline, "lambda_gl": lam, "sampler": sampler}
+                           "deadline": deadline, "lambda_gl": lam,
+                           "sampler": sampler if layout.layers else None}  # a dense model samples no ranks
         return messages
 
     def round_training(self) -> tuple[float, str]:
@@ -365,7 +366,7 @@ class MaestroStrategy(Strategy):
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, **self.runlog.state_dict()}
 
     def load_state_dict(self, state: dict) -> int:
-        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), RESUME_IGNORED)
+        diff = checkpoint.config_diff(with_defaults(state["config"]), to_dict(self.cfg), RESUME_IGNORED)
         if diff:
             raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
                              "(checkpoint -> now):\n  " + "\n  ".join(diff) +

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmaestro import centralized, data, lod
+from fedmaestro import centralized, checkpoint, data, lod
 from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model
 from fedmaestro.data import unaugmented
 from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
@@ -130,10 +130,15 @@ def test_finetuning_after_the_lasso_stops_trains_without_rank_sampling(tmp_path,
     steps = []
     sample = trainer.sampler.step
     monkeypatch.setattr(trainer.sampler, "step", lambda: (steps.append(trainer.epoch), sample()))
+    cut = set()  # (epoch, layer) of every training forward pass that ran a layer below its rank
+    for name, layer in lod.layers(trainer.model):
+        layer.register_forward_pre_hook(
+            lambda m, _, name=name: cut.add((trainer.epoch, name)) if m.training and m.active_rank else None)
     ft = trainer.fit(show_progress=False)
     assert [(r["lambda_gl"], r["sampler"]) for r in ft] == [(0.2, "per_layer"), (0.2, "per_layer"), (0.0, "fixed")]
     per_epoch = [steps.count(e) for e in range(3)]
     assert per_epoch[0] == per_epoch[1] > 0 == per_epoch[2]  # the third epoch never sampled ranks
+    assert {e for e, _ in cut} == {0, 1}  # ... and trained every layer at all of its columns
     stop = Trainer(tiny(lambda_gl=0.2, eps_ps=0.05, lambda_stop_params=0.995), tmp_path / "stop",
                    DATASETS).fit(show_progress=False)
     assert [r["sampler"] for r in stop] == ["per_layer"] * 3
@@ -208,6 +213,22 @@ def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path):
     trainer = Trainer(extended, tmp_path, DATASETS)
     assert trainer.resume()
     assert [r["epoch"] for r in trainer.fit(show_progress=False)] == [1, 2]
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_at_that_keys_default(tmp_path):
+    Trainer(tiny(epochs=1, lambda_stop_params=0.5), tmp_path, DATASETS).fit(show_progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = checkpoint.load(path)
+    del state["config"]["train"]["finetune_after_stop"]  # as written before the key was added
+    checkpoint.save(path, state)
+    other = tiny(epochs=2, lambda_stop_params=0.5, finetune_after_stop=True)
+    other.resume = True
+    with pytest.raises(ValueError, match=r"train.finetune_after_stop: False -> True"):
+        Trainer(other, tmp_path, DATASETS).resume()
+    same = tiny(epochs=2, lambda_stop_params=0.5)
+    same.resume = True
+    trainer = Trainer(same, tmp_path, DATASETS)
+    assert trainer.resume() and trainer.epoch == 1
 
 
 def test_resume_from_a_model_file_says_it_needs_the_checkpoint(tmp_path):

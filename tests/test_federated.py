@@ -396,6 +396,7 @@ def test_every_federated_preset_runs(tmp_path, preset, factorized, sampler, shri
     r = records(run_dir)[0]
     assert r["shrunk"] is shrinks  # eps 0.3 cuts at once whenever shrinking is on
     assert (r["total_rank"] < 236) is shrinks if factorized else r["total_rank"] == 0
+    assert r["sampler"] == (sampler if factorized else None)  # what ran; a dense model samples no ranks
     assert len(r["clients"]["valid"]) == 3 and set(r["tiers"]) == {"small", "medium", "large"}
 
 

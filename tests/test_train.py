@@ -168,6 +168,17 @@ def test_full_pass_self_distillation_trains_the_full_rank_model_too():
     # the full pass costs one full-rank forward per example more (~the paper's 2x in Table 5)
     assert results["full"][0] > 1.8 * results["plain"][0]
     assert results["full"][1] != results["plain"][1]
+    # without rank sampling the full pass would be the same network as the trained one: it is skipped
+    for mode in (None, "fixed"):
+        outcome = []
+        for t in (TrainConfig(sampler="per_layer"), TrainConfig(sampler="per_layer", full_pass=True)):
+            model = lenet()
+            cost = RankCost(model, EXAMPLE)
+            sampler = lod.RankSampler(model, mode, seed=0) if mode else None
+            train_epoch(model, data, make_optimizer(model, t), t, task_for("fashion_mnist"), CPU, sampler=sampler,
+                        cost=cost)
+            outcome.append((cost.macs, evaluate(model, [data[0]], task_for("fashion_mnist"), CPU)["loss"]))
+        assert outcome[0] == outcome[1]
 
 
 def test_nan_loss_raises_with_a_fix():

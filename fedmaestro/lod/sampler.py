@@ -16,9 +16,10 @@ from torch import nn
 
 from .factorize import layers
 
-__all__ = ["RankSampler", "SAMPLERS", "full_rank"]
+__all__ = ["RankSampler", "SAMPLERS", "SAMPLING_MODES", "full_rank"]
 
 SAMPLERS = ("per_layer", "across_layers", "fixed", "none")
+SAMPLING_MODES = ("per_layer", "across_layers")  # the modes that vary the ranks from step to step
 
 
 class RankSampler:
