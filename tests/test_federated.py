@@ -277,26 +277,31 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
 
 
 def test_lambda_is_sent_until_the_global_model_reaches_the_params_target(tmp_path):
-    lasso = ["devices=homogeneous", "fl.rounds=3", "train.lambda_gl=0.2", "train.eps_ps=0.05"]
-    cfg, stop_dir = make_cfg(tmp_path, *lasso, "train.lambda_stop_params=0.6", name="stop")
+    lasso = ["devices=homogeneous", "train.lambda_gl=0.2", "train.eps_ps=0.05"]
+    cfg, stop_dir = make_cfg(tmp_path, *lasso, "fl.rounds=3", "train.lambda_stop_params=0.6", name="stop")
     _, grid = run(cfg, stop_dir)
     sent = [{m.content.config_records[P.CONFIG][P.LAMBDA] for m in train_messages(grid, rnd)} for rnd in (1, 2, 3)]
     stop = records(stop_dir)
     assert sent == [{0.2}, {0.2}, {0.0}] and [r["lambda_gl"] for r in stop] == [0.2, 0.2, 0.0]
     assert stop[0]["params_rel"] > 0.6 >= stop[1]["params_rel"]
-    cfg, on_dir = make_cfg(tmp_path, *lasso, name="on")
+    cfg, on_dir = make_cfg(tmp_path, *lasso, "fl.rounds=3", name="on")
     run(cfg, on_dir)
     on = records(on_dir)
     assert [r["lambda_gl"] for r in on] == [0.2] * 3 and timeless(on)[:2] == timeless(stop)[:2]
     assert on[-1]["params"] < stop[-1]["params"]
-    cfg, ft_dir = make_cfg(tmp_path, *lasso, "train.lambda_stop_params=0.6", "train.finetune_after_stop=true",
-                           name="finetune")
+    finetune = [*lasso, "train.lambda_stop_params=0.6", "train.finetune_after_stop=true"]
+    cfg, ft_dir = make_cfg(tmp_path, *finetune, "fl.rounds=3", name="finetune")
     _, grid = run(cfg, ft_dir)
     sent = [{m.content.config_records[P.CONFIG][P.SAMPLER] for m in train_messages(grid, rnd)} for rnd in (1, 2, 3)]
     ft = records(ft_dir)
     assert sent == [{"per_layer"}, {"per_layer"}, {"fixed"}] and [r["sampler"] for r in ft] == [m for (m,) in sent]
     assert [r["sampler"] for r in stop] == ["per_layer"] * 3
     assert timeless(ft)[:2] == timeless(stop)[:2] and ft[2]["loss"] != stop[2]["loss"]
+    cfg, cut_dir = make_cfg(tmp_path, *finetune, "fl.rounds=2", name="cut")
+    run(cfg, cut_dir)
+    cfg, cut_dir = make_cfg(tmp_path, *finetune, "fl.rounds=3", "resume=true", name="cut")
+    run(cfg, cut_dir)  # resumed at the stop: the fine-tuning is derived from the model alone
+    assert timeless(records(cut_dir)) == timeless(ft)
 
 
 def test_server_evaluation_side_by_side_does_not_depend_on_the_cores(tmp_path, monkeypatch):
