@@ -33,11 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from . import checkpoint, data, lod
-from .config import Config, resolve, to_dict, with_defaults
+from .config import Config, resolve, to_dict
 from .footprint import Footprint, measure
 from .plots import plot_centralized
-from .train import (RankCost, active_lambda, active_sampler, build_model, evaluate, make_optimizer,
-                    make_scheduler, recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
+from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimizer, make_scheduler,
+                    recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
            "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
@@ -155,7 +155,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         ignored = checkpoint.IGNORED_KEYS + ("train.epochs",) + (
             () if checkpoint.num_workers_matters(self.cfg.dataset.name) else ("train.num_workers",))
-        diff = checkpoint.config_diff(with_defaults(state["config"]), to_dict(self.cfg), ignored)
+        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), ignored)
         if diff:
             raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
                              "(checkpoint -> now):\n  " + "\n  ".join(diff) +
@@ -205,9 +205,8 @@ class Trainer:
             # the previous epoch's record measured the model as it is now (after its shrinking)
             params_rel = self.records[-1]["params_rel"] if self.records else \
                 deployed_footprint(self.model, self.example).params / self.dense.params
-            lam = active_lambda(t, params_rel)
+            lam, mode = lasso_schedule(t, params_rel)
             t = dataclasses.replace(t, lambda_gl=lam)
-            mode = active_sampler(t, params_rel)
             if mode != t.sampler:  # fine-tuning: every step at the model's ranks
                 sampler = None
         stats = train_epoch(self.model, self.train_loader, self.optimizer, t, self.task, self.device,

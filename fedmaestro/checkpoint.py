@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .config import with_defaults
+
 __all__ = ["save", "load", "config_diff", "IGNORED_KEYS", "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs,
@@ -57,7 +59,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_KEYS) -> list[str]:
-    """Lines ``key: saved -> current`` for every config key that differs (ignoring ``ignored``)."""
-    a, b = _flatten(saved), _flatten(current)
+    """Lines ``key: saved -> current`` for every config key that differs (ignoring ``ignored``); a key the
+    schema gained after ``saved`` was written counts at its default (``config.with_defaults``)."""
+    a, b = _flatten(with_defaults(saved)), _flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]

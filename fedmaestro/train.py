@@ -193,22 +193,14 @@ class RankCost:
         self.macs, self.params, self.stored_params = state["macs"], state["params"], state["stored_params"]
 
 
-def lasso_stopped(train: TrainConfig, params_rel: float) -> bool:
-    """Whether a model at ``params_rel`` x the dense model's deployed parameters has reached
-    ``lambda_stop_params`` (False when no stop is set)."""
-    return train.lambda_stop_params is not None and params_rel <= train.lambda_stop_params
-
-
-def active_lambda(train: TrainConfig, params_rel: float) -> float:
-    """The HGL strength for the next epoch (round) of a model at ``params_rel`` x the dense model's deployed
-    parameters: ``lambda_gl``, or 0 once ``lambda_stop_params`` is reached (the model trains on at its ranks)."""
-    return 0.0 if lasso_stopped(train, params_rel) else train.lambda_gl
-
-
-def active_sampler(train: TrainConfig, params_rel: float) -> str:
-    """The rank sampler for the next epoch (round): ``sampler``, or ``fixed`` (every layer at its cap: no rank
-    sampling) once the lasso has stopped and ``finetune_after_stop`` is set."""
-    return "fixed" if train.finetune_after_stop and lasso_stopped(train, params_rel) else train.sampler
+def lasso_schedule(train: TrainConfig, params_rel: float) -> tuple[float, str]:
+    """(HGL strength, rank sampler) for the next epoch (round) of a model at ``params_rel`` x the dense
+    model's deployed parameters: ``lambda_gl`` and ``sampler``; once ``lambda_stop_params`` is reached, lambda 0
+    (the model trains on at its ranks) and, with ``finetune_after_stop``, ``fixed`` (every layer at its cap: no
+    rank sampling)."""
+    if train.lambda_stop_params is None or params_rel > train.lambda_stop_params:
+        return train.lambda_gl, train.sampler
+    return 0.0, "fixed" if train.finetune_after_stop else train.sampler
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
@@ -222,8 +214,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     threshold lr * lambda follows the step. ``full_pass`` adds the "w/ full-training" ablation: a
     full-rank pass trained on the labels, which also teaches the sampled pass (self-distillation,
     KL(teacher || student) weighted by ``distill_weight``); only where ranks are sampled (without a
-    sampler, or with ``fixed`` / ``none``, the two passes would be the same network). ``on_step(steps_done)`` is called after
-    every step (progress bars). The loss is summed on the device: no host sync per step.
+    sampler, or with ``fixed`` / ``none``, the two passes would be the same network). ``on_step(steps_done)``
+    is called after every step (progress bars). The loss is summed on the device: no host sync per step.
     """
     model.train()
     proximal = train.lambda_gl > 0 and train.hgl_mode == "proximal"

@@ -43,8 +43,8 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedmaestro import checkpoint, nested, tiers
 from fedmaestro import protocol as P
-from fedmaestro.config import Config, to_dict, with_defaults
-from fedmaestro.train import active_lambda, active_sampler
+from fedmaestro.config import Config, to_dict
+from fedmaestro.train import lasso_schedule
 
 from .global_model import GlobalModel
 from .records import RunLog
@@ -212,8 +212,8 @@ class MaestroStrategy(Strategy):
         t, gm = self.cfg.train, self.global_model
         if not gm.factorized or t.lambda_stop_params is None:
             return float(t.lambda_gl), t.sampler
-        params_rel = gm.footprint(gm.model)["params_rel"]
-        return float(active_lambda(t, params_rel)), active_sampler(t, params_rel)
+        lam, sampler = lasso_schedule(t, gm.footprint(gm.model)["params_rel"])
+        return float(lam), sampler
 
     def _check_train_reply(self, msg: Message) -> tuple[Sent, dict, float, dict] | str:
         """(what was sent, arrays, weight, metrics) of a valid reply, or why it is invalid."""
@@ -366,7 +366,7 @@ class MaestroStrategy(Strategy):
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, **self.runlog.state_dict()}
 
     def load_state_dict(self, state: dict) -> int:
-        diff = checkpoint.config_diff(with_defaults(state["config"]), to_dict(self.cfg), RESUME_IGNORED)
+        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), RESUME_IGNORED)
         if diff:
             raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
                              "(checkpoint -> now):\n  " + "\n  ".join(diff) +
