@@ -56,7 +56,7 @@ IN_MEMORY_POLL_S = 0.01  # the simulation's grid checks for replies this often (
 
 
 def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | None = None) -> Result:
-    if isinstance(grid, InMemoryGrid):  # a poll of the in-process link state costs microseconds, a late one up to 0.1 s a round
+    if isinstance(grid, InMemoryGrid):  # a poll of the in-process state costs microseconds; a late one, up to 0.1 s
         grid.pull_interval = min(grid.pull_interval, IN_MEMORY_POLL_S)
     strategy = MaestroStrategy(cfg, run_dir, launched_at=launched_at)
     return strategy.start(grid)
