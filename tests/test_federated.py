@@ -18,12 +18,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from clients import client_app as real_client
 from clients import local
 from fedmaestro import data, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.train import evaluate
+from strategies import server_app
 from strategies.local_grid import LocalGrid
 from strategies.maestro import MaestroStrategy, _payload_bytes
 from strategies.records import TIME_KEYS
@@ -420,10 +422,6 @@ def test_every_device_preset_solves_its_caps(tmp_path, devices):
 def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypatch):
     """The in-memory grid sleeps pull_interval between looks for replies: at Flower's 0.1 s a round's end
     is seen up to 0.1 s late. serve() lowers it to IN_MEMORY_POLL_S before the strategy starts."""
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-    from strategies import server_app
-
     grid = InMemoryGrid.__new__(InMemoryGrid)  # no link state needed: only the attribute is read
     grid.pull_interval = 0.1
     seen = []
