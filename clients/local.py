@@ -112,6 +112,7 @@ def _load(cfg: Config, arrays: dict[str, np.ndarray], caps: dict[str, int] | Non
 def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd: int, caps: dict[str, int],
           lr: float, lambda_gl: float, local_epochs: int, sampler: str, seed: int) -> tuple[dict, dict]:
     """E local epochs of LoD training at ``caps`` from ``arrays``; (arrays after training, metrics).
+    On CUDA with ``train.amp``, autocast with a GradScaler, as in a centralized run.
 
     metrics: num_examples (local training examples: the aggregation weight), loss (mean over the
     epochs), seconds, steps.
@@ -129,10 +130,11 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
                               indices=train_idx)
     optimizer = make_optimizer(model, t)
     task = task_for(cfg.dataset.name, t.label_smoothing)
+    scaler = torch.amp.GradScaler("cuda") if t.amp and device.type == "cuda" else None
     total, examples, steps = 0.0, 0, 0
     for epoch in range(local_epochs):
         loader.set_epoch((rnd - 1) * local_epochs + epoch)
-        stats = train_epoch(model, loader, optimizer, t, task, device, sampler=rank_sampler)
+        stats = train_epoch(model, loader, optimizer, t, task, device, sampler=rank_sampler, scaler=scaler)
         total += stats["loss"] * stats["num_examples"]
         examples += stats["num_examples"]
         steps += stats["steps"]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from . import checkpoint
 from .config import resolve
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -28,15 +30,28 @@ MODE_RUNNERS = {
 }
 
 
+# What a wrong config, path or checkpoint raises: printed as one line (the message names the key and the
+# fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
 def run_mode(cfg: DictConfig, run_dir: Path) -> None:
     config = resolve(cfg)  # validation: a bad value fails here, before any work
+    if config.mode in ("federated", "centralized"):
+        checkpoint.refuse_overwrite(run_dir, config.resume, f"{config.mode} run")
     run_dir.mkdir(parents=True, exist_ok=True)
     importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    run_mode(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run_mode(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -28,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from . import checkpoint, data, lod
 from .config import Config, resolve, to_dict
+from .console import console
 from .footprint import Footprint, measure
 from .plots import plot_centralized
 from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimizer, make_scheduler,
@@ -42,7 +42,6 @@ from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimi
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
            "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
 
-console = Console()
 
 TIME_FIELDS = ("train_s", "wall_s")  # the record fields that differ between identical runs
 
@@ -155,11 +154,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         ignored = checkpoint.IGNORED_KEYS + ("train.epochs",) + (
             () if checkpoint.num_workers_matters(self.cfg.dataset.name) else ("train.num_workers",))
-        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), ignored)
-        if diff:
-            raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
-                             "(checkpoint -> now):\n  " + "\n  ".join(diff) +
-                             "\nRun with the checkpoint's config, or start a new run directory.")
+        checkpoint.check_resumable(state["config"], to_dict(self.cfg), ignored)
         self.model.load_state_dict(state["model"])  # LoD layers resize to the saved ranks
         self.optimizer.load_state_dict(state["optimizer"])  # momentum / moments at the saved ranks
         self.scheduler.load_state_dict(state["scheduler"])
@@ -186,6 +181,9 @@ class Trainer:
             return False
         state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors; the model and
         # optimizer states move to their parameters' device as they load
+        if "round" in state and "epoch" not in state:
+            raise ValueError(f"resume: {path} is a federated run's checkpoint; continue it with mode=federated "
+                             "(the centralized mode resumes the checkpoint.pt of a centralized run)")
         missing = sorted({"epoch", "optimizer", "scheduler", "rng", "records"} - set(state))
         if missing:
             raise ValueError(f"resume: {path} is not a training checkpoint (it has no {missing}); a model file "

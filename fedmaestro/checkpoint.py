@@ -7,6 +7,7 @@ from its config, then the state dict resizes every LoD layer to the saved ranks)
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,18 @@ import torch
 
 from .config import with_defaults
 
-__all__ = ["save", "load", "config_diff", "IGNORED_KEYS", "num_workers_matters"]
+log = logging.getLogger(__name__)
 
-# Keys that may change between an interrupted run and its resumption: where and how fast it runs,
-# not what it computes (the data root may move with the run between machines). train.num_workers is
-# one only for the in-memory data sets (``num_workers_matters``).
+__all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
+
+# Keys that may change between an interrupted run and its resumption: where and how fast it runs
+# (the data root may move with the run between machines). train.num_workers is one only for the
+# in-memory data sets (``num_workers_matters``).
 IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "train.threads",
                 "fl.client_cpus", "fl.client_gpus")
+# Of those, the ones that change float rounding (other kernels, other thread counts): such a resume goes
+# on, with a warning that its numbers will not match an uninterrupted run's digit for digit.
+ROUNDING_KEYS = ("device", "train.threads", "fl.client_cpus", "fl.client_gpus")
 
 
 def num_workers_matters(dataset: str) -> bool:
@@ -64,3 +70,25 @@ def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_K
     a, b = _flatten(with_defaults(saved)), _flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_KEYS) -> None:
+    """Raise if the config a checkpoint was written with differs from ``current`` outside ``ignored`` (the
+    error lists the keys); warn if a key of ``ROUNDING_KEYS`` differs."""
+    diff = config_diff(saved, current, ignored)
+    if diff:
+        raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
+                         "(checkpoint -> now):\n  " + "\n  ".join(diff) +
+                         "\nRun with the checkpoint's config, or start a new run directory.")
+    rounding = [line for line in config_diff(saved, current, ()) if line.split(":", 1)[0] in ROUNDING_KEYS]
+    if rounding:
+        log.warning("resume: %s. The run goes on, but other kernels or thread counts round floats differently, so "
+                    "its numbers will not match an uninterrupted run's digit for digit", "; ".join(rounding))
+
+
+def refuse_overwrite(run_dir: str | Path, resume: bool, what: str = "run") -> None:
+    """A new run (``resume=false``) into a directory that holds one (its checkpoint.pt) would overwrite its
+    records, checkpoint and model: raise FileExistsError naming the two ways out."""
+    if not resume and (Path(run_dir) / "checkpoint.pt").is_file():
+        raise FileExistsError(f"{run_dir} already holds a {what} (checkpoint.pt); continue it with resume=true, or "
+                              "give the new run its own directory (hydra.run.dir=...)")

@@ -8,6 +8,8 @@ values and names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -38,6 +40,7 @@ class ModelConfig:
     name: str = "lenet"
     factorize: bool = True
     skip: list[str] = field(default_factory=list)  # module names kept dense (lod.factorize's skip)
+    skip_last: bool = False  # also keep the last nn.Linear / nn.Conv2d in module order dense (the classifier)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to models.build
 
 
@@ -57,6 +60,8 @@ class DataConfig:
 
     def __post_init__(self):
         _check("data.subset", self.subset, self.subset is None or self.subset > 0, "must be a positive int or null")
+        _check("data.test_subset", self.test_subset, self.test_subset is None or self.test_subset > 0,
+               "must be a positive int or null")
         _check("data.local_test_fraction", self.local_test_fraction, 0.0 <= self.local_test_fraction < 1.0,
                "must be in [0, 1)")
 
@@ -82,9 +87,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0  # applied to weights only, never to 1-D parameters (bias, norms)
-    milestones: list[int] = field(default_factory=list)  # multi-step LR decay epochs
+    milestones: list[int] = field(default_factory=list)  # multi-step LR decay epochs (federated: rounds)
     gamma: float = 0.1
-    warmup_epochs: int = 0  # linear warm-up (Transformer recipe)
+    warmup_epochs: int = 0  # linear warm-up (Transformer recipe; federated: rounds)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # adam
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
@@ -101,7 +106,7 @@ class TrainConfig:
     sampler: str = "per_layer"
     full_pass: bool = False  # extra full-rank pass with self-distillation ("w/ full-training")
     distill_weight: float = 1.0
-    amp: bool = False  # CUDA autocast
+    amp: bool = False  # CUDA autocast with a GradScaler (centralized and federated clients)
     eval_every: int = 1
     num_workers: int = 0
     lr_schedule: str = "multistep"  # multistep (CNN recipes) | inverse_sqrt (Transformer: warm-up, then 1/sqrt)
@@ -151,15 +156,15 @@ class TierConfig:
     straggler: float = 0.0  # probability that it answers after the round's timeout (strategy.round_timeout)
 
     def __post_init__(self):
-        _check("devices.tiers.budget", self.budget, 0 < self.budget <= 1, "must be in (0, 1]")
-        _check("devices.tiers.share", self.share, self.share > 0, "must be > 0")
+        _check(f"devices.tiers[{self.name}].budget", self.budget, 0 < self.budget <= 1, "must be in (0, 1]")
+        _check(f"devices.tiers[{self.name}].share", self.share, self.share > 0, "must be > 0")
         for key in ("max_macs", "max_params"):
             value = getattr(self, key)
-            _check(f"devices.tiers.{key}", value, value is None or value > 0,
+            _check(f"devices.tiers[{self.name}].{key}", value, value is None or value > 0,
                    "must be null or a fraction > 0 of the dense model's count")
         for key in ("dropout", "straggler"):
             value = getattr(self, key)
-            _check(f"devices.tiers.{key}", value, 0 <= value <= 1, "must be a probability in [0, 1]")
+            _check(f"devices.tiers[{self.name}].{key}", value, 0 <= value <= 1, "must be a probability in [0, 1]")
         _check(f"devices.tiers[{self.name}].dropout + straggler", self.dropout + self.straggler,
                self.dropout + self.straggler <= 1, "the two fault probabilities must sum to at most 1")
 
@@ -173,6 +178,11 @@ class DevicesConfig:
         _check("devices.tiers", len(self.tiers), len(self.tiers) > 0, "give at least one tier")
         names = [t.name for t in self.tiers]
         _check("devices.tiers.name", names, len(set(names)) == len(names), "tier names must be unique")
+        largest = max(t.budget for t in self.tiers)
+        _check("devices.tiers.budget", [t.budget for t in self.tiers], largest == 1.0,
+               "the largest budget must be 1.0: budgets are fractions of the global model's ranks, and the global "
+               f"model is what the largest tier holds (divide them by {largest:g}; cap compute with max_macs / "
+               "max_params instead)")
 
 
 @dataclass
@@ -303,6 +313,8 @@ class Config:
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
+        _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+               "must be auto, cpu, cuda, cuda:N or mps")
 
 
 def register() -> None:
@@ -328,7 +340,29 @@ def resolve(cfg: DictConfig | Config | dict) -> Config:
         if interpolated:
             raise ValueError(f"config: a stored config holds interpolations, which are not resolved from files or "
                              f"messages: {', '.join(interpolated[:5])}; write the values themselves")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    if isinstance(cfg, DictConfig):  # a composed config: a key the schema lacks would be dropped silently
+        unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), to_dict(config))
+        if unknown:
+            raise ValueError("config: unknown keys (not in the schema, fedmaestro/config.py): " + "; ".join(unknown))
+    return config
+
+
+def _unknown_keys(given: Any, known: Any, path: str = "") -> list[str]:
+    """``key`` (with a close known key, if any) for every key of ``given`` that ``known`` lacks."""
+    if isinstance(given, dict) and isinstance(known, dict):
+        out = []
+        for key, value in given.items():
+            full = f"{path}.{key}" if path else str(key)
+            if key in known:
+                out += _unknown_keys(value, known[key], full)
+            else:
+                close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+                out.append(full + (f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""))
+        return out
+    if isinstance(given, list) and isinstance(known, list):
+        return [hit for i, (g, k) in enumerate(zip(given, known)) for hit in _unknown_keys(g, k, f"{path}[{i}]")]
+    return []
 
 
 def _interpolations(node: Any, path: str = "") -> list[str]:

@@ -38,21 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from . import data, lod
 from .centralized import (apply_threads, deployed_footprint, dense_footprint, example_input, load_datasets,
                           load_model, save_model)
-from .config import Config, DeployConfig
+from .checkpoint import config_diff
+from .config import Config, DeployConfig, to_dict
+from .console import console
 from .footprint import Footprint, measure
 from .plots import plot_deploy
 from .train import Task, evaluate, recalibrate_batchnorm, resolve_device, task_for
 
 __all__ = ["GreedyContext", "batch_loss", "greedy_curve", "export_point", "accuracy_at", "svd_model", "run"]
 
-console = Console()
 
 CURVE_FIELDS = ("method", "step", "removed", "batch_loss", "accuracy", "params", "macs", "params_factorized",
                 "macs_factorized", "params_rel", "macs_rel", "params_frac", "macs_frac", "total_rank", "ranks")
@@ -251,6 +251,14 @@ def _write_curve(curves: dict[str, list[dict]], path: Path) -> None:
                 writer.writerow({**row, "ranks": json.dumps(row["ranks"])})
 
 
+def ignored_settings(cfg: Config, model_cfg: Config) -> list[str]:
+    """``key: checkpoint's -> given`` for every model / dataset setting the user changed from its default
+    (deploy uses the checkpoint's: the model is what it was trained as)."""
+    given = {line.split(":", 1)[0] for line in config_diff(to_dict(Config()), to_dict(cfg), ())}
+    return [line for line in config_diff(to_dict(model_cfg), to_dict(cfg), ())
+            if line.startswith(("model.", "dataset.")) and line.split(":", 1)[0] in given]
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     apply_threads(cfg)
     if not cfg.checkpoint:
@@ -258,6 +266,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
                          "checkpoint.pt>, e.g. checkpoint=outputs/centralized/<time>")
     device = resolve_device(cfg.device)
     model, model_cfg = load_model(cfg.checkpoint, device)
+    ignored = ignored_settings(cfg, model_cfg)
+    if ignored:
+        console.print("[yellow]deploy: the model and data set are the checkpoint's; these settings were not used "
+                      "(checkpoint -> given): " + "; ".join(ignored))
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     ctx = _context(cfg, model_cfg, device)
     sources = {"maestro": (model, model_cfg)}
     if cfg.deploy.svd_baseline:

@@ -34,15 +34,14 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from .centralized import Trainer, apply_threads
 from .config import Config, to_dict
+from .console import console
 
 __all__ = ["Trial", "HPOResult", "search", "run"]
 
-console = Console()
 
 
 @dataclass

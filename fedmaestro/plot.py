@@ -3,6 +3,7 @@
 * a deploy run (holds ``deploy_curve.csv``): ``deploy.png`` (Fig. 11);
 * a centralized run (holds ``metrics.jsonl``): ``training.png``, ``total_rank.png``,
   ``ranks_per_layer.png`` (Fig. 4);
+* a federated run (``metrics.jsonl`` of rounds): its ``plot_*.png`` again;
 * anything else, e.g. a ``--multirun`` directory of a lambda sweep (plus, as further arguments, the
   dense run or other sweeps to compare): every run below the directories together, as
   ``sweep_accuracy.png`` (Fig. 12), ``sweep_total_rank.png`` (Fig. 8), ``sweep_ranks.png`` (Fig. 9)
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .plots import find_runs, plot_centralized, plot_deploy, plot_sweep, read_curve
+from .plots import find_runs, plot_centralized, plot_deploy, plot_federated, plot_sweep, read_curve, read_records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                 curves.setdefault(str(row["method"]), []).append(row)
             written.append(plot_deploy(curves, d / "deploy.png"))
         elif (d / "metrics.jsonl").is_file() and len(args.dirs) == 1:
-            written += plot_centralized(d)
+            records = read_records(d)
+            written += plot_federated(d) if records and "round" in records[0] else plot_centralized(d)
         else:
             sweep_dirs.append(d)
     if sweep_dirs:

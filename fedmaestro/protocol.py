@@ -50,6 +50,7 @@ LOSS = "loss"
 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, PARTITION_ID, TRAIN_SECONDS, STEPS)
 EVAL_REPLY_METRICS = (NUM_EXAMPLES, ACCURACY, LOSS, PARTITION_ID)
+QUERY_REPLY_METRICS = (PARTITION_ID, NUM_EXAMPLES, NUM_TEST)
 
 # injected faults (FAULT): a dropout never trains and answers after the deadline; a straggler trains and
 # answers after the deadline. In both cases the server has moved on.

@@ -436,7 +436,7 @@ def summary(svd: SVDResult, pca: PCAResult, order: OrderResult, adapt: Adaptivit
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Run the four experiments with ``cfg.theory`` and ``cfg.seed``; write the plots and theory.json."""
-    from rich.console import Console
+    from .console import console
     from rich.table import Table
 
     torch.set_num_threads(1)  # 6 x 9 matrices: threads only add overhead
@@ -464,7 +464,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                   f"LoD {fmt(order.lod_loss[:3])} vs SVD {fmt(order.svd_loss[:3])}")
     table.add_row("(d) adaptivity, Fig. 7", f"rank {adapt.rank_before_removal} before the removal at step "
                   f"{adapt.remove_at}, {adapt.final_rank} at the end")
-    console = Console()
     console.print(table)
     console.print(f"plots and theory.json in {run_dir}")
     return result

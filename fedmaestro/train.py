@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lod, models
-from .config import Config, TrainConfig
+from .config import LR_SCHEDULES, Config, TrainConfig
 from .models.transformer import PAD_INDEX
 
 __all__ = [
@@ -86,7 +86,8 @@ def task_for(dataset: str, label_smoothing: float = 0.0) -> Task:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The configured model, factorized (with ``model.skip`` kept dense) unless ``model.factorize=false``."""
+    """The configured model, factorized (with ``model.skip`` kept dense, and its last layer with
+    ``model.skip_last``) unless ``model.factorize=false``."""
     kwargs = dict(cfg.model.kwargs)
     if cfg.model.name not in ("transformer",):
         kwargs.setdefault("num_classes", cfg.dataset.num_classes)
@@ -94,7 +95,10 @@ def build_model(cfg: Config) -> nn.Module:
             kwargs.setdefault("in_channels", cfg.dataset.input_shape[0])
     model = models.build(cfg.model.name, **kwargs)
     if cfg.model.factorize:
-        lod.factorize(model, skip=cfg.model.skip)
+        skip = list(cfg.model.skip)
+        if cfg.model.skip_last:
+            skip.append([name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1])
+        lod.factorize(model, skip=skip)
     return model
 
 
@@ -110,29 +114,29 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-epoch schedule (stepped once per epoch).
+def lr_factor(train: TrainConfig, epoch: int) -> float:
+    """The learning rate's multiplier in epoch ``epoch`` (0-based; a round in federated mode).
 
     ``multistep`` (the CNN recipes, App. D.3): linear warm-up over ``warmup_epochs``, then the rate
     times ``gamma`` at every epoch in ``milestones``. ``inverse_sqrt`` (the Transformer recipe,
     Vaswani et al.'s schedule in epochs): a linear rise to ``lr`` over ``warmup_epochs``, then
     ``lr * sqrt(warmup_epochs / epoch)``.
     """
-    milestones = sorted(train.milestones)
     warmup = train.warmup_epochs
-
-    def multistep(epoch: int) -> float:
+    if train.lr_schedule == "multistep":
         warm = min(1.0, (epoch + 1) / warmup) if warmup > 0 else 1.0
-        return warm * train.gamma ** sum(epoch >= m for m in milestones)
-
-    def inverse_sqrt(epoch: int) -> float:
+        return warm * train.gamma ** sum(epoch >= m for m in train.milestones)
+    if train.lr_schedule == "inverse_sqrt":
         e = epoch + 1
         return min(e / warmup, math.sqrt(warmup / e)) if warmup > 0 else 1.0 / math.sqrt(e)
+    raise ValueError(f"config: train.lr_schedule={train.lr_schedule!r} is not allowed; choose one of "
+                     f"{sorted(LR_SCHEDULES)}")
 
-    factors = {"multistep": multistep, "inverse_sqrt": inverse_sqrt}
-    if train.lr_schedule not in factors:
-        raise ValueError(f"config: train.lr_schedule={train.lr_schedule!r} is not allowed; choose one of {sorted(factors)}")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors[train.lr_schedule])
+
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule (stepped once per epoch): ``lr_factor``."""
+    lr_factor(train, 0)  # an unknown schedule fails here, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(train, epoch))
 
 
 class RankCost:

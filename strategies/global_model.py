@@ -88,6 +88,22 @@ class GlobalModel:
             raise ValueError(f"devices: tier {tier.name!r}: {e}") from None
         return caps
 
+    def cut_to_tiers(self, tier_cfgs) -> bool:
+        """Cut every LoD layer to the largest cap any tier gets at the current ranks; True if a rank fell.
+
+        Columns above every tier's cap are sent to no client: never trained, they would keep their
+        initial values in the global model, and since shrinking looks at tail norms that include them,
+        nothing could ever shrink (a MAC cap of 1.0x cannot hold the full-rank factorized model, which
+        costs more than the dense one). At the ranks of the cut the largest tier holds the whole model."""
+        if not self.factorized:
+            return False
+        caps = [self.tier_caps(t) for t in tier_cfgs]
+        held = {name: max(c[name] for c in caps) for name in self.ranks()}
+        if held == self.ranks():
+            return False
+        lod.truncate(self.model, held)
+        return True
+
     # --- evaluation --------------------------------------------------------------------------------
     @property
     def test_loader(self):

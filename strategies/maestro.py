@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedmaestro import checkpoint, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, to_dict
-from fedmaestro.train import lasso_schedule
+from fedmaestro.train import lasso_schedule, lr_factor
 
 from .global_model import GlobalModel
 from .records import RunLog
@@ -104,6 +104,7 @@ class MaestroStrategy(Strategy):
         self.straggler = {pid: tier_cfgs[t].straggler for pid, t in enumerate(self.tier_of)}
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id (learned in identify)
         self.examples_of: dict[int, float] = {}  # partition id -> training examples it announced (identify)
+        self.tests_of: dict[int, int] = {}  # partition id -> local test examples it announced (identify)
         self.sent: dict[int, Sent] = {}  # node id -> what it was sent this round
         self.current: dict[str, np.ndarray] = {}  # the global arrays the round's messages were cut from
         self.dtypes: dict[str, np.dtype] = {}
@@ -146,21 +147,34 @@ class MaestroStrategy(Strategy):
         errors = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
         if errors:
             raise RuntimeError("clients failed to start:\n  " + "\n  ".join(errors[:5]))
-        node_of, examples_of = {}, {}
+        node_of, examples_of, tests_of = {}, {}, {}
         for m in replies:
-            metrics = m.content.metric_records[P.METRICS]
-            pid = int(metrics[P.PARTITION_ID])
+            metrics = m.content.metric_records.get(P.METRICS)
+            counts = [metrics.get(k) if metrics is not None else None for k in P.QUERY_REPLY_METRICS]
+            if not all(isinstance(v, (int, float)) and v >= 0 and v == int(v) for v in counts):
+                raise RuntimeError(
+                    f"node {m.metadata.src_node_id} answered the start-up query without the whole numbers "
+                    f"{list(P.QUERY_REPLY_METRICS)} in its {P.METRICS!r} MetricRecord (got "
+                    f"{dict(metrics) if metrics is not None else 'no such record'}): the nodes must run this "
+                    f"project's ClientApp (clients.client_app:app)")
+            pid, examples, tests = (int(v) for v in counts)
             if pid in node_of:
                 raise RuntimeError(f"two nodes ({node_of[pid]}, {m.metadata.src_node_id}) claim partition-id {pid}")
-            node_of[pid], examples_of[pid] = m.metadata.src_node_id, metrics[P.NUM_EXAMPLES]
+            node_of[pid], examples_of[pid], tests_of[pid] = m.metadata.src_node_id, examples, tests
         if sorted(node_of) != list(range(n)):
             missing = sorted(set(range(n)) - set(node_of))
             raise RuntimeError(f"partition ids must be 0..{n - 1} (fl.num_clients={n}); got {sorted(node_of)}, "
                                f"missing {missing[:10]} (a node that did not answer within {timeout:.0f} s?)")
-        self.node_of, self.examples_of = node_of, examples_of
+        self.node_of, self.examples_of, self.tests_of = node_of, examples_of, tests_of
         return node_of
 
     # --- train -------------------------------------------------------------------------------------
+    def _cut_to_tiers(self, when: str) -> None:
+        before = self.global_model.ranks()
+        if self.global_model.cut_to_tiers(self.cfg.devices.tiers):
+            log.info("%s: the global model was cut to the ranks its largest tier holds, %s -> %s (columns above "
+                     "every tier's caps would never be trained)", when, before, self.global_model.ranks())
+
     def caps_of_tiers(self) -> list[dict[str, int]]:
         """Every tier's caps at the global model's current ranks (empty dicts for a dense model)."""
         return [self.global_model.tier_caps(t) for t in self.cfg.devices.tiers]
@@ -183,6 +197,7 @@ class MaestroStrategy(Strategy):
                         "model (budgets do not apply)")
             self.warned_dense_budget = True
         lam, sampler = self.round_training()
+        lr = float(c.train.lr * lr_factor(c.train, server_round - 1))  # train.milestones etc. count rounds
         deadline = time.time() + c.strategy.round_timeout
         self.sent, messages = {}, []
         for pid in sorted(pids, key=lambda p: (p in faults, p)):  # healthy first: see _exchange
@@ -192,7 +207,7 @@ class MaestroStrategy(Strategy):
             fault = faults.get(pid, P.NO_FAULT)
             record = ConfigRecord(dict(config))  # a copy per node: the caller's config is never changed
             record.update({P.ROUND: server_round, P.CAPS: [int(caps[n]) for n in layout.layers],
-                           P.LR: float(c.train.lr), P.LOCAL_EPOCHS: int(c.fl.local_epochs),
+                           P.LR: lr, P.LOCAL_EPOCHS: int(c.fl.local_epochs),
                            P.LAMBDA: lam, P.SAMPLER: sampler, P.SEED: int(c.seed),
                            P.FAULT: fault, P.DEADLINE: float(deadline)})
             node = self.node_of[pid]
@@ -292,6 +307,8 @@ class MaestroStrategy(Strategy):
         shrink_now = (self.global_model.factorized and c.train.shrink and c.train.eps_ps is not None
                       and c.strategy.shrink_every > 0 and server_round % c.strategy.shrink_every == 0)
         info["shrunk"] = bool(shrink_now and self.global_model.shrink(c.train.eps_ps))
+        if info["shrunk"]:  # the caps fall with the ranks, and may now leave columns to no tier
+            self._cut_to_tiers(f"after round {server_round}")
         total = sum(weights)
         metrics = MetricRecord({
             "valid-replies": len(valid),
@@ -322,7 +339,7 @@ class MaestroStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = []
+        rows, answered = [], set()
         for msg in replies:
             sent = self.sent.get(msg.metadata.src_node_id)
             if msg.has_error() or sent is None or P.METRICS not in msg.content.metric_records:
@@ -332,11 +349,23 @@ class MaestroStrategy(Strategy):
                 continue
             m = msg.content.metric_records[P.METRICS]
             values = [m.get(k) for k in P.EVAL_REPLY_METRICS]
-            if any(v is None or isinstance(v, list) or not math.isfinite(v) for v in values) \
-                    or int(m[P.PARTITION_ID]) != sent.partition_id:
-                log.warning("round %d: dropped the evaluation reply of client %d: metrics %s", server_round,
-                            sent.partition_id, dict(m))
+            problem = None
+            if any(v is None or isinstance(v, list) or not math.isfinite(v) for v in values):
+                problem = f"metrics {list(P.EVAL_REPLY_METRICS)} must all be finite numbers"
+            elif int(m[P.PARTITION_ID]) != sent.partition_id:
+                problem = f"partition-id {m[P.PARTITION_ID]} but node {msg.metadata.src_node_id} is {sent.partition_id}"
+            elif m[P.NUM_EXAMPLES] != self.tests_of.get(sent.partition_id, m[P.NUM_EXAMPLES]):
+                problem = (f"num-examples={m[P.NUM_EXAMPLES]!r}, but the client announced "
+                           f"{self.tests_of[sent.partition_id]} test examples when the run started")
+            elif not 0.0 <= m[P.ACCURACY] <= 1.0:
+                problem = f"accuracy={m[P.ACCURACY]!r} is not in [0, 1]"
+            elif sent.partition_id in answered:
+                problem = "a second reply from the same node"
+            if problem is not None:
+                log.warning("round %d: dropped the evaluation reply of client %d: %s (metrics %s)", server_round,
+                            sent.partition_id, problem, dict(m))
                 continue
+            answered.add(sent.partition_id)
             if m[P.NUM_EXAMPLES] > 0:
                 rows.append((float(m[P.NUM_EXAMPLES]), float(m[P.ACCURACY]), float(m[P.LOSS])))
         if not rows:
@@ -366,11 +395,7 @@ class MaestroStrategy(Strategy):
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, **self.runlog.state_dict()}
 
     def load_state_dict(self, state: dict) -> int:
-        diff = checkpoint.config_diff(state["config"], to_dict(self.cfg), RESUME_IGNORED)
-        if diff:
-            raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
-                             "(checkpoint -> now):\n  " + "\n  ".join(diff) +
-                             "\nRun with the checkpoint's config, or start a new run directory.")
+        checkpoint.check_resumable(state["config"], to_dict(self.cfg), RESUME_IGNORED)
         self.global_model.model.load_state_dict(state["model"])
         self.bytes_down, self.bytes_up = int(state["bytes_down"]), int(state["bytes_up"])
         self.runlog.load_state_dict(state)
@@ -428,6 +453,7 @@ class MaestroStrategy(Strategy):
                 log.warning("resumed after round %d: initial_arrays are not used (the checkpoint's model goes on)", done)
             else:
                 self.global_model.load(_record_arrays(initial_arrays))
+        self._cut_to_tiers("before round 1" if not done else f"after round {done}")
         self.summary()
         self.runlog.begin(num_rounds)
         self.identify(grid)

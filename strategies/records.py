@@ -16,18 +16,15 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from fedmaestro import checkpoint
 from fedmaestro.config import Config, to_dict
+from fedmaestro.console import console
 
 __all__ = ["RunLog", "TIME_KEYS", "console"]
 
 TIME_KEYS = ("wall_s", "timing")
-console = Console()
-if not console.is_terminal:  # logs and pipes: one line per round, not wrapped at 80 columns
-    console = Console(width=160)
 
 
 class RunLog:
@@ -119,7 +116,7 @@ class RunLog:
                                                         "model": global_model.model.state_dict(),
                                                         "ranks": global_model.ranks()})
             try:
-                from .plots import plot_federated
+                from fedmaestro.plots import plot_federated
                 plot_federated(self.run_dir)
             except Exception as e:  # noqa: BLE001  (plots are a convenience: a failure must not lose the run)
                 console.print(f"[yellow]plots not written: {e}")

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from fedmaestro import checkpoint
 from fedmaestro.config import Config, resolve
 
 from .maestro import MaestroStrategy
@@ -80,4 +81,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get(OVERRIDES_KEY, "")))
     cfg, run_dir = compose(overrides)
+    checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated run")
     serve(grid, cfg, run_dir)

@@ -16,9 +16,12 @@ import os
 import time
 from pathlib import Path
 
-from fedmaestro.config import Config
+from fedmaestro.config import Config, to_dict
 
-__all__ = ["run", "simulate", "backend_config"]
+__all__ = ["run", "simulate", "backend_config", "preflight"]
+
+# Flower's link-state database set-up logs every alembic plugin at INFO, which Hydra's logging shows
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def backend_config(cfg: Config) -> dict:
@@ -39,8 +42,7 @@ class _NotThisDeprecation(logging.Filter):
 def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose: bool = False) -> None:
     """Run ``server_app`` against ``num_supernodes`` virtual nodes running ``client_app`` (Ray backend)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning about GPU env vars
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # the link state's database set-up, at INFO under Hydra
-    from flwr.simulation import run_simulation  # after the line above: alembic logs its plugins at import
+    from flwr.simulation import run_simulation
     flwr_logger = logging.getLogger("flwr")
     level, quiet = flwr_logger.level, _NotThisDeprecation()
     flwr_logger.addFilter(quiet)
@@ -54,6 +56,25 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
         flwr_logger.removeFilter(quiet)
 
 
+def preflight(cfg: Config, run_dir: Path) -> int:
+    """What would otherwise fail on every client, or only after Ray's start-up, fails here, once: the
+    model and the tiers' budgets, the data set, the partitions (as each client builds them) and a
+    resume's config. Returns the rounds a resumed run has done (0 for a new run)."""
+    from clients import local
+    from fedmaestro import checkpoint
+
+    from .maestro import RESUME_IGNORED, MaestroStrategy
+
+    MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
+    local.client_data(cfg)
+    path = run_dir / "checkpoint.pt"
+    if not (cfg.resume and path.is_file()):
+        return 0
+    state = checkpoint.load(path)
+    checkpoint.check_resumable(state["config"], to_dict(cfg), RESUME_IGNORED)
+    return int(state["round"])
+
+
 def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
     """The federated mode: simulate ``fl.num_clients`` clients; outputs go to ``run_dir``.
 
@@ -63,4 +84,9 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
 
     from .server_app import make_app
 
+    done = preflight(cfg, Path(run_dir))
+    if done >= cfg.fl.rounds:
+        print(f"{run_dir}: the run has done all fl.rounds={cfg.fl.rounds} rounds (its checkpoint is at round {done}); "
+              "raise fl.rounds to continue it")
+        return
     simulate(make_app(cfg, Path(run_dir), launched_at=launched), client_app, cfg.fl.num_clients, backend_config(cfg))

@@ -9,7 +9,10 @@ images. The whole file takes a few seconds.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import torch
 from fedmaestro import centralized, checkpoint, data, lod
 from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model
 from fedmaestro.data import unaugmented
-from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
+from fedmaestro.config import Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig
 from fedmaestro.data.memory import NORMALIZATION
 
 DENSE_LENET_PARAMS = 44_426  # Table 11
@@ -199,7 +202,7 @@ def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, m
     assert all(torch.equal(final[k], reference[k]) for k in final)
 
 
-def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path):
+def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path, caplog):
     Trainer(tiny(epochs=1), tmp_path, DATASETS).fit(show_progress=False)
     changed = tiny(epochs=5, lr=0.1, sampler="across_layers")  # more epochs is allowed: it extends the run
     changed.resume, changed.device = True, "cpu"
@@ -209,9 +212,12 @@ def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path):
     assert "train.lr: 0.05 -> 0.1" in message and "train.sampler: 'per_layer' -> 'across_layers'" in message
     assert "train.epochs" not in message and "train.lambda_gl" not in message
     extended = tiny(epochs=2, num_workers=2)  # loader workers change nothing for in-memory data
-    extended.resume = True
+    extended.resume, extended.device = True, "auto"
     trainer = Trainer(extended, tmp_path, DATASETS)
-    assert trainer.resume()
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.checkpoint"):
+        assert trainer.resume()
+    # another device may round floats differently: allowed, with a warning that names it
+    assert "device: 'cpu' -> 'auto'" in caplog.text and "digit for digit" in caplog.text
     assert [r["epoch"] for r in trainer.fit(show_progress=False)] == [1, 2]
 
 
@@ -263,6 +269,25 @@ def test_a_model_file_cannot_make_its_loader_read_the_environment(tmp_path, monk
 def test_training_settings_that_would_train_wrongly_are_refused(key, value, rule):
     with pytest.raises(ValueError, match=rf"train.{key}=.* is invalid: .*{rule}"):
         TrainConfig(**{key: value})
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Config(device="gpu"), r"device='gpu' is invalid: must be auto, cpu, cuda, cuda:N or mps"),
+    (lambda: DataConfig(test_subset=-5), r"data.test_subset=-5 is invalid: must be a positive int or null")])
+def test_a_bad_device_or_test_subset_is_refused_naming_the_key(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+train.lrr=0.1", "unknown keys (not in the schema, fedmaestro/config.py): train.lrr (did you mean train.lr?)"),
+    ("device=gpu", "device='gpu' is invalid: must be auto, cpu, cuda, cuda:N or mps")])
+def test_the_command_line_prints_a_bad_config_as_one_error_line(tmp_path, override, message):
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", override,
+                           f"hydra.run.dir={tmp_path}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and f"error: config: {message}" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
 
 
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):

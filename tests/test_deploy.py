@@ -17,7 +17,7 @@ import torch
 
 from fedmaestro import deploy, lod
 from fedmaestro.centralized import Trainer, deployed_footprint, load_model
-from fedmaestro.config import Config, DataConfig, DeployConfig
+from fedmaestro.config import Config, DataConfig, DatasetConfig, DeployConfig, ModelConfig
 from fedmaestro.footprint import measure
 from fedmaestro.train import evaluate, task_for
 from fedmaestro import data
@@ -131,6 +131,13 @@ def test_svd_baseline_factorizes_a_dense_model_exactly_and_refuses_a_factorized_
         torch.testing.assert_close(svd(x), dense(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="model.factorize=false"):
         deploy.svd_model(trained[0], CPU)
+
+
+def test_deploy_names_the_model_settings_it_does_not_use():
+    trained_as = Config(model=ModelConfig(name="resnet18"), dataset=DatasetConfig(name="cifar10", input_shape=[3, 32, 32]))
+    given = Config(mode="deploy", model=ModelConfig(name="vgg19"))  # dataset left at its default
+    assert deploy.ignored_settings(given, trained_as) == ["model.name: 'resnet18' -> 'vgg19'"]
+    assert deploy.ignored_settings(Config(mode="deploy"), trained_as) == []
 
 
 def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained, tmp_path):

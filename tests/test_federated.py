@@ -188,6 +188,47 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
         np.testing.assert_array_equal(after[name], aggregate[name])
 
 
+def test_invalid_evaluation_replies_are_dropped_and_logged(tmp_path, caplog):
+    app = ClientApp()
+    app.query()(real_client.query)
+    app.train()(real_client.train)
+    faults = {0: ("accuracy", 7.0, "accuracy=7.0 is not in [0, 1]"),
+              1: ("num-examples", 10**6, "but the client announced"),
+              2: ("loss", float("nan"), "must all be finite numbers")}  # client 3 answers correctly
+    healthy = {}
+
+    @app.evaluate()
+    def evaluate(message, context):
+        reply = real_client.evaluate(message, context)
+        pid = int(context.node_config[P.PARTITION_ID])
+        if pid in faults:
+            key, value, _ = faults[pid]
+            reply.content.metric_records[P.METRICS][key] = value
+        else:
+            healthy[pid] = reply.content.metric_records[P.METRICS][P.ACCURACY]
+        return reply
+
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2")
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        run(cfg, run_dir, app)
+    for pid, (_, _, reason) in faults.items():
+        assert any(f"dropped the evaluation reply of client {pid}: " in m and reason in m for m in caplog.messages), reason
+    assert records(run_dir)[0]["fed_accuracy"] == healthy[3]  # client 3's reply alone
+
+
+def test_a_node_that_is_not_this_projects_client_fails_at_start_up_with_the_fix(tmp_path):
+    app = ClientApp()
+
+    @app.query()
+    def query(message, context):
+        return real_client._reply(message, {"hello": 1})
+
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1")
+    with pytest.raises(RuntimeError, match=r"answered the start-up query without the whole numbers "
+                                           r"\['partition-id', 'num-examples', 'num-test'\].*clients.client_app:app"):
+        run(cfg, run_dir, app)
+
+
 def test_the_server_evaluates_every_eval_every_rounds_and_the_last_round_of_the_run(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "strategy.eval_every=2")
     run(cfg, run_dir)
@@ -354,6 +395,34 @@ def test_mac_budget_is_solved_into_caps(tmp_path):
     assert strategy.global_model.costs["macs"](bigger) > 0.3 * dense_macs
 
 
+def test_columns_no_tier_holds_are_cut_so_that_shrinking_goes_on(tmp_path):
+    # the full-rank factorized LeNet costs 1.21x the dense MACs: a 1.0x cap cannot hold it, and the columns
+    # above every tier's caps, never trained, would block shrinking (their tail norms never fall)
+    cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers_macs", "fl.clients_per_round=4", "train.lambda_gl=2.0",
+                            "train.hgl_mode=proximal", "train.eps_ps=0.01")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    full = strategy.global_model.ranks()
+    strategy.start(LocalGrid(real_client.app, cfg.fl.num_clients))
+    rs = records(run_dir)
+    dense_macs = strategy.global_model.dense.macs
+    for r in rs:  # the largest tier holds the whole global model, within its cap
+        assert r["tiers"]["large"]["macs"] == r["macs"] <= dense_macs
+    assert sum(rs[-1]["ranks"].values()) < sum(rs[0]["ranks"].values()) < sum(full.values())
+
+
+def test_the_largest_budget_must_be_one():
+    with pytest.raises(ValueError, match=r"devices.tiers.budget=\[0.25, 0.5\] is invalid: the largest budget must be "
+                                         r"1.0.*divide them by 0.5"):
+        compose(TINY + ["devices.tiers=[{name: s, share: 0.5, budget: 0.25}, {name: m, share: 0.5, budget: 0.5}]"])
+
+
+def test_the_server_sends_the_scheduled_learning_rate(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "train.lr=0.01", "train.milestones=[2]", "train.gamma=0.1")
+    _, grid = run(cfg, run_dir)
+    lrs = [sorted({m.content.config_records[P.CONFIG][P.LR] for m in train_messages(grid, rnd)}) for rnd in (1, 2, 3)]
+    assert lrs == [[0.01], [0.01], [pytest.approx(0.001)]]  # decayed after round 2, as after epoch 2 centralized
+
+
 def test_impossible_budget_fails_before_any_round(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "devices.tiers=[{name: nano, share: 1.0, max_params: 0.001}]")
     with pytest.raises(ValueError, match="tier 'nano': solve_caps: no sub-model fits"):
@@ -399,10 +468,12 @@ def test_every_federated_preset_runs(tmp_path, preset, factorized, sampler, shri
     cfg, run_dir = make_cfg(tmp_path, f"+experiment={preset}", "fl.rounds=1", "train.eps_ps=0.3")
     assert cfg.model.factorize is factorized and cfg.train.sampler == sampler
     assert cfg.devices.name == "three_tiers" and cfg.fl.num_clients == 4  # the preset overrides the method only
+    full = sum(MaestroStrategy(cfg, None, show_progress=False).global_model.ranks().values())
+    assert full == (226 if factorized else 0)  # 236 ranks in the five layers; the classifier (fc3) stays dense
     run(cfg, run_dir)
     r = records(run_dir)[0]
     assert r["shrunk"] is shrinks  # eps 0.3 cuts at once whenever shrinking is on
-    assert (r["total_rank"] < 236) is shrinks if factorized else r["total_rank"] == 0
+    assert (r["total_rank"] < full) is shrinks if factorized else r["total_rank"] == 0
     assert r["sampler"] == (sampler if factorized else None)  # what ran; a dense model samples no ranks
     assert len(r["clients"]["valid"]) == 3 and set(r["tiers"]) == {"small", "medium", "large"}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fedmaestro import plot
 from strategies.local_grid import LocalGrid
 from strategies.maestro import MaestroStrategy
 from strategies.records import TIME_KEYS
@@ -84,6 +85,15 @@ def test_python_m_fedmaestro_runs_a_ray_simulation(tmp_path, local_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_run(run_dir, local_run)
     assert "round   2/2" in proc.stdout and "start-up" in proc.stdout  # progress lines
+    for name in PLOTS:  # the plot command redraws a federated run's figures
+        (run_dir / name).unlink()
+    assert plot.main([str(run_dir)]) == 0 and all((run_dir / name).is_file() for name in PLOTS)
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = subprocess.run([sys.executable, "-m", "fedmaestro", *JOB, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a federated run (checkpoint.pt); continue it with resume=true" \
+        in again.stderr and "Traceback" not in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # a new run never overwrites a finished one
     assert "global (full rank)" in proc.stdout  # the summary table
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["startup_s"] > 0

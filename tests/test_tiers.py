@@ -106,9 +106,9 @@ def test_derive_seed_depends_on_every_key():
 
 # --- config checks ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make, match", [
-    (lambda: TierConfig(budget=0.0), r"devices.tiers.budget=0.0 is invalid"),
+    (lambda: TierConfig(name="tiny", budget=0.0), r"devices.tiers\[tiny\].budget=0.0 is invalid"),
     (lambda: TierConfig(dropout=0.7, straggler=0.5), r"dropout \+ straggler"),
-    (lambda: TierConfig(max_macs=0.0), r"devices.tiers.max_macs=0.0 is invalid"),
+    (lambda: TierConfig(max_macs=0.0), r"devices.tiers\[full\].max_macs=0.0 is invalid"),
     (lambda: DevicesConfig(tiers=[TierConfig(name="a"), TierConfig(name="a")]), "tier names must be unique"),
     (lambda: DevicesConfig(tiers=[]), "give at least one tier"),
     (lambda: StrategyConfig(round_timeout=0), "strategy.round_timeout=0 is invalid"),
