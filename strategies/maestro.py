@@ -43,7 +43,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedmaestro import checkpoint, nested, tiers
 from fedmaestro import protocol as P
-from fedmaestro.config import Config, to_dict
+from fedmaestro.config import Config, TrainConfig, to_dict
 from fedmaestro.train import lasso_schedule, lr_factor
 
 from .global_model import GlobalModel
@@ -118,6 +118,11 @@ class MaestroStrategy(Strategy):
     # ------------------------------------------------------------------------------------------------
     def summary(self) -> None:
         c = self.cfg
+        defaults = TrainConfig()
+        for key, instead in (("epochs", "fl.rounds and fl.local_epochs"), ("eval_every", "strategy.eval_every"),
+                             ("threads", "fl.client_cpus")):
+            if getattr(c.train, key) != getattr(defaults, key):
+                log.warning("train.%s=%r is not used by the federated mode; set %s", key, getattr(c.train, key), instead)
         counts = np.bincount(self.tier_of, minlength=len(c.devices.tiers))
         log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
                  "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,

@@ -416,6 +416,14 @@ def test_the_largest_budget_must_be_one():
         compose(TINY + ["devices.tiers=[{name: s, share: 0.5, budget: 0.25}, {name: m, share: 0.5, budget: 0.5}]"])
 
 
+def test_centralized_only_training_keys_are_named_when_set_in_federated_mode(tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "train.epochs=5")
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        run(cfg, run_dir)
+    assert any("train.epochs=5 is not used by the federated mode; set fl.rounds and fl.local_epochs" in m
+               for m in caplog.messages)
+
+
 def test_the_server_sends_the_scheduled_learning_rate(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "train.lr=0.01", "train.milestones=[2]", "train.gamma=0.1")
     _, grid = run(cfg, run_dir)
