@@ -29,7 +29,7 @@ from fedmaestro import data, lod, nested, tiers
 from fedmaestro.config import Config, resolve
 from fedmaestro.train import build_model, evaluate, make_optimizer, resolve_device, task_for, train_epoch
 
-__all__ = ["ClientData", "config_from_json", "client_data", "template", "train", "evaluate_local"]
+__all__ = ["ClientData", "config_from_json", "client_data", "forget_data", "template", "train", "evaluate_local"]
 
 EVAL_BATCH = 512
 
@@ -77,6 +77,11 @@ def client_data(cfg: Config) -> ClientData:
     return _DATA[key]
 
 
+def forget_data() -> None:
+    """Drop this process's data sets and splits (``client_data`` builds them again when asked)."""
+    _DATA.clear()
+
+
 _MODELS: dict[str, nn.Module] = {}
 
 
@@ -112,7 +117,8 @@ def _load(cfg: Config, arrays: dict[str, np.ndarray], caps: dict[str, int] | Non
 def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd: int, caps: dict[str, int],
           lr: float, lambda_gl: float, local_epochs: int, sampler: str, seed: int) -> tuple[dict, dict]:
     """E local epochs of LoD training at ``caps`` from ``arrays``; (arrays after training, metrics).
-    On CUDA with ``train.amp``, autocast with a GradScaler, as in a centralized run.
+    On CUDA with ``train.amp``, autocast with a GradScaler; a new one every round, whose scale starts at
+    2^16, so a round's first steps may be skipped while it calibrates (a centralized run keeps one).
 
     metrics: num_examples (local training examples: the aggregation weight), loss (mean over the
     epochs), seconds, steps.

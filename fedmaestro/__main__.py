@@ -14,6 +14,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from . import checkpoint
@@ -30,9 +32,37 @@ MODE_RUNNERS = {
 }
 
 
-# What a wrong config, path or checkpoint raises: printed as one line (the message names the key and the
-# fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback.
+# What a wrong config, path or checkpoint raises in this project's own checks: printed as one line (the
+# message names the key and the fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback. The same
+# types raised inside a library (torch, numpy, ...) are bugs, and keep their traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def is_user_error(e: BaseException) -> bool:
+    """One of USER_ERRORS, raised by this project's code (not by a library it calls)."""
+    if not isinstance(e, USER_ERRORS):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return PROJECT_DIR in path.parents and "site-packages" not in path.parts
+
+
+class RefuseOverwrite(Callback):
+    """Refuses a new run into a directory that holds one before Hydra writes anything there (its
+    .hydra/ files describe the run that is there); registered in conf/config.yaml."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("mode") in ("federated", "centralized"):
+            try:
+                checkpoint.refuse_overwrite(config.hydra.run.dir, bool(config.get("resume")), f"{config.mode} run")
+            except FileExistsError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
 
 
 def run_mode(cfg: DictConfig, run_dir: Path) -> None:
@@ -45,10 +75,12 @@ def run_mode(cfg: DictConfig, run_dir: Path) -> None:
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
     try:
-        run_mode(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run_mode(cfg, Path(hydra_cfg.runtime.output_dir))
     except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        # a sweep (--multirun) records the failed job and goes on to the next: Hydra handles it
+        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
             raise
         print(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)

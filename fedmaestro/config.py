@@ -40,7 +40,7 @@ class ModelConfig:
     name: str = "lenet"
     factorize: bool = True
     skip: list[str] = field(default_factory=list)  # module names kept dense (lod.factorize's skip)
-    skip_last: bool = False  # also keep the last nn.Linear / nn.Conv2d in module order dense (the classifier)
+    skip_last: bool = False  # also keep the output layer (the classifier: models.CLASSIFIER) dense
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to models.build
 
 

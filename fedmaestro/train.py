@@ -86,8 +86,8 @@ def task_for(dataset: str, label_smoothing: float = 0.0) -> Task:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """The configured model, factorized (with ``model.skip`` kept dense, and its last layer with
-    ``model.skip_last``) unless ``model.factorize=false``."""
+    """The configured model, factorized (with ``model.skip`` kept dense, and its output layer,
+    ``models.CLASSIFIER``, with ``model.skip_last``) unless ``model.factorize=false``."""
     kwargs = dict(cfg.model.kwargs)
     if cfg.model.name not in ("transformer",):
         kwargs.setdefault("num_classes", cfg.dataset.num_classes)
@@ -97,7 +97,10 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model.factorize:
         skip = list(cfg.model.skip)
         if cfg.model.skip_last:
-            skip.append([name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1])
+            if cfg.model.name not in models.CLASSIFIER:
+                raise ValueError(f"config: model.skip_last=true but {cfg.model.name} has no output layer to keep "
+                                 "dense (its output projection is tied to the embeddings); set model.skip_last=false")
+            skip.append(models.CLASSIFIER[cfg.model.name])
         lod.factorize(model, skip=skip)
     return model
 

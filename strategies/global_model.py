@@ -88,17 +88,33 @@ class GlobalModel:
             raise ValueError(f"devices: tier {tier.name!r}: {e}") from None
         return caps
 
-    def cut_to_tiers(self, tier_cfgs) -> bool:
-        """Cut every LoD layer to the largest cap any tier gets at the current ranks; True if a rank fell.
+    def held_ranks(self, tier_cfgs) -> dict[str, int]:
+        """The ranks the tiers of budget 1.0 hold at most, per LoD layer: what the global model can keep.
 
-        Columns above every tier's cap are sent to no client: never trained, they would keep their
+        Budgets are fractions of the global model's ranks, so the model must be what a tier of budget 1.0
+        holds; a tier of smaller budget that gets more columns (the 1.0 tier capped by max_macs /
+        max_params below it) would make every cut shrink the model again, and is refused."""
+        caps = [self.tier_caps(t) for t in tier_cfgs]
+        full = [c for t, c in zip(tier_cfgs, caps) if t.budget == 1.0]
+        held = {name: max(c[name] for c in full) for name in self.ranks()}
+        over = [t.name for t, c in zip(tier_cfgs, caps) if any(c[n] > held[n] for n in held)]
+        if over:
+            raise ValueError(f"devices: tiers {over} get more columns than every tier of budget 1.0 (whose "
+                             f"max_macs / max_params cut them below); the tier that holds the most must have "
+                             f"budget 1.0: lower the others' budgets or raise its caps")
+        return held
+
+    def cut_to_tiers(self, tier_cfgs) -> bool:
+        """Cut every LoD layer to ``held_ranks``; True if a rank fell.
+
+        Columns above every tier's caps are sent to no client: never trained, they would keep their
         initial values in the global model, and since shrinking looks at tail norms that include them,
         nothing could ever shrink (a MAC cap of 1.0x cannot hold the full-rank factorized model, which
-        costs more than the dense one). At the ranks of the cut the largest tier holds the whole model."""
+        costs more than the dense one). After the cut the tiers of budget 1.0 hold the whole model, so
+        cutting again changes nothing."""
         if not self.factorized:
             return False
-        caps = [self.tier_caps(t) for t in tier_cfgs]
-        held = {name: max(c[name] for c in caps) for name in self.ranks()}
+        held = self.held_ranks(tier_cfgs)
         if held == self.ranks():
             return False
         lod.truncate(self.model, held)

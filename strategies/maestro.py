@@ -58,6 +58,13 @@ RESUME_IGNORED = checkpoint.IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout
                                              "train.num_workers")  # clients read their data without loader workers
 
 
+def resume_path(cfg: Config, run_dir: Path | None) -> Path | None:
+    """The checkpoint ``resume=true`` continues from: ``checkpoint``, else the run directory's checkpoint.pt."""
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint)
+    return run_dir / "checkpoint.pt" if run_dir is not None else None
+
+
 @dataclass
 class Sent:
     """What one node was sent in one round, to check its reply against."""
@@ -112,8 +119,8 @@ class MaestroStrategy(Strategy):
         self.round_info: dict = {}
         self.runlog = RunLog(self.cfg, self.run_dir, show_progress=show_progress, launched_at=launched_at)
         self.warned_dense_budget = False
-        for t in tier_cfgs:  # a budget that cannot be met fails now, before any work
-            self.global_model.tier_caps(t)
+        if self.global_model.factorized:  # a budget that cannot be met fails now, before any work
+            self.global_model.held_ranks(tier_cfgs)
 
     # ------------------------------------------------------------------------------------------------
     def summary(self) -> None:
@@ -408,8 +415,7 @@ class MaestroStrategy(Strategy):
 
     def resume(self) -> int:
         """Load ``checkpoint`` (or the run dir's checkpoint.pt); the round to continue after (0: none)."""
-        path = Path(self.cfg.checkpoint) if self.cfg.checkpoint else (self.run_dir / "checkpoint.pt"
-                                                                       if self.run_dir else None)
+        path = resume_path(self.cfg, self.run_dir)
         if path is None or not path.is_file():
             log.warning("resume=true but %s does not exist: starting from round 0", path)
             return 0

@@ -61,13 +61,15 @@ def preflight(cfg: Config, run_dir: Path) -> int:
     model and the tiers' budgets, the data set, the partitions (as each client builds them) and a
     resume's config. Returns the rounds a resumed run has done (0 for a new run)."""
     from clients import local
-    from fedmaestro import checkpoint
+    from fedmaestro import checkpoint, data
 
-    from .maestro import RESUME_IGNORED, MaestroStrategy
+    from .maestro import RESUME_IGNORED, MaestroStrategy, resume_path
 
     MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
     local.client_data(cfg)
-    path = run_dir / "checkpoint.pt"
+    local.forget_data()  # the server process does not train: free the copy (the workers load their own)
+    data.clear_cache()
+    path = resume_path(cfg, run_dir)
     if not (cfg.resume and path.is_file()):
         return 0
     state = checkpoint.load(path)

@@ -424,6 +424,14 @@ def test_centralized_only_training_keys_are_named_when_set_in_federated_mode(tmp
                for m in caplog.messages)
 
 
+def test_a_tier_of_smaller_budget_may_not_hold_more_than_the_budget_one_tiers(tmp_path):
+    # else every cut to what the largest tier holds would shrink the model again (0.5 of 0.5 of ...)
+    cfg, run_dir = make_cfg(tmp_path, "devices.tiers=[{name: a, share: 0.5, budget: 0.5}, "
+                                      "{name: b, share: 0.5, budget: 1.0, max_macs: 0.3}]")
+    with pytest.raises(ValueError, match=r"tiers \['a'\] get more columns than every tier of budget 1.0"):
+        MaestroStrategy(cfg, run_dir, show_progress=False)
+
+
 def test_the_server_sends_the_scheduled_learning_rate(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "train.lr=0.01", "train.milestones=[2]", "train.gamma=0.1")
     _, grid = run(cfg, run_dir)

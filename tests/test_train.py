@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedmaestro import lod
-from fedmaestro.config import Config, TrainConfig
+from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
 from fedmaestro.footprint import measure
 from fedmaestro.train import (RankCost, build_model, evaluate, make_optimizer, make_scheduler, recalibrate_batchnorm,
                               resolve_device, task_for, train_epoch)
@@ -216,3 +216,12 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device=auto or device=cpu"):
             resolve_device("cuda")
+
+
+def test_skip_last_keeps_the_output_layer_dense_or_says_there_is_none():
+    model = build_model(Config(model=ModelConfig(name="lenet", skip_last=True)))
+    assert [n for n, _ in lod.layers(model)] == ["conv1", "conv2", "fc1", "fc2"]
+    assert type(model.fc3) is nn.Linear
+    with pytest.raises(ValueError, match="model.skip_last=true but transformer has no output layer to keep dense"):
+        build_model(Config(model=ModelConfig(name="transformer", skip_last=True),
+                           dataset=DatasetConfig(name="multi30k", input_shape=[])))

@@ -21,7 +21,7 @@ from .resnet import resnet18, resnet50
 from .transformer import Transformer
 from .vgg import VGG19
 
-__all__ = ["build", "MODELS", "PARTIAL_SKIP"]
+__all__ = ["build", "MODELS", "CLASSIFIER", "PARTIAL_SKIP"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet": LeNet5,
@@ -30,6 +30,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": resnet50,
     "transformer": Transformer,
 }
+
+# The output layer (classifier) of each model, kept dense by ``model.skip_last``. The Transformer has none
+# to keep: its output projection is tied to the embeddings (a parameter-free module, never factorized).
+CLASSIFIER: dict[str, str] = {"lenet": "fc3", "resnet18": "fc", "vgg19": "classifier", "resnet50": "fc"}
 
 PARTIAL_SKIP: dict[str, list[str]] = {
     "resnet50": ["conv1", "layer1.0", "layer1.1", "layer1.2", "layer2.0", "fc"],
