@@ -18,7 +18,8 @@ from .config import with_defaults
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
+__all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "IGNORED_KEYS", "ROUNDING_KEYS",
+           "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs
 # (the data root may move with the run between machines). train.num_workers is one only for the
