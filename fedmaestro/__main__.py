@@ -16,10 +16,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
-from .config import resolve
+from .config import resolve, to_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -52,17 +52,31 @@ def is_user_error(e: BaseException) -> bool:
     return PROJECT_DIR in path.parents and "site-packages" not in path.parts
 
 
-class RefuseOverwrite(Callback):
-    """Refuses a new run into a directory that holds one before Hydra writes anything there (its
-    .hydra/ files describe the run that is there); registered in conf/config.yaml."""
+class RunDirGuard(Callback):
+    """Before Hydra writes into the run directory (its .hydra/ files describe the run that is there): a new
+    run into a directory that holds one is refused, and so is a resume whose config differs from its
+    checkpoint's (before any data loads). Registered in conf/config.yaml."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if config.get("mode") in ("federated", "centralized"):
-            try:
-                checkpoint.refuse_overwrite(config.hydra.run.dir, bool(config.get("resume")), f"{config.mode} run")
-            except FileExistsError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
+        mode = config.get("mode")
+        if mode not in ("federated", "centralized"):
+            return
+        run_dir = config.hydra.run.dir
+        try:
+            checkpoint.refuse_overwrite(run_dir, bool(config.get("resume")), f"{mode} run")
+            path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
+            if config.get("resume") and path.is_file():
+                try:  # a config that does not resolve fails later, in run_mode, with its own message
+                    job = resolve(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+                except ValueError:
+                    return
+                state = checkpoint.load(path)
+                if isinstance(state, dict) and "config" in state:
+                    checkpoint.check_resumable(state["config"], to_dict(job),
+                                               checkpoint.resume_ignored(mode, job.dataset.name))
+        except (FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 def run_mode(cfg: DictConfig, run_dir: Path) -> None:

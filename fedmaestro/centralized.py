@@ -152,9 +152,8 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        ignored = checkpoint.IGNORED_KEYS + ("train.epochs",) + (
-            () if checkpoint.num_workers_matters(self.cfg.dataset.name) else ("train.num_workers",))
-        checkpoint.check_resumable(state["config"], to_dict(self.cfg), ignored)
+        checkpoint.check_resumable(state["config"], to_dict(self.cfg),
+                                   checkpoint.resume_ignored("centralized", self.cfg.dataset.name))
         self.model.load_state_dict(state["model"])  # LoD layers resize to the saved ranks
         self.optimizer.load_state_dict(state["optimizer"])  # momentum / moments at the saved ranks
         self.scheduler.load_state_dict(state["scheduler"])
@@ -172,7 +171,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from ``checkpoint=...`` or ``<run dir>/checkpoint.pt``; False (a fresh start) if absent."""
-        path = Path(self.cfg.checkpoint) if self.cfg.checkpoint else self.checkpoint_path
+        path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if not path.is_file():
             if self.cfg.checkpoint:
                 raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the checkpoint.pt of the "

@@ -18,8 +18,8 @@ from .config import with_defaults
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "IGNORED_KEYS", "ROUNDING_KEYS",
-           "num_workers_matters"]
+__all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "resume_ignored", "resume_path",
+           "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs
 # (the data root may move with the run between machines). train.num_workers is one only for the
@@ -93,3 +93,19 @@ def refuse_overwrite(run_dir: str | Path, resume: bool, what: str = "run") -> No
     if not resume and (Path(run_dir) / "checkpoint.pt").is_file():
         raise FileExistsError(f"{run_dir} already holds a {what} (checkpoint.pt); continue it with resume=true, or "
                               "give the new run its own directory (hydra.run.dir=...)")
+
+
+def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:
+    """The keys a resumed run of ``mode`` may change: ``IGNORED_KEYS``, the run's length (``train.epochs``;
+    ``fl.rounds``), the federated server's timeouts, and ``train.num_workers`` where it changes nothing
+    (federated clients read their data without loader workers)."""
+    if mode == "federated":
+        return IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout", "train.num_workers")
+    return IGNORED_KEYS + ("train.epochs",) + (() if num_workers_matters(dataset) else ("train.num_workers",))
+
+
+def resume_path(checkpoint: str | None, run_dir: str | Path | None) -> Path | None:
+    """The checkpoint ``resume=true`` continues from: ``checkpoint=``, else the run directory's checkpoint.pt."""
+    if checkpoint:
+        return Path(checkpoint)
+    return Path(run_dir) / "checkpoint.pt" if run_dir is not None else None

@@ -53,17 +53,6 @@ __all__ = ["MaestroStrategy", "Sent"]
 
 log = logging.getLogger("fedmaestro.strategy")
 
-# keys that may change between an interrupted run and its resumption
-RESUME_IGNORED = checkpoint.IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout",
-                                             "train.num_workers")  # clients read their data without loader workers
-
-
-def resume_path(cfg: Config, run_dir: Path | None) -> Path | None:
-    """The checkpoint ``resume=true`` continues from: ``checkpoint``, else the run directory's checkpoint.pt."""
-    if cfg.checkpoint:
-        return Path(cfg.checkpoint)
-    return run_dir / "checkpoint.pt" if run_dir is not None else None
-
 
 @dataclass
 class Sent:
@@ -407,7 +396,8 @@ class MaestroStrategy(Strategy):
                 "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, **self.runlog.state_dict()}
 
     def load_state_dict(self, state: dict) -> int:
-        checkpoint.check_resumable(state["config"], to_dict(self.cfg), RESUME_IGNORED)
+        checkpoint.check_resumable(state["config"], to_dict(self.cfg),
+                                   checkpoint.resume_ignored("federated", self.cfg.dataset.name))
         self.global_model.model.load_state_dict(state["model"])
         self.bytes_down, self.bytes_up = int(state["bytes_down"]), int(state["bytes_up"])
         self.runlog.load_state_dict(state)
@@ -415,7 +405,7 @@ class MaestroStrategy(Strategy):
 
     def resume(self) -> int:
         """Load ``checkpoint`` (or the run dir's checkpoint.pt); the round to continue after (0: none)."""
-        path = resume_path(self.cfg, self.run_dir)
+        path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if path is None or not path.is_file():
             log.warning("resume=true but %s does not exist: starting from round 0", path)
             return 0

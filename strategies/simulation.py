@@ -63,17 +63,17 @@ def preflight(cfg: Config, run_dir: Path) -> int:
     from clients import local
     from fedmaestro import checkpoint, data
 
-    from .maestro import RESUME_IGNORED, MaestroStrategy, resume_path
+    from .maestro import MaestroStrategy
 
     MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
     local.client_data(cfg)
     local.forget_data()  # the server process does not train: free the copy (the workers load their own)
     data.clear_cache()
-    path = resume_path(cfg, run_dir)
+    path = checkpoint.resume_path(cfg.checkpoint, run_dir)
     if not (cfg.resume and path.is_file()):
         return 0
     state = checkpoint.load(path)
-    checkpoint.check_resumable(state["config"], to_dict(cfg), RESUME_IGNORED)
+    checkpoint.check_resumable(state["config"], to_dict(cfg), checkpoint.resume_ignored("federated", cfg.dataset.name))
     return int(state["round"])
 
 

@@ -290,6 +290,17 @@ def test_the_command_line_prints_a_bad_config_as_one_error_line(tmp_path, overri
     assert "Traceback" not in done.stderr
 
 
+def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or_loading_anything(tmp_path):
+    Trainer(tiny(epochs=1), tmp_path, DATASETS).fit(show_progress=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", "resume=true", "model=vgg19",
+                           f"hydra.run.dir={tmp_path}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "error: resume: the checkpoint was written with a different config" in done.stderr
+    assert "model.name: 'lenet' -> 'vgg19'" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # Hydra wrote nothing (no .hydra/, no log)
+
+
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):
     trainer = Trainer(tiny(epochs=2, lambda_gl=3e-3, eps_ps=1e-3), tmp_path, DATASETS)
     trainer.fit(show_progress=False)
