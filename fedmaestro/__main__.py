@@ -81,7 +81,7 @@ class RunDirGuard(Callback):
 
 def run_mode(cfg: DictConfig, run_dir: Path) -> None:
     config = resolve(cfg)  # validation: a bad value fails here, before any work
-    if config.mode in ("federated", "centralized"):
+    if config.mode in ("federated", "centralized"):  # RunDirGuard checks single runs; this, a sweep's jobs too
         checkpoint.refuse_overwrite(run_dir, config.resume, f"{config.mode} run")
     run_dir.mkdir(parents=True, exist_ok=True)
     importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)

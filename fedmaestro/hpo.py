@@ -43,7 +43,6 @@ from .console import console
 __all__ = ["Trial", "HPOResult", "search", "run"]
 
 
-
 @dataclass
 class Trial:
     lambda_gl: float

@@ -30,8 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import with_defaults  # noqa: E402
 
-__all__ = ["read_records", "plot_centralized", "plot_federated", "Run", "find_runs", "sweep_table", "write_sweep", "plot_sweep",
-           "read_curve", "plot_deploy", "DPI"]
+__all__ = ["read_records", "plot_centralized", "plot_federated", "Run", "find_runs", "sweep_table", "write_sweep",
+           "plot_sweep", "read_curve", "plot_deploy", "DPI"]
 
 DPI = 120
 IGNORED_IN_LABELS = ("seed", "resume", "checkpoint", "progress", "device", "data.root", "train.threads",

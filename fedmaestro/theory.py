@@ -436,8 +436,9 @@ def summary(svd: SVDResult, pca: PCAResult, order: OrderResult, adapt: Adaptivit
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Run the four experiments with ``cfg.theory`` and ``cfg.seed``; write the plots and theory.json."""
-    from .console import console
     from rich.table import Table
+
+    from .console import console
 
     torch.set_num_threads(1)  # 6 x 9 matrices: threads only add overhead
     run_dir = Path(run_dir)

@@ -173,8 +173,8 @@ class MaestroStrategy(Strategy):
     def _cut_to_tiers(self, when: str) -> None:
         before = self.global_model.ranks()
         if self.global_model.cut_to_tiers(self.cfg.devices.tiers):
-            log.info("%s: the global model was cut to the ranks its largest tier holds, %s -> %s (columns above "
-                     "every tier's caps would never be trained)", when, before, self.global_model.ranks())
+            log.info("%s: the global model was cut to the ranks its tiers of budget 1.0 hold, %s -> %s (columns "
+                     "above every tier's caps would never be trained)", when, before, self.global_model.ranks())
 
     def caps_of_tiers(self) -> list[dict[str, int]]:
         """Every tier's caps at the global model's current ranks (empty dicts for a dense model)."""
