@@ -52,6 +52,10 @@ def is_user_error(e: BaseException) -> bool:
     return PROJECT_DIR in path.parents and "site-packages" not in path.parts
 
 
+# the modes whose run directory holds checkpoints a new run would overwrite, and what they are called
+GUARDED_RUNS = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search"}
+
+
 class RunDirGuard(Callback):
     """Before Hydra writes into the run directory (its .hydra/ files describe the run that is there): a new
     run into a directory that holds one is refused, and so is a resume whose config differs from its
@@ -59,11 +63,11 @@ class RunDirGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         mode = config.get("mode")
-        if mode not in ("federated", "centralized"):
+        if mode not in GUARDED_RUNS:
             return
         run_dir = config.hydra.run.dir
         try:
-            checkpoint.refuse_overwrite(run_dir, bool(config.get("resume")), f"{mode} run")
+            checkpoint.refuse_overwrite(run_dir, bool(config.get("resume")), GUARDED_RUNS[mode])
             path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
             if config.get("resume") and path.is_file():
                 try:  # a config that does not resolve fails later, in run_mode, with its own message
@@ -81,8 +85,8 @@ class RunDirGuard(Callback):
 
 def run_mode(cfg: DictConfig, run_dir: Path) -> None:
     config = resolve(cfg)  # validation: a bad value fails here, before any work
-    if config.mode in ("federated", "centralized"):  # RunDirGuard checks single runs; this, a sweep's jobs too
-        checkpoint.refuse_overwrite(run_dir, config.resume, f"{config.mode} run")
+    if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
+        checkpoint.refuse_overwrite(run_dir, config.resume, GUARDED_RUNS[config.mode])
     run_dir.mkdir(parents=True, exist_ok=True)
     importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
 

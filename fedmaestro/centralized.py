@@ -4,7 +4,8 @@
 (or a preset: ``python -m fedmaestro +experiment=paper/lenet_fmnist``).
 
 Every epoch: train (rank sampling + HGL), progressive shrinking with ``eps_ps`` (physical, optimizer
-state kept), BatchNorm recalibration when ranks changed, evaluation, one line of ``metrics.jsonl``
+state kept), BatchNorm recalibration at the model's ranks (of a factorized model, before every evaluation
+and when ranks changed), evaluation, one line of ``metrics.jsonl``
 and a checkpoint. ``resume=true`` continues from ``<run dir>/checkpoint.pt`` (or ``checkpoint=...``)
 to the same final metrics as an uninterrupted run; a checkpoint written with another config is
 refused with the list of keys that differ. At the end: ``model.pt`` and the plots.
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
@@ -96,21 +98,29 @@ def apply_threads(cfg: Config) -> None:
 class Trainer:
     """A centralized run: model, optimizer, sampler, loaders, the epoch loop, checkpoints and records."""
 
-    def __init__(self, cfg: Config, run_dir: Path, datasets: tuple | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, datasets: tuple | None = None, *,
+                 validation: np.ndarray | None = None):
+        """``validation``: indices of training examples held out (not trained on); every evaluated epoch
+        also records ``val_accuracy`` / ``val_loss`` on them (the lambda search checks its constraint there)."""
         self.run_dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
         train_set, test_set = datasets if datasets is not None else load_datasets(cfg)
         self.cfg = cfg = with_data_facts(cfg, train_set)
         t = cfg.train
         seed_everything(cfg.seed)
-        self.train_loader = data.BatchLoader(train_set, t.batch_size, shuffle=True, seed=cfg.seed,
+        trained = None if validation is None else np.setdiff1d(np.arange(len(train_set)), validation)
+        self.val_loader = None if validation is None else data.BatchLoader(
+            data.unaugmented(train_set), max(t.batch_size, 256), shuffle=False, indices=np.sort(validation),
+            num_workers=t.num_workers)
+        self.train_loader = data.BatchLoader(train_set, t.batch_size, shuffle=True, seed=cfg.seed, indices=trained,
                                              num_workers=t.num_workers)
         self.test_loader = data.BatchLoader(test_set, max(t.batch_size, 256), shuffle=False,
                                             num_workers=t.num_workers)
-        # BatchNorm recalibration after shrinking reads the training split without augmentation, in an
-        # order that depends on (seed, epoch) only, so a resumed run recalibrates on the same batches
+        # BatchNorm recalibration (after shrinking, before evaluating) reads the training split without
+        # augmentation, in an order that depends on (seed, epoch) only: a resumed run recalibrates on the same
+        # batches
         self.calib_loader = data.BatchLoader(data.unaugmented(train_set), max(t.batch_size, 256), shuffle=True,
-                                             seed=cfg.seed + 1, num_workers=t.num_workers)
+                                             seed=cfg.seed + 1, indices=trained, num_workers=t.num_workers)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
         self.task = task_for(cfg.dataset.name, t.label_smoothing)
@@ -211,19 +221,28 @@ class Trainer:
         self.scheduler.step()
         self.examples_seen += stats["num_examples"]
         self.steps_seen += stats["steps"]
+        shrunk = False
         if self.factorized and t.shrink:
             before = [layer.rank for _, layer in lod.layers(self.model)]
             lod.shrink(self.model, t.eps_ps, self.optimizer)
-            if [layer.rank for _, layer in lod.layers(self.model)] != before:
+            shrunk = [layer.rank for _, layer in lod.layers(self.model)] != before
+            if shrunk:
                 self.cost.refresh()
-                self.calib_loader.set_epoch(self.epoch)
-                recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
+        evaluated = (self.epoch + 1) % t.eval_every == 0 or self.epoch + 1 == t.epochs
+        if self.factorized and (shrunk or evaluated):
+            # BatchNorm's running statistics mix the sub-models the epoch sampled (and ranks since cut):
+            # re-estimated at the model's ranks before it is evaluated (or saved: the last epoch evaluates)
+            self.calib_loader.set_epoch(self.epoch)
+            recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
         self.epoch += 1
         record = {"epoch": self.epoch, "lr": lr, "lambda_gl": lam, "sampler": mode, "train_loss": stats["loss"],
                   "train_s": round(stats["seconds"], 3)}
-        if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
+        if evaluated:
             result = evaluate(self.model, self.test_loader, self.task, self.device)
             record.update(accuracy=result["accuracy"], loss=result["loss"])
+            if self.val_loader is not None:
+                result = evaluate(self.model, self.val_loader, self.task, self.device)
+                record.update(val_accuracy=result["accuracy"], val_loss=result["loss"])
         record.update(self.footprint_record())
         self.wall += time.perf_counter() - start
         record["wall_s"] = round(self.wall, 3)

@@ -88,11 +88,14 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
 
 
 def refuse_overwrite(run_dir: str | Path, resume: bool, what: str = "run") -> None:
-    """A new run (``resume=false``) into a directory that holds one (its checkpoint.pt) would overwrite its
-    records, checkpoint and model: raise FileExistsError naming the two ways out."""
-    if not resume and (Path(run_dir) / "checkpoint.pt").is_file():
-        raise FileExistsError(f"{run_dir} already holds a {what} (checkpoint.pt); continue it with resume=true, or "
-                              "give the new run its own directory (hydra.run.dir=...)")
+    """A new run (``resume=false``) into a directory that holds one (its checkpoint.pt, or a lambda search's
+    ``lambda_*/checkpoint.pt``) would overwrite its records, checkpoints and models: raise FileExistsError
+    naming the two ways out."""
+    run_dir = Path(run_dir)
+    held = [p for p in (run_dir / "checkpoint.pt", *sorted(run_dir.glob("lambda_*/checkpoint.pt"))) if p.is_file()]
+    if not resume and held:
+        raise FileExistsError(f"{run_dir} already holds a {what} ({held[0].relative_to(run_dir)}); continue it "
+                              "with resume=true, or give the new run its own directory (hydra.run.dir=...)")
 
 
 def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:

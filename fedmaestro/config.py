@@ -258,6 +258,9 @@ class HPOConfig:
     lambda_small: float = 1e-5
     eval_every: int = 5
     few_params: float = 0.01  # below this fraction the model is too sparse: stop that lambda
+    # share of the training set held out to check min_accuracy on (Algorithm 2's CalculateAcc); every lambda
+    # trains on the rest. 0: check on the test set, as the paper's tables report (an optimistic choice)
+    val_fraction: float = 0.1
 
     def __post_init__(self):
         _check("hpo.min_accuracy", self.min_accuracy, 0 <= self.min_accuracy <= 1, "must be in [0, 1]")
@@ -266,6 +269,8 @@ class HPOConfig:
                f"must be > hpo.lambda_small={self.lambda_small} (Algorithm 2 halves lambda from large to small)")
         _check("hpo.lambda_small", self.lambda_small, self.lambda_small > 0, "must be > 0")
         _check("hpo.eval_every", self.eval_every, self.eval_every > 0, "must be > 0 (epochs)")
+        _check("hpo.val_fraction", self.val_fraction, 0 <= self.val_fraction < 1,
+               "must be in [0, 1) (share of the training set held out; 0 checks accuracy on the test set)")
         _check("hpo.few_params", self.few_params, 0 <= self.few_params < self.max_params,
                f"must be in [0, hpo.max_params={self.max_params}) (share of dense below which a model is too sparse)")
 

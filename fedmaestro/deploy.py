@@ -49,7 +49,7 @@ from .config import Config, DeployConfig, to_dict
 from .console import console
 from .footprint import Footprint, measure
 from .plots import plot_deploy
-from .train import Task, evaluate, recalibrate_batchnorm, resolve_device, task_for
+from .train import Task, evaluate, kept_dense, recalibrate_batchnorm, resolve_device, task_for
 
 __all__ = ["GreedyContext", "batch_loss", "greedy_curve", "export_point", "accuracy_at", "svd_model", "run"]
 
@@ -223,8 +223,26 @@ def svd_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config
     if lod.layers(model):
         raise ValueError(f"deploy.svd_baseline={path} is a factorized model; give a model trained with "
                          f"model.factorize=false (the SVD baseline factorizes a dense model after training)")
-    lod.factorize(model, skip=cfg.model.skip)
+    lod.factorize(model, skip=kept_dense(cfg))  # as a factorized build of its config: its exports reload
     return model, cfg
+
+
+def check_baseline(model_cfg: Config, baseline_cfg: Config, path: str | Path) -> None:
+    """The SVD baseline must be the checkpoint's architecture on its data set: both are searched on the
+    checkpoint's batch and measured against its dense model."""
+    keys = ("model.name", "model.kwargs", "dataset.name", "dataset.input_shape", "dataset.num_classes")
+    theirs, ours = to_dict(baseline_cfg), to_dict(model_cfg)
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d[part]
+        return d
+
+    differ = [f"{k}: {get(ours, k)!r} vs {get(theirs, k)!r}" for k in keys if get(ours, k) != get(theirs, k)]
+    if differ:
+        raise ValueError(f"deploy.svd_baseline={path} is not the checkpoint's model on its data set "
+                         f"(checkpoint vs baseline: {'; '.join(differ)}); give a dense model trained with the "
+                         f"checkpoint's model and dataset (model.factorize=false)")
 
 
 def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyContext:
@@ -271,10 +289,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         console.print("[yellow]deploy: the model and data set are the checkpoint's; these settings were not used "
                       "(checkpoint -> given): " + "; ".join(ignored))
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    ctx = _context(cfg, model_cfg, device)
     sources = {"maestro": (model, model_cfg)}
     if cfg.deploy.svd_baseline:
         sources["svd"] = svd_model(cfg.deploy.svd_baseline, device)
+        check_baseline(model_cfg, sources["svd"][1], cfg.deploy.svd_baseline)  # before data loads or any search
+    ctx = _context(cfg, model_cfg, device)
     curves, exports = {}, []
     for method, (source, source_cfg) in sources.items():
         console.print(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in lod.layers(source))} ranks")
@@ -290,7 +309,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 summary = export_point(source, point, ctx, source_cfg, run_dir / name)
                 exports.append({"method": method, "target": f"{key}<={target:g}",
                                 "curve_accuracy_at_target": accuracy_at(curves[method], key, target), **summary})
-    _write_curve(curves, run_dir / "deploy_curve.csv")
+        _write_curve(curves, run_dir / "deploy_curve.csv")  # after every method: a later failure keeps it
     plot = plot_deploy(curves, run_dir / "deploy.png", marks=cfg.deploy.target_macs)
     summary = {"checkpoint": str(cfg.checkpoint), "svd_baseline": cfg.deploy.svd_baseline, "exports": exports,
                "curve_points": {m: len(c) for m, c in curves.items()}}

@@ -4,7 +4,7 @@
 
 For lambda = ``hpo.lambda_large``, /2, /4, ... while lambda > ``hpo.lambda_small``: train a fresh
 model (same seed, ``train.*`` recipe) in ``<run dir>/lambda_<value>``. At every evaluation epoch
-(every ``hpo.eval_every`` epochs, and the last one) measure test accuracy and the deployed parameter
+(every ``hpo.eval_every`` epochs, and the last one) measure accuracy and the deployed parameter
 count (layers merged to dense where cheaper, relative to the dense model):
 
 * accuracy >= ``min_accuracy`` and params <= ``max_params``: return this model (Algorithm 2, line 12);
@@ -17,7 +17,10 @@ parameter limit (line 23; none if it was the first); otherwise halve lambda. If 
 
 Algorithm 2 evaluates at ``t mod E_eval == 0`` for t = 0..E-1, i.e. already after the first epoch;
 here the checks run after epochs E_eval, 2 E_eval, ... and after the last epoch, so the final model
-of every lambda is checked. Accuracy is the trainer's (test set) accuracy.
+of every lambda is checked. Accuracy (Algorithm 2's CalculateAcc) is measured on a seeded
+``hpo.val_fraction`` of the training set, held out from every lambda's training, so the test set
+does not choose lambda; the records also hold test accuracy. ``hpo.val_fraction=0`` checks the test
+set instead (all the training set trains; the choice is then optimistic)
 
 Outputs: ``hpo_summary.csv`` and ``hpo.json`` (every lambda tried: epochs, accuracy, parameters,
 MACs, training cost relative to one dense training, outcome), ``model.pt`` (the returned model, also
@@ -36,7 +39,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .centralized import Trainer, apply_threads
+import numpy as np
+
+from . import data
+from .centralized import Trainer, apply_threads, load_datasets
 from .config import Config, to_dict
 from .console import console
 
@@ -48,7 +54,8 @@ class Trial:
     lambda_gl: float
     run_dir: str
     epochs: int = 0  # epochs trained
-    accuracy: float | None = None  # at the last evaluation
+    accuracy: float | None = None  # test set, at the last evaluation
+    val_accuracy: float | None = None  # held-out training examples (hpo.val_fraction), at the last evaluation
     params: int = 0  # deployed, at the end of this lambda's training
     macs: int = 0
     params_rel: float = 0.0
@@ -76,22 +83,28 @@ def _lambdas(large: float, small: float):
         lam /= 2
 
 
+def _checked_accuracy(h) -> str:
+    """The record key Algorithm 2 checks ``min_accuracy`` against."""
+    return "val_accuracy" if h.val_fraction > 0 else "accuracy"
+
+
 def _check(record: dict, h) -> str | None:
     """Algorithm 2, lines 8-17, on one epoch record: 'met', 'too_sparse' or None (go on)."""
-    if record.get("accuracy") is None:
+    accuracy = record.get(_checked_accuracy(h))
+    if accuracy is None:
         return None
-    if record["accuracy"] >= h.min_accuracy and record["params_rel"] <= h.max_params:
+    if accuracy >= h.min_accuracy and record["params_rel"] <= h.max_params:
         return "met"
     if record["params_rel"] < h.few_params:
         return "too_sparse"
     return None
 
 
-def _train_one(cfg: Config, lam: float, run_dir: Path, datasets) -> tuple[Trial, str | None]:
+def _train_one(cfg: Config, lam: float, run_dir: Path, datasets, validation) -> tuple[Trial, str | None]:
     sub = copy.deepcopy(cfg)
     sub.train.lambda_gl = lam
     sub.train.eval_every = cfg.hpo.eval_every
-    trainer = Trainer(sub, run_dir, datasets)
+    trainer = Trainer(sub, run_dir, datasets, validation=validation)
     if cfg.resume:
         trainer.resume()
     decision = None
@@ -111,7 +124,8 @@ def _train_one(cfg: Config, lam: float, run_dir: Path, datasets) -> tuple[Trial,
     last = trainer.records[-1]
     evaluated = [r for r in trainer.records if r.get("accuracy") is not None]
     trial = Trial(lambda_gl=lam, run_dir=str(run_dir), epochs=last["epoch"],
-                  accuracy=evaluated[-1]["accuracy"] if evaluated else None, params=last["params_deployed"],
+                  accuracy=evaluated[-1]["accuracy"] if evaluated else None,
+                  val_accuracy=evaluated[-1].get("val_accuracy") if evaluated else None, params=last["params_deployed"],
                   macs=last["macs_deployed"], params_rel=last["params_rel"], macs_rel=last["macs_rel"],
                   train_macs_rel=last["train_macs_rel"] * last["epoch"] / max(cfg.train.epochs, 1))
     return trial, decision
@@ -123,16 +137,22 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
     if cfg.train.epochs < 1:
         raise ValueError(f"mode=hpo: train.epochs={cfg.train.epochs}; every lambda must train at least one epoch "
                          f"(Algorithm 2 evaluates every hpo.eval_every={h.eval_every} epochs): set train.epochs >= 1")
+    validation = None
+    if h.val_fraction > 0:
+        datasets = datasets if datasets is not None else load_datasets(cfg)
+        _, validation = data.split_local(np.arange(len(datasets[0])), h.val_fraction, cfg.seed)
+    checked = "validation" if validation is not None else "test"
     result = HPOResult(chosen=None, reason="")
     previous: Trial | None = None
     for lam in _lambdas(h.lambda_large, h.lambda_small):
         console.print(f"[bold]hpo[/]: lambda_gl = {lam:g}")
-        trial, decision = _train_one(cfg, lam, run_dir / f"lambda_{lam:.6g}", datasets)
+        trial, decision = _train_one(cfg, lam, run_dir / f"lambda_{lam:.6g}", datasets, validation)
         result.trials.append(trial)
         if decision == "met":
             trial.outcome = "met"
-            result.chosen, result.reason = trial, (f"lambda {lam:g} met accuracy >= {h.min_accuracy} and params <= "
-                                                   f"{h.max_params}x at epoch {trial.epochs}")
+            result.chosen = trial
+            result.reason = (f"lambda {lam:g} met {checked} accuracy >= {h.min_accuracy} and params <= "
+                             f"{h.max_params}x at epoch {trial.epochs}")
             break
         if trial.params_rel > h.max_params:
             trial.outcome = "over_params"
@@ -146,7 +166,7 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
     else:
         result.chosen = previous
         result.reason = (f"lambda reached hpo.lambda_small={h.lambda_small:g} without meeting accuracy >= "
-                         f"{h.min_accuracy}; returning the last model within the parameter limit")
+                         f"{h.min_accuracy} ({checked}); returning the last model within the parameter limit")
     _write(result, run_dir)
     return result
 
@@ -166,10 +186,12 @@ def _write(result: HPOResult, run_dir: Path) -> None:
 
 def _print(result: HPOResult) -> None:
     table = Table(title="Lambda search (Algorithm 2)")
-    for column in ("lambda", "epochs", "accuracy", "params", "params x", "MACs x", "train cost x dense", "outcome"):
+    for column in ("lambda", "epochs", "val. accuracy", "test accuracy", "params", "params x", "MACs x",
+                   "train cost x dense", "outcome"):
         table.add_column(column)
     for t in result.trials:
-        table.add_row(f"{t.lambda_gl:g}", str(t.epochs), "-" if t.accuracy is None else f"{t.accuracy:.4f}",
+        table.add_row(f"{t.lambda_gl:g}", str(t.epochs), "-" if t.val_accuracy is None else f"{t.val_accuracy:.4f}",
+                      "-" if t.accuracy is None else f"{t.accuracy:.4f}",
                       f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}", f"{t.train_macs_rel:.2f}", t.outcome)
     console.print(table)
     console.print(f"search cost: {result.cost:.2f}x one dense training; {result.reason}")

@@ -22,7 +22,7 @@ from .config import LR_SCHEDULES, Config, TrainConfig
 from .models.transformer import PAD_INDEX
 
 __all__ = [
-    "Task", "task_for", "resolve_device", "build_model", "make_optimizer", "make_scheduler", "train_epoch",
+    "Task", "task_for", "resolve_device", "kept_dense", "build_model", "make_optimizer", "make_scheduler", "train_epoch",
     "evaluate", "recalibrate_batchnorm", "RankCost", "seed_everything",
 ]
 
@@ -85,9 +85,20 @@ def task_for(dataset: str, label_smoothing: float = 0.0) -> Task:
     return Task(kind, label_smoothing)
 
 
+def kept_dense(cfg: Config) -> list[str]:
+    """The layers factorizing leaves dense: ``model.skip``, and the output layer (``models.CLASSIFIER``)
+    with ``model.skip_last``."""
+    skip = list(cfg.model.skip)
+    if cfg.model.skip_last:
+        if cfg.model.name not in models.CLASSIFIER:
+            raise ValueError(f"config: model.skip_last=true but {cfg.model.name} has no output layer to keep "
+                             "dense (its output projection is tied to the embeddings); set model.skip_last=false")
+        skip.append(models.CLASSIFIER[cfg.model.name])
+    return skip
+
+
 def build_model(cfg: Config) -> nn.Module:
-    """The configured model, factorized (with ``model.skip`` kept dense, and its output layer,
-    ``models.CLASSIFIER``, with ``model.skip_last``) unless ``model.factorize=false``."""
+    """The configured model, factorized (but for ``kept_dense``) unless ``model.factorize=false``."""
     kwargs = dict(cfg.model.kwargs)
     if cfg.model.name not in ("transformer",):
         kwargs.setdefault("num_classes", cfg.dataset.num_classes)
@@ -95,13 +106,7 @@ def build_model(cfg: Config) -> nn.Module:
             kwargs.setdefault("in_channels", cfg.dataset.input_shape[0])
     model = models.build(cfg.model.name, **kwargs)
     if cfg.model.factorize:
-        skip = list(cfg.model.skip)
-        if cfg.model.skip_last:
-            if cfg.model.name not in models.CLASSIFIER:
-                raise ValueError(f"config: model.skip_last=true but {cfg.model.name} has no output layer to keep "
-                                 "dense (its output projection is tied to the embeddings); set model.skip_last=false")
-            skip.append(models.CLASSIFIER[cfg.model.name])
-        lod.factorize(model, skip=skip)
+        lod.factorize(model, skip=kept_dense(cfg))
     return model
 
 

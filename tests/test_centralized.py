@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model
 from fedmaestro.data import unaugmented
 from fedmaestro.config import Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig
 from fedmaestro.data.memory import NORMALIZATION
+from fedmaestro.train import evaluate, recalibrate_batchnorm
 
 DENSE_LENET_PARAMS = 44_426  # Table 11
 DESIGN_FIELDS = ("epoch", "accuracy", "loss", "params", "macs", "ranks", "wall_s")  # DESIGN.md, a record
@@ -322,6 +324,38 @@ def test_batchnorm_recalibration_reads_the_training_split_without_augmentation(t
     assert unaugmented(augmented).train is False and augmented.train is True  # a copy; the original trains
     trainer = Trainer(tiny(epochs=1), tmp_path, (augmented, DATASETS[1]))
     assert trainer.train_loader.dataset.train and not trainer.calib_loader.dataset.train
+
+
+def test_batchnorm_is_recalibrated_at_the_models_ranks_before_every_evaluation(tmp_path):
+    """Training samples sub-models, so the running statistics BatchNorm gathers mix them; an evaluated
+    epoch (here without any shrinking) re-estimates them at the model's ranks first."""
+    cfg = tiny(epochs=2, eval_every=2, shrink=False, lambda_gl=0.0)
+    cfg.model.name = "resnet18"
+    trainer = Trainer(cfg, tmp_path, (patterns(64, 0), patterns(32, 1, train=False)))
+    running = lambda: {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}  # noqa: E731
+    trainer.run_epoch()  # not evaluated: the statistics are training's
+    trained = running()
+    trainer.calib_loader.set_epoch(0)
+    recalibrate_batchnorm(trainer.model, trainer.calib_loader, trainer.task, trainer.device)
+    assert any(not torch.equal(trained[k], v) for k, v in running().items())
+    record = trainer.run_epoch()
+    after = running()
+    trainer.calib_loader.set_epoch(1)
+    recalibrate_batchnorm(trainer.model, trainer.calib_loader, trainer.task, trainer.device)
+    assert all(torch.equal(after[k], v) for k, v in running().items())
+    assert record["accuracy"] == evaluate(trainer.model, trainer.test_loader, trainer.task, trainer.device)["accuracy"]
+
+
+def test_held_out_validation_examples_are_not_trained_on_and_are_scored_when_evaluated(tmp_path):
+    held = np.arange(0, 256, 4)
+    trainer = Trainer(tiny(epochs=1), tmp_path, DATASETS, validation=held)
+    trained = set(trainer.train_loader.indices.tolist())
+    assert len(trained) == 192 and trained.isdisjoint(held.tolist())
+    assert set(trainer.calib_loader.indices.tolist()) == trained
+    assert trainer.val_loader.indices.tolist() == held.tolist() and not trainer.val_loader.dataset.train
+    record = trainer.fit(show_progress=False)[-1]
+    assert record["val_accuracy"] == evaluate(trainer.model, trainer.val_loader, trainer.task, trainer.device)["accuracy"]
+    assert "val_accuracy" not in Trainer(tiny(epochs=1), tmp_path / "plain", DATASETS).fit(show_progress=False)[-1]
 
 
 def compose(overrides: list[str]) -> tuple[Config, Path]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedmaestro import deploy, lod
-from fedmaestro.centralized import Trainer, deployed_footprint, load_model
+from fedmaestro.centralized import Trainer, deployed_footprint, load_model, save_model
 from fedmaestro.config import Config, DataConfig, DatasetConfig, DeployConfig, ModelConfig
 from fedmaestro.footprint import measure
 from fedmaestro.train import evaluate, task_for
@@ -131,6 +131,32 @@ def test_svd_baseline_factorizes_a_dense_model_exactly_and_refuses_a_factorized_
         torch.testing.assert_close(svd(x), dense(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="model.factorize=false"):
         deploy.svd_model(trained[0], CPU)
+
+
+def test_svd_baseline_keeps_what_its_config_keeps_dense_and_its_exports_reload(tmp_path):
+    cfg = tiny(epochs=1, lambda_gl=0.0)
+    cfg.model.factorize, cfg.model.skip_last, cfg.model.skip = False, True, ["conv1"]
+    trainer = Trainer(cfg, tmp_path / "dense", DATASETS)
+    trainer.save_model(tmp_path / "dense.pt")
+    svd, svd_cfg = deploy.svd_model(tmp_path / "dense.pt", CPU)
+    assert [n for n, _ in lod.layers(svd)] == ["conv2", "fc1", "fc2"]  # conv1 (model.skip) and fc3 (skip_last)
+    lod.truncate(svd, {"fc1": 5})
+    save_model(tmp_path / "export.pt", svd, svd_cfg)
+    reloaded, _ = load_model(tmp_path / "export.pt")
+    assert {n: layer.rank for n, layer in lod.layers(reloaded)} == {n: layer.rank for n, layer in lod.layers(svd)}
+
+
+def test_deploy_refuses_a_baseline_of_another_model_or_data_set_before_any_search(trained, tmp_path):
+    other = tiny(epochs=1, lambda_gl=0.0)
+    other.model.factorize, other.dataset.num_classes = False, 7
+    Trainer(other, tmp_path / "other", DATASETS).save_model(tmp_path / "other.pt")
+    cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(trained[0]),
+                 deploy=DeployConfig(svd_baseline=str(tmp_path / "other.pt")))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(ValueError, match=r"dataset.num_classes: 10 vs 7"):
+        deploy.run(cfg, run_dir)
+    assert [p.name for p in run_dir.iterdir()] == ["config.json"]
 
 
 def test_deploy_names_the_model_settings_it_does_not_use():

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedmaestro import hpo
+from fedmaestro.centralized import Trainer
 from fedmaestro.config import HPOConfig
 from test_centralized import DATASETS, tiny
 
@@ -25,8 +29,9 @@ class ScriptedTrainer:
     table: dict[float, tuple[float, float]] = {}
     built: list[float] = []
 
-    def __init__(self, cfg, run_dir, datasets=None):
+    def __init__(self, cfg, run_dir, datasets=None, validation=None):
         self.cfg, self.run_dir, self.records = cfg, run_dir, []
+        self.validation = validation
         self.lam = cfg.train.lambda_gl
         ScriptedTrainer.built.append(self.lam)
 
@@ -38,6 +43,8 @@ class ScriptedTrainer:
         rec.update(params_deployed=round(44_426 * rec["params_rel"]), macs_deployed=281_640)
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             rec["accuracy"] = acc * frac
+            if self.validation is not None:  # the held-out examples score lower: the test set must not decide
+                rec["accuracy"], rec["val_accuracy"] = acc * frac + 0.3, acc * frac
         return rec
 
     def fit(self, on_epoch=None, show_progress=True):
@@ -64,6 +71,7 @@ def search_cfg(min_accuracy=0.75, max_params=0.3, epochs=6, eval_every=2):
     cfg.mode = "hpo"
     cfg.hpo.min_accuracy, cfg.hpo.max_params, cfg.hpo.eval_every = min_accuracy, max_params, eval_every
     cfg.hpo.lambda_large, cfg.hpo.lambda_small, cfg.hpo.few_params = 0.8, 0.05, 0.02
+    cfg.hpo.val_fraction = 0.0  # accuracy checked on the scripted "accuracy"
     return cfg
 
 
@@ -138,6 +146,15 @@ def test_summary_table_lists_every_lambda_and_its_cost(scripted, tmp_path, capsy
     assert "Lambda search" in out and "search cost: 1.50x" in out and "returned: lambda 0.4" in out
 
 
+def test_accuracy_is_checked_on_held_out_training_examples_not_on_the_test_set(scripted, tmp_path):
+    scripted.table = {0.8: (0.60, 0.05), 0.4: (0.70, 0.10), 0.2: (0.90, 0.20)}
+    cfg = search_cfg()
+    cfg.hpo.val_fraction = 0.25
+    result = hpo.search(cfg, tmp_path, DATASETS)  # 0.4 meets 0.75 on the scripted test set only
+    assert result.chosen.lambda_gl == 0.2 and "validation accuracy" in result.reason
+    assert result.chosen.val_accuracy == pytest.approx(0.9) and result.chosen.accuracy == pytest.approx(1.2)
+
+
 def test_real_search_returns_the_first_lambda_when_the_constraints_are_loose(tmp_path):
     cfg = tiny(epochs=2)
     cfg.mode = "hpo"
@@ -146,6 +163,8 @@ def test_real_search_returns_the_first_lambda_when_the_constraints_are_loose(tmp
     result = hpo.search(cfg, tmp_path, DATASETS)
     assert [t.lambda_gl for t in result.trials] == [0.2]
     assert result.chosen.epochs == 1 and result.chosen.outcome == "met"
+    record = json.loads((tmp_path / "lambda_0.2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= record["val_accuracy"] <= 1 and 0 <= record["accuracy"] <= 1  # held out (10%) and test
     assert (tmp_path / "lambda_0.2" / "metrics.jsonl").is_file()
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert state["config"]["train"]["lambda_gl"] == 0.2
@@ -171,3 +190,14 @@ def test_hpo_needs_at_least_one_epoch_per_lambda(tmp_path):
         hpo.search(cfg, tmp_path, DATASETS)
     with pytest.raises(ValueError, match="hpo.few_params=0.5 is invalid"):
         HPOConfig(max_params=0.3, few_params=0.5)
+
+
+def test_the_command_line_refuses_a_new_search_into_a_directory_that_holds_one(tmp_path):
+    trial = tmp_path / "lambda_0.001"
+    Trainer(tiny(epochs=1), trial, DATASETS).fit(show_progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=hpo", f"hydra.run.dir={tmp_path}"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "already holds a lambda search (lambda_0.001/checkpoint.pt); continue it with resume=true" in done.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or lost
