@@ -8,6 +8,7 @@ Flower apps (strategies/), for the federated mode.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -94,8 +95,23 @@ def run_mode(cfg: DictConfig, run_dir: Path) -> None:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run_mode(cfg, Path(hydra_cfg.runtime.output_dir))
+        run_mode(cfg, run_dir)
+    except KeyboardInterrupt:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
+        resumable = cfg.get("mode") in GUARDED_RUNS
+        print(f"\ninterrupted: {run_dir} keeps what was done" + (
+            f"; continue with the same command + resume=true hydra.run.dir={run_dir}" if resumable else ""),
+            file=sys.stderr)
+        if cfg.get("mode") == "federated":
+            # Flower's message threads can be left in ray.get on actors Ray has already shut down, and Python
+            # would wait for them at exit forever: leave now (the checkpoint and records are written atomically)
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(130)
+        sys.exit(130)
     except USER_ERRORS as e:
         # a sweep (--multirun) records the failed job and goes on to the next: Hydra handles it
         if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:

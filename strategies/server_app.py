@@ -13,6 +13,7 @@ Two ways in, one code path (``serve``):
 from __future__ import annotations
 
 import shlex
+import threading
 from pathlib import Path
 
 from flwr.app import Context
@@ -56,9 +57,30 @@ def compose(overrides: list[str]) -> tuple[Config, Path]:
 IN_MEMORY_POLL_S = 0.01  # the simulation's grid checks for replies this often (Flower's default: 0.1 s)
 
 
+# Set by the simulation adapter when its main thread is interrupted (Ctrl-C): the ServerApp runs in a thread of
+# its own, which would otherwise wait out the round's timeout for replies that no worker will send.
+INTERRUPTED = threading.Event()
+
+
+class RunInterrupted(RuntimeError):
+    """The simulation was interrupted; the ServerApp's thread stops at its next poll of the grid."""
+
+
+def _stop_when_interrupted(grid: InMemoryGrid) -> None:
+    pull = grid.pull_messages
+
+    def pull_messages(message_ids):
+        if INTERRUPTED.is_set():
+            raise RunInterrupted("the simulation was interrupted")
+        return pull(message_ids)
+
+    grid.pull_messages = pull_messages
+
+
 def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | None = None) -> Result:
     if isinstance(grid, InMemoryGrid):  # a poll of the in-process state costs microseconds; a late one, up to 0.1 s
         grid.pull_interval = min(grid.pull_interval, IN_MEMORY_POLL_S)
+        _stop_when_interrupted(grid)
     strategy = MaestroStrategy(cfg, run_dir, launched_at=launched_at)
     return strategy.start(grid)
 

@@ -48,9 +48,15 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
     flwr_logger.addFilter(quiet)
     if not verbose:  # Flower's per-round INFO lines would drown our progress lines; warnings still show
         flwr_logger.setLevel(logging.WARNING)
+    from .server_app import INTERRUPTED
+
+    INTERRUPTED.clear()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_name="ray", backend_config=backend, verbose_logging=verbose)
+    except KeyboardInterrupt:
+        INTERRUPTED.set()  # the ServerApp's thread stops too, instead of waiting out the round's timeout
+        raise
     finally:
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(quiet)

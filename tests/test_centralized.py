@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +303,21 @@ def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or
     assert done.returncode == 2 and "error: resume: the checkpoint was written with a different config" in done.stderr
     assert "model.name: 'lenet' -> 'vgg19'" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # Hydra wrote nothing (no .hydra/, no log)
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", "mode=centralized", "data.subset=2000",
+                             "data.test_subset=200", "train.epochs=500", "progress=false", f"hydra.run.dir={run_dir}"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoint.pt").is_file():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert f"interrupted: {run_dir} keeps what was done; continue with the same command + resume=true" in err
 
 
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):

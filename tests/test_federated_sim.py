@@ -99,6 +99,32 @@ def test_python_m_fedmaestro_runs_a_ray_simulation(tmp_path, local_run):
     assert summary["rounds"] == 2 and summary["startup_s"] > 0
 
 
+def test_ctrl_c_stops_a_simulation_within_seconds_and_a_resume_goes_on_from_its_checkpoint(tmp_path, local_run):
+    run_dir = tmp_path / "run"
+    job = [a for a in JOB if not a.startswith("fl.rounds=")]
+    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", *job, "fl.rounds=200", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,  # Ctrl-C reaches the terminal's whole process group: so here
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    interrupted = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.time() - interrupted < 30, err[-3000:]  # not the 600 s round timeout
+    assert f"continue with the same command + resume=true hydra.run.dir={run_dir}" in err
+    done = len(records(run_dir))
+    assert 1 <= done < 200
+    resumed = subprocess.run([sys.executable, "-m", "fedmaestro", *job, f"fl.rounds={done + 1}", "resume=true",
+                              f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rs = records(run_dir)
+    assert [r["round"] for r in rs] == list(range(1, done + 2))
+    assert timeless(rs[:2]) == timeless(local_run)[:len(rs[:2])]
+
+
 def _superlinks(flwr_home: Path) -> list[int]:
     """Pids of the SuperLink(s) that the flwr CLI started for this FLWR_HOME (its database path is in argv)."""
     pids = []
