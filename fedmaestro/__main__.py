@@ -54,7 +54,8 @@ def is_user_error(e: BaseException) -> bool:
 
 
 # the modes whose run directory holds checkpoints a new run would overwrite, and what they are called
-GUARDED_RUNS = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search"}
+GUARDED_RUNS = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search",
+                "deploy": "deployment"}
 
 
 class RunDirGuard(Callback):
@@ -67,10 +68,11 @@ class RunDirGuard(Callback):
         if mode not in GUARDED_RUNS:
             return
         run_dir = config.hydra.run.dir
+        resume = bool(config.get("resume")) and mode != "deploy"  # a deployment does not resume
         try:
-            checkpoint.refuse_overwrite(run_dir, bool(config.get("resume")), GUARDED_RUNS[mode])
+            checkpoint.refuse_overwrite(run_dir, resume, GUARDED_RUNS[mode])
             path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
-            if config.get("resume") and path.is_file():
+            if resume and path.is_file():
                 try:  # a config that does not resolve fails later, in run_mode, with its own message
                     job = resolve(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
                 except ValueError:
@@ -87,9 +89,13 @@ class RunDirGuard(Callback):
 def run_mode(cfg: DictConfig, run_dir: Path) -> None:
     config = resolve(cfg)  # validation: a bad value fails here, before any work
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
-        checkpoint.refuse_overwrite(run_dir, config.resume, GUARDED_RUNS[config.mode])
+        checkpoint.refuse_overwrite(run_dir, config.resume and config.mode != "deploy", GUARDED_RUNS[config.mode])
     run_dir.mkdir(parents=True, exist_ok=True)
-    importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
+    result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
+    if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model
+        print(f"error: the lambda search returned no model: {result.reason} (every lambda tried: "
+              f"{run_dir / 'hpo_summary.csv'})", file=sys.stderr)
+        sys.exit(1)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
@@ -101,7 +107,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise
-        resumable = cfg.get("mode") in GUARDED_RUNS
+        resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
         print(f"\ninterrupted: {run_dir} keeps what was done" + (
             f"; continue with the same command + resume=true hydra.run.dir={run_dir}" if resumable else ""),
             file=sys.stderr)

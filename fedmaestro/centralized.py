@@ -358,6 +358,8 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[nn.Module, Config]
 
 
 def run(cfg: Config, run_dir: Path) -> Trainer:
+    if cfg.train.epochs < 1:
+        raise ValueError(f"mode=centralized: train.epochs={cfg.train.epochs} trains nothing; set train.epochs >= 1")
     apply_threads(cfg)
     trainer = Trainer(cfg, run_dir)
     if cfg.resume:

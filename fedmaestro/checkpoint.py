@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<path to a .pt written by a run>")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # never retried without weights_only
+        raise ValueError(f"{path} is not a checkpoint or model file written by fedmaestro (torch.load with "
+                         f"weights_only=True refused it: {type(e).__name__}); give a run directory, its model.pt or "
+                         f"checkpoint.pt") from None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -88,14 +94,18 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
 
 
 def refuse_overwrite(run_dir: str | Path, resume: bool, what: str = "run") -> None:
-    """A new run (``resume=false``) into a directory that holds one (its checkpoint.pt, or a lambda search's
-    ``lambda_*/checkpoint.pt``) would overwrite its records, checkpoints and models: raise FileExistsError
-    naming the two ways out."""
+    """A new run (``resume=false``) into a directory that holds one (its checkpoint.pt, a lambda search's
+    ``lambda_*/checkpoint.pt``, a deployment's deploy.json) would overwrite its records, checkpoints, models
+    or exports: raise FileExistsError naming the ways out."""
     run_dir = Path(run_dir)
-    held = [p for p in (run_dir / "checkpoint.pt", *sorted(run_dir.glob("lambda_*/checkpoint.pt"))) if p.is_file()]
+    held = [p for p in (run_dir / "checkpoint.pt", *sorted(run_dir.glob("lambda_*/checkpoint.pt")),
+                        run_dir / "deploy.json") if p.is_file()]
     if not resume and held:
-        raise FileExistsError(f"{run_dir} already holds a {what} ({held[0].relative_to(run_dir)}); continue it "
-                              "with resume=true, or give the new run its own directory (hydra.run.dir=...)")
+        resumable = held[0].name == "checkpoint.pt"
+        raise FileExistsError(f"{run_dir} already holds a {what if resumable else 'deployment'} "
+                              f"({held[0].relative_to(run_dir)}); " + ("continue it with resume=true, or " if resumable
+                                                                       else "") +
+                              "give the new run its own directory (hydra.run.dir=...)")
 
 
 def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:

@@ -214,7 +214,7 @@ class FLConfig:
 
     def __post_init__(self):
         _check("fl.num_clients", self.num_clients, self.num_clients > 0, "must be > 0")
-        _check("fl.rounds", self.rounds, self.rounds >= 0, "must be >= 0")
+        _check("fl.rounds", self.rounds, self.rounds >= 1, "must be >= 1")
         _check("fl.clients_per_round", self.clients_per_round, 0 < self.clients_per_round <= self.num_clients,
                f"must be in [1, fl.num_clients={self.num_clients}]")
         _check("fl.local_epochs", self.local_epochs, self.local_epochs > 0, "must be > 0")
@@ -303,7 +303,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     resume: bool = False
     checkpoint: Optional[str] = None
-    progress: bool = True
+    progress: bool = True  # false: no progress bar (centralized) / no line per round (federated); results still print
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -318,6 +318,7 @@ class Config:
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
+        _check("seed", self.seed, self.seed >= 0, "must be >= 0 (numpy's and torch's generators take no negative seed)")
         _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "must be auto, cpu, cuda, cuda:N or mps")
 

@@ -30,7 +30,8 @@ TIME_KEYS = ("wall_s", "timing")
 class RunLog:
     def __init__(self, cfg: Config, run_dir: Path | None, show_progress: bool = True, launched_at: float | None = None):
         self.cfg, self.run_dir = cfg, run_dir
-        self.show = show_progress and cfg.progress
+        self.show = show_progress  # the start-up line and the summary table
+        self.show_rounds = show_progress and cfg.progress  # progress=false: no line per round
         self.records: list[dict] = []
         self.wall = 0.0
         self.launched_at = time.perf_counter() if launched_at is None else launched_at
@@ -75,7 +76,7 @@ class RunLog:
         if self.metrics_path is not None:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if self.show:
+        if self.show_rounds:
             console.print(self.progress_line(record))
         return record
 

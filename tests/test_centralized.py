@@ -467,3 +467,17 @@ def test_sweep_table_and_figures_from_run_directories(tmp_path, capsys):
     for name in ("sweep_accuracy.png", "sweep_total_rank.png", "sweep_ranks.png", "sweep.csv"):
         assert (tmp_path / "sweep" / name).stat().st_size > 0, name
     assert "Non-Factorized" in capsys.readouterr().out
+
+
+def test_values_that_would_run_nothing_or_fail_late_are_refused_up_front(tmp_path):
+    from fedmaestro.config import FLConfig
+
+    with pytest.raises(ValueError, match=r"seed=-3 is invalid: must be >= 0"):
+        Config(seed=-3)
+    with pytest.raises(ValueError, match=r"fl.rounds=0 is invalid: must be >= 1"):
+        FLConfig(rounds=0)
+    with pytest.raises(ValueError, match=r"train.epochs=0 trains nothing; set train.epochs >= 1"):
+        centralized.run(tiny(epochs=0), tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl is not a checkpoint or model file written by fedmaestro"):
+        load_model(tmp_path / "metrics.jsonl")

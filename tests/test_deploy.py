@@ -203,3 +203,15 @@ def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained,
             assert e["params"] == 44_426 and len(e["merged"]) == 5
         else:
             assert e[e["target"].split("<=")[0]] <= float(e["target"].split("<=")[1]) + 1e-12
+
+
+def test_a_new_deployment_into_a_directory_that_holds_one_is_refused(trained, tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedmaestro.__main__ import run_mode
+
+    (tmp_path / "deploy.json").write_text("{}")
+    cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(trained[0]), resume=True)
+    with pytest.raises(FileExistsError, match=r"already holds a deployment \(deploy.json\); give the new run its own"):
+        run_mode(OmegaConf.structured(cfg), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["deploy.json"]

@@ -523,3 +523,15 @@ def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypat
     monkeypatch.setattr(server_app, "MaestroStrategy", Recorder)
     server_app.serve(grid, None, None)
     assert seen == [server_app.IN_MEMORY_POLL_S] and server_app.IN_MEMORY_POLL_S < 0.1
+
+
+def test_progress_false_drops_the_round_lines_but_keeps_the_start_up_line_and_summary(tmp_path):
+    from fedmaestro.console import console
+
+    for progress in ("true", "false"):
+        cfg, run_dir = make_cfg(tmp_path, "devices=homogeneous", "fl.rounds=1", f"progress={progress}", name=progress)
+        with console.capture() as out:
+            MaestroStrategy(cfg, run_dir).start(LocalGrid(real_client.app, cfg.fl.num_clients))
+        text = out.get()
+        assert "start-up" in text and "global (full rank)" in text
+        assert ("round   1/1" in text) == (progress == "true")

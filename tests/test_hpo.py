@@ -201,3 +201,17 @@ def test_the_command_line_refuses_a_new_search_into_a_directory_that_holds_one(t
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "already holds a lambda search (lambda_0.001/checkpoint.pt); continue it with resume=true" in done.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or lost
+
+
+def test_the_command_line_exits_1_when_the_search_returns_no_model(scripted, tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from fedmaestro.__main__ import run_mode
+
+    scripted.table = {0.8: (0.60, 0.50)}  # the first lambda already ends above the parameter limit
+    search = hpo.search
+    monkeypatch.setattr(hpo, "search", lambda cfg, run_dir: search(cfg, run_dir, DATASETS))
+    with pytest.raises(SystemExit) as exit_info:
+        run_mode(OmegaConf.structured(search_cfg()), tmp_path)
+    assert exit_info.value.code == 1
+    assert "error: the lambda search returned no model: lambda 0.8 ends above the parameter limit" in capsys.readouterr().err
