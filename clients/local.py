@@ -27,7 +27,8 @@ from torch import nn
 
 from fedmaestro import data, lod, nested, tiers
 from fedmaestro.config import Config, resolve
-from fedmaestro.train import build_model, evaluate, make_optimizer, resolve_device, task_for, train_epoch
+from fedmaestro.train import (build_model, evaluate, make_optimizer, recalibrate_batchnorm, resolve_device,
+                              task_for, train_epoch)
 
 __all__ = ["ClientData", "config_from_json", "client_data", "forget_data", "template", "train", "evaluate_local"]
 
@@ -144,6 +145,12 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
         total += stats["loss"] * stats["num_examples"]
         examples += stats["num_examples"]
         steps += stats["steps"]
+    if rank_sampler is not None and nested.batchnorm_names(model):
+        # the running statistics mix the sub-models the steps sampled: re-estimated at the caps, on the local
+        # training examples (unaugmented), so that the server can pool them per tier
+        calib = data.BatchLoader(data.unaugmented(d.train_set), max(t.batch_size, 256), shuffle=True, seed=s,
+                                 indices=train_idx)
+        recalibrate_batchnorm(model, calib, task, device)
     metrics = {"num_examples": int(train_idx.size), "loss": total / max(examples, 1), "steps": steps,
                "seconds": time.perf_counter() - start}
     return nested.state_arrays(model), metrics

@@ -53,9 +53,8 @@ def is_user_error(e: BaseException) -> bool:
     return PROJECT_DIR in path.parents and "site-packages" not in path.parts
 
 
-# the modes whose run directory holds checkpoints a new run would overwrite, and what they are called
-GUARDED_RUNS = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search",
-                "deploy": "deployment"}
+# the modes whose run directory holds results a new run would overwrite
+GUARDED_RUNS = ("federated", "centralized", "hpo", "deploy")
 
 
 class RunDirGuard(Callback):
@@ -70,7 +69,7 @@ class RunDirGuard(Callback):
         run_dir = config.hydra.run.dir
         resume = bool(config.get("resume")) and mode != "deploy"  # a deployment does not resume
         try:
-            checkpoint.refuse_overwrite(run_dir, resume, GUARDED_RUNS[mode])
+            checkpoint.refuse_overwrite(run_dir, resume, mode)
             path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
             if resume and path.is_file():
                 try:  # a config that does not resolve fails later, in run_mode, with its own message
@@ -86,15 +85,20 @@ class RunDirGuard(Callback):
             sys.exit(2)
 
 
-def run_mode(cfg: DictConfig, run_dir: Path) -> None:
+def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> None:
+    """Run ``cfg``'s mode into ``run_dir``; ``sweep``: a job of --multirun (failures raise, for Hydra to record
+    and go on with the next job, instead of ending the process)."""
     config = resolve(cfg)  # validation: a bad value fails here, before any work
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
-        checkpoint.refuse_overwrite(run_dir, config.resume and config.mode != "deploy", GUARDED_RUNS[config.mode])
+        checkpoint.refuse_overwrite(run_dir, config.resume, config.mode)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
     if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model
-        print(f"error: the lambda search returned no model: {result.reason} (every lambda tried: "
-              f"{run_dir / 'hpo_summary.csv'})", file=sys.stderr)
+        message = (f"the lambda search returned no model: {result.reason} (every lambda tried: "
+                   f"{run_dir / 'hpo_summary.csv'})")
+        if sweep:
+            raise RuntimeError(message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -103,10 +107,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run_mode(cfg, run_dir)
-    except KeyboardInterrupt:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise
+        run_mode(cfg, run_dir, sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+    except KeyboardInterrupt:  # the whole sweep stops too
         resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
         print(f"\ninterrupted: {run_dir} keeps what was done" + (
             f"; continue with the same command + resume=true hydra.run.dir={run_dir}" if resumable else ""),

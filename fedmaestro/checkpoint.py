@@ -7,6 +7,7 @@ from its config, then the state dict resizes every LoD layer to the saved ranks)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -54,10 +55,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<path to a .pt written by a run>")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:  # never retried without weights_only
-        raise ValueError(f"{path} is not a checkpoint or model file written by fedmaestro (torch.load with "
-                         f"weights_only=True refused it: {type(e).__name__}); give a run directory, its model.pt or "
-                         f"checkpoint.pt") from None
+    except (pickle.UnpicklingError, EOFError) as e:  # never retried without weights_only
+        raise ValueError(_not_a_checkpoint(path, e)) from e
+    except RuntimeError as e:  # a torch.save file's format; any other RuntimeError (devices, memory) is not ours
+        if "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
+            raise
+        raise ValueError(_not_a_checkpoint(path, e)) from e
+
+
+def _not_a_checkpoint(path: Path, e: BaseException) -> str:
+    return (f"{path} is not a checkpoint or model file written by fedmaestro (torch.load with weights_only=True "
+            f"refused it: {type(e).__name__}); give a run directory, its model.pt or checkpoint.pt")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -93,19 +101,44 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
                     "its numbers will not match an uninterrupted run's digit for digit", "; ".join(rounding))
 
 
-def refuse_overwrite(run_dir: str | Path, resume: bool, what: str = "run") -> None:
-    """A new run (``resume=false``) into a directory that holds one (its checkpoint.pt, a lambda search's
-    ``lambda_*/checkpoint.pt``, a deployment's deploy.json) would overwrite its records, checkpoints, models
-    or exports: raise FileExistsError naming the ways out."""
+RUN_NAMES = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search",
+             "deploy": "deployment"}
+
+
+def held_run(run_dir: str | Path) -> tuple[str | None, Path] | None:
+    """(mode, file) of the run a directory holds: its checkpoint.pt (the mode from its config.json, None if
+    unreadable), a lambda search's ``lambda_*/checkpoint.pt``, a deployment's deploy.json; None if empty."""
     run_dir = Path(run_dir)
-    held = [p for p in (run_dir / "checkpoint.pt", *sorted(run_dir.glob("lambda_*/checkpoint.pt")),
-                        run_dir / "deploy.json") if p.is_file()]
-    if not resume and held:
-        resumable = held[0].name == "checkpoint.pt"
-        raise FileExistsError(f"{run_dir} already holds a {what if resumable else 'deployment'} "
-                              f"({held[0].relative_to(run_dir)}); " + ("continue it with resume=true, or " if resumable
-                                                                       else "") +
-                              "give the new run its own directory (hydra.run.dir=...)")
+    if (run_dir / "checkpoint.pt").is_file():
+        try:
+            mode = json.loads((run_dir / "config.json").read_text()).get("mode")
+        except (OSError, ValueError, AttributeError):
+            mode = None
+        return mode, run_dir / "checkpoint.pt"
+    searches = sorted(run_dir.glob("lambda_*/checkpoint.pt"))
+    if searches:
+        return "hpo", searches[0]
+    if (run_dir / "deploy.json").is_file():
+        return "deploy", run_dir / "deploy.json"
+    return None
+
+
+def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str) -> None:
+    """A run of ``mode`` into a directory that holds one would overwrite its records, checkpoints, models
+    or exports: raise FileExistsError naming the ways out, unless it resumes a run of the same mode."""
+    held = held_run(run_dir)
+    if held is None:
+        return
+    there, path = held
+    there = mode if there is None else there
+    where = f"{Path(run_dir)} already holds a {RUN_NAMES.get(there, there + ' run')} ({path.relative_to(run_dir)})"
+    own_dir = "give the new run its own directory (hydra.run.dir=...)"
+    if there != mode:
+        raise FileExistsError(f"{where}, not a {RUN_NAMES.get(mode, mode + ' run')}; {own_dir}")
+    if mode == "deploy":
+        raise FileExistsError(f"{where}; {own_dir}")
+    if not resume:
+        raise FileExistsError(f"{where}; continue it with resume=true, or {own_dir}")
 
 
 def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:

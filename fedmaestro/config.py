@@ -8,6 +8,7 @@ values and names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from dataclasses import dataclass, field
@@ -384,10 +385,20 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+# keys added to the schema with a default that changes what a run does: a config written before them ran
+# as these values, not as the default (a lambda search from before hpo.val_fraction checked the test set)
+BEFORE_ADDED = {("hpo", "val_fraction"): 0.0}
+
+
 def with_defaults(stored: dict) -> dict:
     """A stored config (a checkpoint's, a config.json) with every key added to the schema since it was
-    written set to its default, so that comparing it with a current config lists only real differences."""
-    return _fill(to_dict(Config()), stored)
+    written set to its default (or to how runs behaved before it, ``BEFORE_ADDED``), so that comparing it
+    with a current config lists only real differences."""
+    before = copy.deepcopy(stored)
+    for (section, key), value in BEFORE_ADDED.items():
+        if isinstance(before.get(section), dict) and key not in before[section]:
+            before[section][key] = value
+    return _fill(to_dict(Config()), before)
 
 
 def _fill(defaults: dict, stored: dict) -> dict:

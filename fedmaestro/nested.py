@@ -25,7 +25,7 @@ from torch import nn
 from . import lod
 
 __all__ = ["Layout", "rank_axes", "prefix", "aggregate", "check_arrays", "state_arrays", "load_arrays",
-           "num_bytes"]
+           "num_bytes", "batchnorm_names", "pool_batchnorm"]
 
 
 def rank_axes(model: nn.Module) -> dict[str, int | None]:
@@ -204,9 +204,34 @@ def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
 
 def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:
     """Load numpy arrays into ``model`` (strict); LoD layers resize to the arrays' ranks."""
-    state = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    state = {name: torch.from_numpy(np.ascontiguousarray(a).reshape(np.shape(a))) for name, a in arrays.items()}
     model.load_state_dict(state, strict=True)
     return model
+
+
+def batchnorm_names(model: nn.Module) -> list[str]:
+    """The module names of the BatchNorm layers that keep running statistics."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def pool_batchnorm(replies: Sequence[tuple[Mapping[str, np.ndarray], float]], names: Sequence[str]
+                   ) -> dict[str, np.ndarray]:
+    """BatchNorm statistics of the union of the replies' data: for every layer in ``names``, each reply's
+    (``running_mean`` m_i, ``running_var`` v_i) weighted by its example count w_i gives
+    mean = sum w_i m_i / W and var = sum w_i (v_i + m_i^2) / W - mean^2 (the law of total variance:
+    averaging the variances alone would drop the spread of the clients' means)."""
+    w = _check_weights([weight for _, weight in replies])
+    w = w / w.sum()
+    out = {}
+    for name in names:
+        means = np.stack([np.asarray(a[f"{name}.running_mean"], np.float64) for a, _ in replies])
+        variances = np.stack([np.asarray(a[f"{name}.running_var"], np.float64) for a, _ in replies])
+        mean = np.tensordot(w, means, axes=1)
+        var = np.maximum(np.tensordot(w, variances + means ** 2, axes=1) - mean ** 2, 0.0)
+        like = replies[0][0][f"{name}.running_mean"]
+        out[f"{name}.running_mean"], out[f"{name}.running_var"] = mean.astype(like.dtype), var.astype(like.dtype)
+    return out
 
 
 def num_bytes(arrays: Mapping[str, np.ndarray]) -> int:

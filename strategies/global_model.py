@@ -47,6 +47,10 @@ class GlobalModel:
         self._test_set = test_set
         self._test_loader = None
         self.task = task_for(cfg.dataset.name, cfg.train.label_smoothing)
+        # BatchNorm statistics depend on the ranks before each BN layer, so a factorized model keeps them per
+        # tier ("0", "1", ...) and for the model itself ("full": its budget-1.0 tiers'), pooled from the replies
+        self.batchnorm = nested.batchnorm_names(self.model) if self.factorized else []
+        self.batchnorm_stats: dict[str, dict[str, np.ndarray]] = {}
 
     # --- arrays and ranks ------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
@@ -120,6 +124,25 @@ class GlobalModel:
         lod.truncate(self.model, held)
         return True
 
+    # --- BatchNorm statistics per tier --------------------------------------------------------------
+    def pool_batchnorm(self, replies_by_tier: dict[int, list[tuple[dict, float]]], full_tiers: list[int]) -> None:
+        """After aggregation: every tier that answered gets the pooled statistics of its replies, and the
+        model's own BatchNorm buffers those of its budget-1.0 tiers (kept from an earlier round when none of
+        them answered). Clients recalibrate their statistics at their caps before replying."""
+        if not self.batchnorm:
+            return
+        for tier, replies in replies_by_tier.items():
+            self.batchnorm_stats[str(tier)] = nested.pool_batchnorm(replies, self.batchnorm)
+        full = [r for t in full_tiers for r in replies_by_tier.get(t, [])]
+        if full:
+            self.batchnorm_stats["full"] = nested.pool_batchnorm(full, self.batchnorm)
+        if "full" in self.batchnorm_stats:
+            self.load({**self.arrays(), **self.batchnorm_stats["full"]})
+
+    def tier_batchnorm(self, tier: int) -> dict[str, np.ndarray] | None:
+        """The statistics a tier's sub-model is evaluated with (the model's own until that tier answers)."""
+        return self.batchnorm_stats.get(str(tier), self.batchnorm_stats.get("full"))
+
     # --- evaluation --------------------------------------------------------------------------------
     @property
     def test_loader(self):
@@ -147,8 +170,10 @@ class GlobalModel:
                 "macs_deployed": deployed.macs, "params_rel": deployed.params / self.dense.params,
                 "macs_rel": deployed.macs / self.dense.macs}
 
-    def evaluate_many(self, caps_list: list[dict[str, int] | None]) -> list[dict]:
-        """``evaluate`` of every caps in ``caps_list``, side by side on the machine's cores.
+    def evaluate_many(self, caps_list: list[dict[str, int] | None],
+                      batchnorm: list[dict[str, np.ndarray] | None] | None = None) -> list[dict]:
+        """``evaluate`` of every caps in ``caps_list`` (with its ``batchnorm`` statistics where given), side by
+        side on the machine's cores.
 
         The test set is cut into ``EVAL_SHARDS`` fixed shards; every (model, shard) pair is a job for a
         pool of threads (one per core) with one torch thread each, on a model copy of its own. The shards
@@ -158,6 +183,10 @@ class GlobalModel:
         shards = [data.BatchLoader(test_set, EVAL_BATCH, shuffle=False, indices=idx)
                   for idx in np.array_split(np.arange(len(test_set)), EVAL_SHARDS) if idx.size]
         models = [self.sub_model(caps) for caps in caps_list]
+        for i, stats in enumerate(batchnorm or []):
+            if stats:
+                models[i] = copy.deepcopy(models[i]) if models[i] is self.model else models[i]
+                nested.load_arrays(models[i], {**nested.state_arrays(models[i]), **stats})
         jobs = [(i, shard) for i in range(len(models)) for shard in shards]
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -83,7 +84,8 @@ def _payload_bytes(record: ArrayRecord) -> int:
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    # np.ascontiguousarray makes 0-d arrays (BatchNorm's num_batches_tracked) 1-d: keep their shape
+    return ArrayRecord({name: Array(np.ascontiguousarray(a).reshape(a.shape)) for name, a in arrays.items()})
 
 
 class MaestroStrategy(Strategy):
@@ -304,6 +306,10 @@ class MaestroStrategy(Strategy):
         weights = [w for _, _, w, _ in valid]
         merged = nested.aggregate(self.current, [(arrays, w) for _, arrays, w, _ in valid], self.global_model.layout.axes)
         self.global_model.load(merged)
+        by_tier: dict[int, list] = {}
+        for sent, arrays, w, _ in valid:
+            by_tier.setdefault(sent.tier, []).append((arrays, w))
+        self.global_model.pool_batchnorm(by_tier, [i for i, t in enumerate(self.cfg.devices.tiers) if t.budget == 1.0])
         c = self.cfg
         shrink_now = (self.global_model.factorized and c.train.shrink and c.train.eps_ps is not None
                       and c.strategy.shrink_every > 0 and server_round % c.strategy.shrink_every == 0)
@@ -392,13 +398,18 @@ class MaestroStrategy(Strategy):
         return replies
 
     def state_dict(self, rnd: int) -> dict:
+        batchnorm = {key: {name: torch.from_numpy(a) for name, a in stats.items()}
+                     for key, stats in self.global_model.batchnorm_stats.items()}
         return {"config": to_dict(self.cfg), "round": rnd, "model": self.global_model.model.state_dict(),
-                "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, **self.runlog.state_dict()}
+                "batchnorm_stats": batchnorm, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+                **self.runlog.state_dict()}
 
     def load_state_dict(self, state: dict) -> int:
         checkpoint.check_resumable(state["config"], to_dict(self.cfg),
                                    checkpoint.resume_ignored("federated", self.cfg.dataset.name))
         self.global_model.model.load_state_dict(state["model"])
+        self.global_model.batchnorm_stats = {key: {name: t.numpy() for name, t in stats.items()}
+                                             for key, stats in state.get("batchnorm_stats", {}).items()}
         self.bytes_down, self.bytes_up = int(state["bytes_down"]), int(state["bytes_up"])
         self.runlog.load_state_dict(state)
         return int(state["round"])
@@ -420,9 +431,12 @@ class MaestroStrategy(Strategy):
         evaluated = rnd % c.strategy.eval_every == 0 or last
         ranks = gm.ranks()
         tier_caps = list(zip(c.devices.tiers, self.caps_of_tiers())) if c.strategy.eval_tiers else []
-        # the full model, then every tier that cuts it (a tier at full rank has the full model's numbers)
-        jobs = [None] + [caps for _, caps in tier_caps if caps != ranks]
-        rows = gm.evaluate_many(jobs) if evaluated else [gm.footprint(gm.sub_model(caps)) for caps in jobs]
+        # the full model, then every tier that cuts it (a tier at full rank has the full model's numbers), each
+        # with its own BatchNorm statistics
+        cuts = [(i, caps) for i, (_, caps) in enumerate(tier_caps) if caps != ranks]
+        jobs = [None] + [caps for _, caps in cuts]
+        rows = gm.evaluate_many(jobs, [None] + [gm.tier_batchnorm(i) for i, _ in cuts]) if evaluated else \
+            [gm.footprint(gm.sub_model(caps)) for caps in jobs]
         full, out = rows[0], dict(rows[0])
         out.update({"ranks": ranks, "total_rank": int(sum(ranks.values()))})
         if tier_caps:

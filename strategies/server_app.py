@@ -57,41 +57,42 @@ def compose(overrides: list[str]) -> tuple[Config, Path]:
 IN_MEMORY_POLL_S = 0.01  # the simulation's grid checks for replies this often (Flower's default: 0.1 s)
 
 
-# Set by the simulation adapter when its main thread is interrupted (Ctrl-C): the ServerApp runs in a thread of
-# its own, which would otherwise wait out the round's timeout for replies that no worker will send.
-INTERRUPTED = threading.Event()
-
-
 class RunInterrupted(RuntimeError):
     """The simulation was interrupted; the ServerApp's thread stops at its next poll of the grid."""
 
 
-def _stop_when_interrupted(grid: InMemoryGrid) -> None:
+def _stop_when(interrupted: threading.Event, grid: InMemoryGrid) -> None:
+    """The ServerApp runs in a thread of its own, which would otherwise wait out the round's timeout for
+    replies that no worker will send once the simulation's main thread is interrupted (Ctrl-C)."""
     pull = grid.pull_messages
 
     def pull_messages(message_ids):
-        if INTERRUPTED.is_set():
+        if interrupted.is_set():
             raise RunInterrupted("the simulation was interrupted")
         return pull(message_ids)
 
     grid.pull_messages = pull_messages
 
 
-def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | None = None) -> Result:
+def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | None = None,
+          interrupted: threading.Event | None = None) -> Result:
+    """Run the strategy on ``grid``; ``interrupted``: set by the simulation adapter on Ctrl-C."""
     if isinstance(grid, InMemoryGrid):  # a poll of the in-process state costs microseconds; a late one, up to 0.1 s
         grid.pull_interval = min(grid.pull_interval, IN_MEMORY_POLL_S)
-        _stop_when_interrupted(grid)
+        if interrupted is not None:
+            _stop_when(interrupted, grid)
     strategy = MaestroStrategy(cfg, run_dir, launched_at=launched_at)
     return strategy.start(grid)
 
 
-def make_app(cfg: Config, run_dir: Path | None, launched_at: float | None = None) -> ServerApp:
+def make_app(cfg: Config, run_dir: Path | None, launched_at: float | None = None,
+             interrupted: threading.Event | None = None) -> ServerApp:
     """A ServerApp bound to an already composed Config (the simulation adapter's)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run_dir, launched_at)
+        serve(grid, cfg, run_dir, launched_at, interrupted)
 
     return server
 
@@ -103,5 +104,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get(OVERRIDES_KEY, "")))
     cfg, run_dir = compose(overrides)
-    checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated run")
+    checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated")
     serve(grid, cfg, run_dir)

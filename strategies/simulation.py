@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +40,10 @@ class _NotThisDeprecation(logging.Filter):
             "This is a deprecated feature" not in text
 
 
-def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose: bool = False) -> None:
-    """Run ``server_app`` against ``num_supernodes`` virtual nodes running ``client_app`` (Ray backend)."""
+def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose: bool = False,
+             interrupted: threading.Event | None = None) -> None:
+    """Run ``server_app`` against ``num_supernodes`` virtual nodes running ``client_app`` (Ray backend);
+    ``interrupted`` (the one given to ``server_app.make_app``) is set if the run is interrupted."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning about GPU env vars
     from flwr.simulation import run_simulation
     flwr_logger = logging.getLogger("flwr")
@@ -48,14 +51,12 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
     flwr_logger.addFilter(quiet)
     if not verbose:  # Flower's per-round INFO lines would drown our progress lines; warnings still show
         flwr_logger.setLevel(logging.WARNING)
-    from .server_app import INTERRUPTED
-
-    INTERRUPTED.clear()
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_name="ray", backend_config=backend, verbose_logging=verbose)
     except KeyboardInterrupt:
-        INTERRUPTED.set()  # the ServerApp's thread stops too, instead of waiting out the round's timeout
+        if interrupted is not None:
+            interrupted.set()  # the ServerApp's thread stops too, instead of waiting out the round's timeout
         raise
     finally:
         flwr_logger.setLevel(level)
@@ -97,4 +98,6 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
         print(f"{run_dir}: the run has done all fl.rounds={cfg.fl.rounds} rounds (its checkpoint is at round {done}); "
               "raise fl.rounds to continue it")
         return
-    simulate(make_app(cfg, Path(run_dir), launched_at=launched), client_app, cfg.fl.num_clients, backend_config(cfg))
+    interrupted = threading.Event()
+    simulate(make_app(cfg, Path(run_dir), launched_at=launched, interrupted=interrupted), client_app,
+             cfg.fl.num_clients, backend_config(cfg), interrupted=interrupted)

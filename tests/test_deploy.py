@@ -215,3 +215,12 @@ def test_a_new_deployment_into_a_directory_that_holds_one_is_refused(trained, tm
     with pytest.raises(FileExistsError, match=r"already holds a deployment \(deploy.json\); give the new run its own"):
         run_mode(OmegaConf.structured(cfg), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["deploy.json"]
+
+
+def test_a_deployment_into_a_training_run_directory_is_refused_as_another_modes(tmp_path):
+    from fedmaestro import checkpoint
+
+    Trainer(tiny(epochs=1), tmp_path, DATASETS).fit(show_progress=False)
+    (tmp_path / "config.json").write_text(json.dumps({"mode": "centralized"}))
+    with pytest.raises(FileExistsError, match=r"holds a centralized run \(checkpoint.pt\), not a deployment"):
+        checkpoint.refuse_overwrite(tmp_path, True, "deploy")

@@ -535,3 +535,37 @@ def test_progress_false_drops_the_round_lines_but_keeps_the_start_up_line_and_su
         text = out.get()
         assert "start-up" in text and "global (full rank)" in text
         assert ("round   1/1" in text) == (progress == "true")
+
+
+def test_batchnorm_statistics_are_kept_per_tier_and_each_tier_is_evaluated_with_its_own(tmp_path):
+    """ResNet-18: each client re-estimates its BatchNorm statistics at its caps after training; the server pools
+    them per tier, the global model keeps its budget-1.0 tiers', and each tier's cut is evaluated with its own."""
+    cfg, run_dir = make_cfg(tmp_path, "model=resnet18", "devices=three_tiers", "fl.rounds=1", "fl.clients_per_round=4",
+                            "data.subset=240", "data.test_subset=64")
+    strategy, _ = run(cfg, run_dir)
+    gm = strategy.global_model
+    assert len(records(run_dir)[-1]["clients"]["valid"]) == 4  # num_batches_tracked (0-d) keeps its shape
+    assert gm.batchnorm and set(gm.batchnorm_stats) == {"0", "1", "2", "full"}  # every tier answered
+    name = gm.batchnorm[-1]
+    own = {n: a for n, a in gm.arrays().items() if n in gm.batchnorm_stats["full"]}
+    assert all(np.array_equal(own[n], a) for n, a in gm.batchnorm_stats["full"].items())
+    assert all(np.array_equal(gm.batchnorm_stats["2"][n], a) for n, a in gm.batchnorm_stats["full"].items())
+    assert not np.allclose(gm.batchnorm_stats["0"][f"{name}.running_var"],
+                           gm.batchnorm_stats["2"][f"{name}.running_var"])  # other ranks, other statistics
+    small = gm.tier_caps(cfg.devices.tiers[0])
+    record = records(run_dir)[-1]
+    with_own = gm.evaluate_many([small], [gm.tier_batchnorm(0)])[0]
+    assert record["tiers"]["small"]["loss"] == pytest.approx(with_own["loss"], rel=1e-6)
+    assert gm.evaluate_many([small])[0]["loss"] != pytest.approx(with_own["loss"], rel=1e-6)
+    again, _ = run(*make_cfg(tmp_path, "model=resnet18", "devices=three_tiers", "fl.rounds=1", "fl.clients_per_round=4",
+                             "data.subset=240", "data.test_subset=64", "resume=true", "fl.rounds=1", name="run"))
+    assert again.global_model.batchnorm_stats.keys() == gm.batchnorm_stats.keys()  # kept by the checkpoint
+
+
+def test_zero_dimensional_arrays_keep_their_shape_on_the_wire():
+    from strategies.maestro import _record_arrays, _to_record
+
+    arrays = {"bn.num_batches_tracked": np.array(7, dtype=np.int64), "w": np.ones((2, 3), np.float32).T}
+    back = _record_arrays(_to_record(arrays))
+    assert {n: a.shape for n, a in back.items()} == {"bn.num_batches_tracked": (), "w": (3, 2)}
+    assert nested.check_arrays(back, {n: a.shape for n, a in arrays.items()}) == []

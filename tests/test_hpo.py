@@ -215,3 +215,38 @@ def test_the_command_line_exits_1_when_the_search_returns_no_model(scripted, tmp
         run_mode(OmegaConf.structured(search_cfg()), tmp_path)
     assert exit_info.value.code == 1
     assert "error: the lambda search returned no model: lambda 0.8 ends above the parameter limit" in capsys.readouterr().err
+
+
+def test_in_a_sweep_a_search_without_a_model_fails_its_job_only(scripted, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from fedmaestro.__main__ import run_mode
+
+    scripted.table = {0.8: (0.60, 0.50)}
+    search = hpo.search
+    monkeypatch.setattr(hpo, "search", lambda cfg, run_dir: search(cfg, run_dir, DATASETS))
+    with pytest.raises(RuntimeError, match="the lambda search returned no model"):  # Hydra records it, goes on
+        run_mode(OmegaConf.structured(search_cfg()), tmp_path, sweep=True)
+
+
+def test_a_search_checkpointed_before_val_fraction_existed_resumes_as_it_ran_on_the_test_set():
+    from fedmaestro.checkpoint import config_diff
+    from fedmaestro.config import to_dict
+
+    old = to_dict(search_cfg())
+    del old["hpo"]["val_fraction"]
+    on_test, held_out = search_cfg(), search_cfg()
+    held_out.hpo.val_fraction = 0.1
+    assert config_diff(old, to_dict(on_test)) == []
+    assert config_diff(old, to_dict(held_out)) == ["hpo.val_fraction: 0.0 -> 0.1"]
+
+
+def test_another_modes_run_is_never_written_over_even_with_resume(tmp_path):
+    from fedmaestro import checkpoint
+
+    Trainer(tiny(epochs=1), tmp_path / "lambda_0.1", DATASETS).fit(show_progress=False)
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match=r"holds a lambda search \(lambda_0.1/checkpoint.pt\), not a "
+                                                  r"centralized run; give the new run its own directory"):
+            checkpoint.refuse_overwrite(tmp_path, resume, "centralized")
+    checkpoint.refuse_overwrite(tmp_path, True, "hpo")  # resuming the search itself goes on

@@ -161,3 +161,17 @@ def test_check_arrays_names_every_problem():
 
 def test_num_bytes_is_elements_times_itemsize():
     assert nested.num_bytes({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int64)}) == 3 * 4 * 4 + 5 * 8
+
+
+def test_batchnorm_statistics_pool_by_the_law_of_total_variance():
+    a = {"bn.running_mean": np.array([0.0, 1.0], np.float32), "bn.running_var": np.array([1.0, 2.0], np.float32)}
+    b = {"bn.running_mean": np.array([2.0, 1.0], np.float32), "bn.running_var": np.array([1.0, 4.0], np.float32)}
+    pooled = nested.pool_batchnorm([(a, 1.0), (b, 3.0)], ["bn"])
+    # channel 0: mean (0 + 3 * 2) / 4 = 1.5, var (1 * (1 + 0) + 3 * (1 + 4)) / 4 - 1.5^2 = 1.75
+    # channel 1: equal means, so the variances simply average: (2 + 3 * 4) / 4 = 3.5
+    np.testing.assert_allclose(pooled["bn.running_mean"], [1.5, 1.0])
+    np.testing.assert_allclose(pooled["bn.running_var"], [1.75, 3.5])
+    assert pooled["bn.running_var"].dtype == np.float32 and set(pooled) == {"bn.running_mean", "bn.running_var"}
+    # the statistics of the union of the data: group a = 1 point per unit of weight, ...
+    x = np.concatenate([np.array([-1.0, 1.0]), 2 + np.array([-1.0, 1.0] * 3)])  # means 0 / 2, variances 1 / 1
+    assert (x.mean(), x.var()) == pytest.approx((1.5, 1.75))
