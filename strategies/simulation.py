@@ -55,6 +55,7 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_name="ray", backend_config=backend, verbose_logging=verbose)
     except KeyboardInterrupt:
+        flwr_logger.setLevel(logging.CRITICAL)  # not the actors' deaths that the interruption itself causes
         if interrupted is not None:
             interrupted.set()  # the ServerApp's thread stops too, instead of waiting out the round's timeout
         raise
