@@ -148,8 +148,9 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
     if rank_sampler is not None and nested.batchnorm_names(model):
         # the running statistics mix the sub-models the steps sampled: re-estimated at the caps, on the local
         # training examples (unaugmented), so that the server can pool them per tier
-        calib = data.BatchLoader(data.unaugmented(d.train_set), max(t.batch_size, 256), shuffle=True, seed=s,
-                                 indices=train_idx)
+        size = max(t.batch_size, 256)  # every batch weighs the same in the average: no short last one
+        calib = data.BatchLoader(data.unaugmented(d.train_set), size, shuffle=True, seed=s, indices=train_idx,
+                                 drop_last=train_idx.size >= size)
         recalibrate_batchnorm(model, calib, task, device)
     metrics = {"num_examples": int(train_idx.size), "loss": total / max(examples, 1), "steps": steps,
                "seconds": time.perf_counter() - start}

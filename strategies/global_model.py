@@ -127,8 +127,10 @@ class GlobalModel:
     # --- BatchNorm statistics per tier --------------------------------------------------------------
     def pool_batchnorm(self, replies_by_tier: dict[int, list[tuple[dict, float]]], full_tiers: list[int]) -> None:
         """After aggregation: every tier that answered gets the pooled statistics of its replies, and the
-        model's own BatchNorm buffers those of its budget-1.0 tiers (kept from an earlier round when none of
-        them answered). Clients recalibrate their statistics at their caps before replying."""
+        model's own BatchNorm buffers those of ``full_tiers``, the tiers that held the whole model this round
+        (kept from an earlier round when none of them answered). Clients recalibrate their statistics at
+        their caps before replying. The server has no data to recalibrate with, so after a shrink a tier's
+        statistics are those measured at its caps before it, until its clients answer again."""
         if not self.batchnorm:
             return
         for tier, replies in replies_by_tier.items():

@@ -109,6 +109,7 @@ class MaestroStrategy(Strategy):
         self.bytes_down = self.bytes_up = 0
         self.round_info: dict = {}
         self.runlog = RunLog(self.cfg, self.run_dir, show_progress=show_progress, launched_at=launched_at)
+        self.full_tiers: list[int] = []  # the tiers whose caps held the whole global model in this round
         self.warned_dense_budget = False
         if self.global_model.factorized:  # a budget that cannot be met fails now, before any work
             self.global_model.held_ranks(tier_cfgs)
@@ -218,6 +219,8 @@ class MaestroStrategy(Strategy):
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
             self.sent[node] = Sent(pid, tier, {n: tuple(a.shape) for n, a in part.items()}, fault)
             self.bytes_down += nested.num_bytes(part)
+        ranks = self.global_model.ranks()
+        self.full_tiers = [i for i, caps in enumerate(tier_caps) if caps == ranks]  # they hold the whole model
         self.round_info = {"sampled": sorted(pids), "faults": {str(p): f for p, f in sorted(faults.items())},
                            "deadline": deadline, "lambda_gl": lam,
                            "sampler": sampler if layout.layers else None}  # a dense model samples no ranks
@@ -309,7 +312,7 @@ class MaestroStrategy(Strategy):
         by_tier: dict[int, list] = {}
         for sent, arrays, w, _ in valid:
             by_tier.setdefault(sent.tier, []).append((arrays, w))
-        self.global_model.pool_batchnorm(by_tier, [i for i, t in enumerate(self.cfg.devices.tiers) if t.budget == 1.0])
+        self.global_model.pool_batchnorm(by_tier, self.full_tiers)
         c = self.cfg
         shrink_now = (self.global_model.factorized and c.train.shrink and c.train.eps_ps is not None
                       and c.strategy.shrink_every > 0 and server_round % c.strategy.shrink_every == 0)
@@ -337,6 +340,7 @@ class MaestroStrategy(Strategy):
         for pid, node in sorted(self.node_of.items()):
             tier = self.tier_of[pid]
             part = nested.prefix(current, tier_caps[tier], layout)
+            part.update(self.global_model.tier_batchnorm(tier) or {})  # the tier's own BatchNorm statistics
             record = ConfigRecord(dict(config))
             record[P.ROUND] = server_round
             messages.append(Message(RecordDict({P.ARRAYS: _to_record(part), P.CONFIG: record}), dst_node_id=node,

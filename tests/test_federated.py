@@ -537,13 +537,23 @@ def test_progress_false_drops_the_round_lines_but_keeps_the_start_up_line_and_su
         assert ("round   1/1" in text) == (progress == "true")
 
 
-def test_batchnorm_statistics_are_kept_per_tier_and_each_tier_is_evaluated_with_its_own(tmp_path):
+@pytest.mark.parametrize("devices", ["three_tiers", "three_tiers_macs"])
+def test_batchnorm_statistics_are_kept_per_tier_and_each_tier_is_evaluated_with_its_own(tmp_path, devices):
     """ResNet-18: each client re-estimates its BatchNorm statistics at its caps after training; the server pools
-    them per tier, the global model keeps its budget-1.0 tiers', and each tier's cut is evaluated with its own."""
-    cfg, run_dir = make_cfg(tmp_path, "model=resnet18", "devices=three_tiers", "fl.rounds=1", "fl.clients_per_round=4",
-                            "data.subset=240", "data.test_subset=64")
-    strategy, _ = run(cfg, run_dir)
+    them per tier, the global model keeps those of the tier that holds it whole (with MAC caps every tier has
+    budget 1.0, but only the large one holds the model), and each tier's cut is evaluated with its own, on the
+    server and on the clients."""
+    cfg, run_dir = make_cfg(tmp_path, "model=resnet18", f"devices={devices}", "fl.rounds=1", "fl.clients_per_round=4",
+                            "data.subset=240", "data.test_subset=64", "fl.federated_eval_every=1")
+    strategy, grid = run(cfg, run_dir)
     gm = strategy.global_model
+    assert strategy.full_tiers == [2]
+    pid_of = {node: pid for pid, node in strategy.node_of.items()}
+    sent_to_small = [m for m in grid.messages_seen if m.metadata.message_type == "evaluate"
+                     and strategy.tier_of[pid_of[m.metadata.dst_node_id]] == 0]
+    assert sent_to_small and all(
+        np.array_equal(sent_to_small[0].content.array_records[P.ARRAYS][n].numpy(), a)
+        for n, a in gm.batchnorm_stats["0"].items())
     assert len(records(run_dir)[-1]["clients"]["valid"]) == 4  # num_batches_tracked (0-d) keeps its shape
     assert gm.batchnorm and set(gm.batchnorm_stats) == {"0", "1", "2", "full"}  # every tier answered
     name = gm.batchnorm[-1]
@@ -557,8 +567,9 @@ def test_batchnorm_statistics_are_kept_per_tier_and_each_tier_is_evaluated_with_
     with_own = gm.evaluate_many([small], [gm.tier_batchnorm(0)])[0]
     assert record["tiers"]["small"]["loss"] == pytest.approx(with_own["loss"], rel=1e-6)
     assert gm.evaluate_many([small])[0]["loss"] != pytest.approx(with_own["loss"], rel=1e-6)
-    again, _ = run(*make_cfg(tmp_path, "model=resnet18", "devices=three_tiers", "fl.rounds=1", "fl.clients_per_round=4",
-                             "data.subset=240", "data.test_subset=64", "resume=true", "fl.rounds=1", name="run"))
+    again, _ = run(*make_cfg(tmp_path, "model=resnet18", f"devices={devices}", "fl.rounds=1", "fl.clients_per_round=4",
+                             "data.subset=240", "data.test_subset=64", "fl.federated_eval_every=1", "resume=true",
+                             name="run"))
     assert again.global_model.batchnorm_stats.keys() == gm.batchnorm_stats.keys()  # kept by the checkpoint
 
 
