@@ -71,6 +71,10 @@ class RunDirGuard(Callback):
         try:
             checkpoint.refuse_overwrite(run_dir, resume, mode)
             path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
+            ignored = ()
+            if mode == "hpo":  # a search's lambdas, each trained with its own lambda_gl and hpo.eval_every
+                path = next(iter(sorted(Path(run_dir).glob("lambda_*/checkpoint.pt"))), path)
+                ignored = ("train.lambda_gl", "train.eval_every")
             if resume and path.is_file():
                 try:  # a config that does not resolve fails later, in run_mode, with its own message
                     job = resolve(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
@@ -79,7 +83,7 @@ class RunDirGuard(Callback):
                 state = checkpoint.load(path)
                 if isinstance(state, dict) and "config" in state:
                     checkpoint.check_resumable(state["config"], to_dict(job),
-                                               checkpoint.resume_ignored(mode, job.dataset.name))
+                                               checkpoint.resume_ignored(mode, job.dataset.name) + ignored)
         except (FileExistsError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

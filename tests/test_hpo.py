@@ -250,3 +250,19 @@ def test_another_modes_run_is_never_written_over_even_with_resume(tmp_path):
                                                   r"centralized run; give the new run its own directory"):
             checkpoint.refuse_overwrite(tmp_path, resume, "centralized")
     checkpoint.refuse_overwrite(tmp_path, True, "hpo")  # resuming the search itself goes on
+
+
+def test_a_search_resumed_with_another_config_is_refused_before_hydra_writes(tmp_path):
+    from test_centralized import compose
+
+    overrides = ["mode=hpo", "data.subset=256", "data.test_subset=64", "train.epochs=1", "progress=false"]
+    cfg, _ = compose(overrides + [f"hydra.run.dir={tmp_path}"])
+    cfg.train.lambda_gl, cfg.train.eval_every = cfg.hpo.lambda_large, cfg.hpo.eval_every  # as the search trains it
+    Trainer(cfg, tmp_path / f"lambda_{cfg.hpo.lambda_large:.6g}").fit(show_progress=False)
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", *overrides, "resume=true", "train.lr=0.5",
+                           f"hydra.run.dir={tmp_path}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "error: resume: the checkpoint was written with a different config" in done.stderr
+    differ = [line for line in done.stderr.splitlines() if line.startswith("  ") and " -> " in line]
+    assert [line.split(":")[0].strip() for line in differ] == ["train.lr"], done.stderr  # lambda_gl is the search's
+    assert not (tmp_path / ".hydra").exists()
