@@ -25,7 +25,7 @@ from torch import nn
 from . import lod
 
 __all__ = ["Layout", "rank_axes", "prefix", "aggregate", "check_arrays", "state_arrays", "load_arrays",
-           "num_bytes", "batchnorm_names", "pool_batchnorm"]
+           "num_bytes", "batchnorm_names", "pool_batchnorm", "load_batchnorm"]
 
 
 def rank_axes(model: nn.Module) -> dict[str, int | None]:
@@ -232,6 +232,14 @@ def pool_batchnorm(replies: Sequence[tuple[Mapping[str, np.ndarray], float]], na
         like = replies[0][0][f"{name}.running_mean"]
         out[f"{name}.running_mean"], out[f"{name}.running_var"] = mean.astype(like.dtype), var.astype(like.dtype)
     return out
+
+
+def load_batchnorm(model: nn.Module, stats: Mapping[str, np.ndarray]) -> nn.Module:
+    """Copy BatchNorm statistics (``pool_batchnorm``'s) into ``model``'s buffers, in place."""
+    with torch.no_grad():
+        for name, a in stats.items():
+            model.get_buffer(name).copy_(torch.from_numpy(np.asarray(a)))
+    return model
 
 
 def num_bytes(arrays: Mapping[str, np.ndarray]) -> int:

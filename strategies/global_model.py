@@ -48,7 +48,8 @@ class GlobalModel:
         self._test_loader = None
         self.task = task_for(cfg.dataset.name, cfg.train.label_smoothing)
         # BatchNorm statistics depend on the ranks before each BN layer, so a factorized model keeps them per
-        # tier ("0", "1", ...) and for the model itself ("full": its budget-1.0 tiers'), pooled from the replies
+        # tier ("0", "1", ...) and for the model itself ("full": the tiers that hold it whole), pooled from the
+        # replies
         self.batchnorm = nested.batchnorm_names(self.model) if self.factorized else []
         self.batchnorm_stats: dict[str, dict[str, np.ndarray]] = {}
 
@@ -139,7 +140,7 @@ class GlobalModel:
         if full:
             self.batchnorm_stats["full"] = nested.pool_batchnorm(full, self.batchnorm)
         if "full" in self.batchnorm_stats:
-            self.load({**self.arrays(), **self.batchnorm_stats["full"]})
+            nested.load_batchnorm(self.model, self.batchnorm_stats["full"])
 
     def tier_batchnorm(self, tier: int) -> dict[str, np.ndarray] | None:
         """The statistics a tier's sub-model is evaluated with (the model's own until that tier answers)."""
@@ -187,8 +188,8 @@ class GlobalModel:
         models = [self.sub_model(caps) for caps in caps_list]
         for i, stats in enumerate(batchnorm or []):
             if stats:
-                models[i] = copy.deepcopy(models[i]) if models[i] is self.model else models[i]
-                nested.load_arrays(models[i], {**nested.state_arrays(models[i]), **stats})
+                models[i] = nested.load_batchnorm(copy.deepcopy(models[i]) if models[i] is self.model else models[i],
+                                                  stats)
         jobs = [(i, shard) for i in range(len(models)) for shard in shards]
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
 
