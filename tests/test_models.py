@@ -411,6 +411,8 @@ def test_lenet_pool_equals_max_pool2d_with_and_without_autograd():
     pool = MaxPool2x2()
     for shape in [(3, 6, 24, 24), (2, 16, 8, 8), (2, 4, 7, 9)]:  # odd sizes floor as max_pool2d does
         x = torch.randn(*shape)
+        x[0, 0, :4, :4] = 0.5  # ties: every window's gradient goes to its first maximum, as ATen's
+        x[1, 0, :4, :4] = torch.tensor([[1.0, 1, 2, 3], [1, 1, 3, 3], [0, 2, 5, 1], [2, 2, 5, 5]])
         with torch.no_grad():
             assert torch.equal(pool(x), torch.nn.functional.max_pool2d(x, 2))
         xg = x.clone().requires_grad_()
