@@ -55,8 +55,8 @@ class DatasetConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = None  # where data sets live (torchvision layouts); None = the defaults
-    subset: Optional[int] = None  # first N training samples (smoke runs)
-    test_subset: Optional[int] = None  # first N test samples
+    subset: Optional[int] = None  # first N training samples (smoke runs; evenly spaced ones for ImageNet)
+    test_subset: Optional[int] = None  # first N test samples (likewise)
     local_test_fraction: float = 0.1  # federated: share of each client's partition held out
 
     def __post_init__(self):

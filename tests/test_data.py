@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets import ImageFolder
 
 from fedmaestro import data
 from fedmaestro.data import idx as idx_mod
@@ -504,7 +506,7 @@ def test_synthetic_is_seeded_linear_regression():
 def test_imagenet_image_folder_with_standard_transforms(tmp_path):
     make_image_folder(tmp_path)
     train, val = data.load("imagenet", tmp_path, train=True), data.load("imagenet", tmp_path, train=False)
-    assert type(train).__name__ == "ImageFolder" and len(train) == 9 and len(val) == 9
+    assert isinstance(train, ImageFolder) and len(train) == 9 and len(val) == 9
     names = [type(t).__name__ for t in train.transform.transforms]
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert [type(t).__name__ for t in val.transform.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
@@ -513,8 +515,8 @@ def test_imagenet_image_folder_with_standard_transforms(tmp_path):
     assert torch.equal(val[4][0], x)  # evaluation is deterministic
     assert np.array_equal(data.labels(val), [0, 0, 0, 1, 1, 1, 2, 2, 2])
     small = data.subset(val, 4)
-    assert type(small).__name__ == "ImageFolder" and len(small) == 4 and len(val) == 9
-    assert np.array_equal(data.labels(small), [0, 0, 0, 1])
+    assert isinstance(small, ImageFolder) and len(small) == 4 and len(val) == 9
+    assert np.array_equal(data.labels(small), [0, 0, 1, 2])  # evenly spaced: sorted by class, first N would be 0s
     loader = data.BatchLoader(val, 4, shuffle=True, seed=0, indices=[0, 3, 6, 8])
     batches = list(loader)
     assert len(loader) == 1 and batches[0][0].shape == (4, 3, 224, 224)
@@ -533,6 +535,33 @@ def test_unaugmented_imagenet_training_split_reads_with_the_evaluation_transform
 
 def test_imagenet_missing_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"imagenet: no val folder; looked in .*imagenet/val.*image-net.org"):
+        data.load("imagenet", tmp_path, train=False)
+
+
+def test_imagenet_val_takes_the_train_folders_labels(tmp_path):
+    make_image_folder(tmp_path)
+    shutil.rmtree(tmp_path / "imagenet" / "val" / "n02")  # a sample of val without class n02
+    (tmp_path / "imagenet" / "train" / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    train, val = data.load("imagenet", tmp_path, train=True), data.load("imagenet", tmp_path, train=False)
+    assert train.classes == val.classes == ["n01", "n02", "n03"]
+    assert np.array_equal(data.labels(val), [0, 0, 0, 2, 2, 2])  # n03 is 2 in both splits, not 1
+    (tmp_path / "imagenet" / "val" / "n09").mkdir()
+    data.clear_cache()
+    with pytest.raises(ValueError, match=r"val has class folders that .*train lacks \(n09\)"):
+        data.load("imagenet", tmp_path, train=False)
+
+
+def test_imagenet_flat_val_folder_and_split_trees(tmp_path):
+    make_image_folder(tmp_path, classes=("n01",))
+    val = tmp_path / "imagenet" / "val"
+    for f in (val / "n01").iterdir():
+        f.rename(val / f.name)
+    (val / "n01").rmdir()  # the raw ILSVRC2012 val tarball: images directly in val/
+    with pytest.raises(FileNotFoundError, match=r"no class folders \(images directly in it.*valprep.sh"):
+        data.load("imagenet", tmp_path, train=False)
+    (tmp_path / "val" / "n01").mkdir(parents=True)  # <root>/val is not mixed with <root>/imagenet/train
+    data.clear_cache()
+    with pytest.raises(FileNotFoundError, match=r"no class folders"):
         data.load("imagenet", tmp_path, train=False)
 
 

@@ -148,8 +148,10 @@ def test_partitions_never_touch_the_network(monkeypatch):
     (lambda: data.partition(SORTED_LABELS, "dirichlet", 4, 0, alpha=-1.5), ValueError, r"alpha=-1.5 must be > 0"),
     (lambda: data.partition(np.arange(5) % 2, "iid", 6, 0), ValueError,
      r"more partitions \(6\) than samples \(5\); use fewer clients \(fl.num_clients <= 5\)"),
-    (lambda: data.partition(np.zeros(20, int), "dirichlet", 10, 0, alpha=0.5, min_partition_size=3), ValueError,
+    (lambda: data.partition(np.arange(20) % 2, "dirichlet", 10, 0, alpha=0.5, min_partition_size=3), ValueError,
      r"10 partitions of at least min_partition_size=3 need 30 samples, there are 20"),
+    (lambda: data.partition(np.zeros(20, int), "dirichlet", 4, 0, alpha=0.5), ValueError,
+     r"every label here is the same .* only make the clients' sizes unequal; use partition=iid"),
     (lambda: data.partition(np.arange(100) % 10, "dirichlet", 10, 0, alpha=0.05, min_partition_size=9), ValueError,
      r"could not give every one of the 10 partitions at least min_partition_size=9 .*larger partition.alpha, "
      r"fewer clients"),

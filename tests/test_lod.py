@@ -236,6 +236,20 @@ def test_prefix_conv2d_gradcheck_and_equals_the_reference(case, with_bias, monke
     assert not fused[1][b:].any() and not fused[2][b:].any()
 
 
+def test_prefix_conv2d_trains_on_an_empty_batch():
+    u, v, bias = (t.requires_grad_(True) for t in _factor_inputs(3, 4, (2, 3, 3), seed=30))
+    x = torch.zeros(0, 2, 9, 9, dtype=torch.float64, requires_grad=True)
+    y = kernels.prefix_conv2d(x, u, v, bias, 2, (1, 1), (1, 1), (1, 1))
+    assert y.shape == (0, 4, 9, 9)
+    y.sum().backward()
+    assert not u.grad.any() and not v.grad.any() and not bias.grad.any()
+
+
+def test_same_padding_with_a_stride_is_refused_as_nn_conv2d_does():
+    with pytest.raises(ValueError, match=r"padding='same' needs stride 1 .*give the padding as numbers"):
+        lod.LoDConv2d(4, 4, 3, stride=2, padding="same")
+
+
 @pytest.mark.parametrize("b", [4, 3, 2, 1])
 def test_prefix_conv2d_without_autograd_merges_the_kernel_only_where_cheaper(b, monkeypatch):
     # in 2, out 4, 3 x 3: merged when b (4 + 18) >= 72, i.e. b >= 3.3 -> b = 4; b = 3: 66 < 72, factored

@@ -286,6 +286,16 @@ def test_truncate_resets_an_active_rank_above_the_new_rank():
     assert layer.active_rank is None and layer.rank == 2
 
 
+def test_to_dense_refuses_a_model_with_active_ranks():
+    model = lod.factorize(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)))
+    lod.layers(model)[0][1].active_rank = 2
+    with pytest.raises(ValueError, match=r"active ranks are set on 0 \(2 of 4\).*lod.truncate"):
+        lod.to_dense(model)
+    lod.layers(model)[0][1].active_rank = None
+    lod.to_dense(model)
+    assert isinstance(model[0], nn.Linear)
+
+
 def test_to_dense_merges_exactly_where_r_m_plus_n_is_at_least_m_n():
     """App. D.4: keep the factors only where they are cheaper than the dense weight."""
     torch.manual_seed(0)

@@ -90,11 +90,6 @@ class InMemoryDataset(Dataset):
     def classification(self) -> bool:
         return self.targets.dtype == torch.long and self.targets.ndim == 1
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for regression targets); max label + 1."""
-        return int(self.targets.max()) + 1 if self.classification and len(self) else 0
-
     def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw inputs (B, ...) -> model inputs: augmentation (training CIFAR-like splits), [0,1], normalization."""
         if x.dtype != torch.uint8:

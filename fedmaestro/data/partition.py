@@ -79,6 +79,11 @@ def _check(labels, scheme: str, num_partitions, params: dict) -> tuple[np.ndarra
     if n > labels.size:
         raise ValueError(f"partition: more partitions ({n}) than samples ({labels.size}); use fewer clients "
                          f"(fl.num_clients <= {labels.size}) or more data (a larger data.subset)")
+    if scheme == "dirichlet" and n > 1 and labels.size and labels.min() == labels.max():
+        raise ValueError("partition: dirichlet splits every class among the clients by Dirichlet(alpha) shares, but "
+                         "every label here is the same (a data set without classes, synthetic or multi30k, or a "
+                         "one-class subset), so it would only make the clients' sizes unequal; use partition=iid "
+                         "(or shard)")
     values = {**PARAMS[scheme], **{k: v for k, v in params.items() if k in PARAMS[scheme]}}
     return labels.astype(np.int64, copy=False), n, values
 

@@ -112,7 +112,9 @@ def labels(dataset: Dataset) -> np.ndarray:
 
 
 def subset(dataset: Dataset, n: int) -> Dataset:
-    """The first ``n`` examples (all of them if there are fewer), of the same class where possible."""
+    """``n`` examples (all of them if there are fewer), as a data set of the same type where possible: the first
+    ``n``, except for an ImageFolder (ImageNet), whose files are sorted by class: ``n`` evenly spaced ones, so
+    that a smoke-sized subset holds every class in proportion instead of the first class alone."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise ValueError(f"subset: n={n!r} must be a positive int (the number of examples to keep)")
     n = min(int(n), len(dataset))
@@ -120,7 +122,8 @@ def subset(dataset: Dataset, n: int) -> Dataset:
         return dataset.head(n)
     if hasattr(dataset, "samples") and hasattr(dataset, "targets"):  # ImageFolder: trim its file list
         out = copy.copy(dataset)
-        out.samples, out.targets = dataset.samples[:n], dataset.targets[:n]
+        keep = [i * len(dataset) // n for i in range(n)]
+        out.samples, out.targets = [dataset.samples[i] for i in keep], [dataset.targets[i] for i in keep]
         if hasattr(dataset, "imgs"):
             out.imgs = out.samples
         return out

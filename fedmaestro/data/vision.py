@@ -20,6 +20,7 @@ is used to download, when a network exists; it leaves the same layouts behind.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
@@ -79,7 +80,13 @@ def load_mnist_like(name: str, root: Path, train: bool) -> tuple[torch.Tensor, t
     stems = IDX_FILES[train]
 
     def locate(tried: list[str]) -> list[Path] | None:
-        for folder in _idx_candidates(name, root):
+        """This split's two files, from the first folder that holds all four (so that train and test come from
+        one copy), else from the first that holds these two."""
+        folders = _idx_candidates(name, root)
+        for folder in folders:
+            if all(_find_file(folder, s) for split in IDX_FILES.values() for s in split):
+                return [_find_file(folder, s) for s in stems]
+        for folder in folders:
             files = [_find_file(folder, s) for s in stems]
             if all(files):
                 return files
@@ -96,7 +103,11 @@ def load_mnist_like(name: str, root: Path, train: bool) -> tuple[torch.Tensor, t
             raise FileNotFoundError(f"{name}: {'train' if train else 'test'} files not found. Looked in: "
                                     f"{'; '.join(tried)}; {why or 'the download left no files there'}. "
                                     f"To get the data: {how}.")
-    fix = f"delete it and get the data again ({how})"
+    if found[0].parent == SYSTEM_FASHION_MNIST:  # not the user's to delete
+        fix = (f"reinstall it (sudo apt-get install --reinstall dataset-fashion-mnist), or put good copies in "
+               f"{root / folder_name / 'raw'}, which is read first")
+    else:
+        fix = f"delete it and get the data again ({how})"
     images = read_idx(found[0], IMAGES_MAGIC, fix)  # (N, H, W)
     labels = read_idx(found[1], LABELS_MAGIC, fix)  # (N,)
     if images.shape[0] != labels.shape[0]:
@@ -154,17 +165,28 @@ def load_cifar(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+IMAGENET_HOW = ("ImageNet cannot be downloaded automatically: get ILSVRC2012 from https://image-net.org "
+                "(registration), unpack the images into one folder per class (<root>/imagenet/{split}/<wnid>/*.JPEG; "
+                "for val, move the images into class folders with the usual valprep.sh) and set data.root=<root>")
+
+
 def find_imagenet_dir(root: Path, train: bool) -> Path:
+    """The train or val folder of the first of ``<root>/imagenet`` and ``<root>`` that holds either split, so
+    that both splits always come from one tree."""
     split = "train" if train else "val"
-    candidates = [root / "imagenet" / split, root / split]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise FileNotFoundError(
-        f"imagenet: no {split} folder; looked in {' and '.join(map(str, candidates))}. ImageNet cannot be "
-        f"downloaded automatically: get ILSVRC2012 from https://image-net.org (registration), unpack the "
-        f"{split} images into one folder per class (<root>/imagenet/{split}/<wnid>/*.JPEG; for val, move "
-        f"the images into class folders with the usual valprep.sh) and set data.root=<root>.")
+    bases = [root / "imagenet", root]
+    base = next((b for b in bases if (b / "train").is_dir() or (b / "val").is_dir()), None)
+    if base is None or not (base / split).is_dir():
+        looked = base / split if base is not None else " and ".join(str(b / split) for b in bases)
+        raise FileNotFoundError(f"imagenet: no {split} folder; looked in {looked}. "
+                                + IMAGENET_HOW.format(split=split))
+    return base / split
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders (wnids) of an ImageFolder split, sorted; hidden folders (.ipynb_checkpoints) are not
+    classes."""
+    return sorted(e.name for e in folder.iterdir() if e.is_dir() and not e.name.startswith("."))
 
 
 def imagenet_transform(train: bool):
@@ -177,7 +199,38 @@ def imagenet_transform(train: bool):
 
 
 def load_imagenet(root: Path, train: bool):
-    """torchvision ImageFolder over the train or val folder, with the standard transforms."""
+    """torchvision ImageFolder over the train or val folder, with the standard transforms.
+
+    Both splits number the classes by the train folder's sorted class folders, so a val folder with
+    fewer classes (a sample of it) keeps the train labels; a val class the train folder lacks is refused.
+    """
+    folder = find_imagenet_dir(root, train)
+    own = _class_folders(folder)
+    if not own:
+        raise FileNotFoundError(f"imagenet: {folder} has no class folders (images directly in it, as in the raw "
+                                f"ILSVRC2012 val tarball?). " + IMAGENET_HOW.format(split="train" if train else "val"))
+    train_folder = folder.parent / "train"
+    classes = own if train or not train_folder.is_dir() else _class_folders(train_folder)
+    unknown = sorted(set(own) - set(classes))
+    if unknown:
+        raise ValueError(f"imagenet: {folder} has class folders that {train_folder} lacks ({', '.join(unknown[:5])}"
+                         f"{', ...' if len(unknown) > 5 else ''}); both splits take their labels from the train "
+                         f"folder's classes: remove them from val, or add them to train")
+    return _imagenet_split_class()(str(folder), classes, transform=imagenet_transform(train), allow_empty=not train)
+
+
+@functools.cache
+def _imagenet_split_class():
     from torchvision.datasets import ImageFolder
 
-    return ImageFolder(str(find_imagenet_dir(root, train)), transform=imagenet_transform(train))
+    class ImageNetSplit(ImageFolder):
+        """An ImageFolder whose classes are given (the train folder's) instead of found in its own folder."""
+
+        def __init__(self, root: str, classes: list[str], **kwargs):
+            self.given_classes = classes
+            super().__init__(root, **kwargs)
+
+        def find_classes(self, directory):
+            return self.given_classes, {c: i for i, c in enumerate(self.given_classes)}
+
+    return ImageNetSplit

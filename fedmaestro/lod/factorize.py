@@ -85,6 +85,11 @@ def _dense(layer: LoDLayer) -> nn.Module:
 
 def to_dense(model: nn.Module) -> nn.Module:
     """Merge, in place, every LoD layer for which r (m + n) >= m n back to a dense layer (App. D.4)."""
+    sampled = [f"{name} ({layer.active_rank} of {layer.rank})" for name, layer in layers(model)
+               if layer.active_rank is not None and layer.active_rank < layer.rank]
+    if sampled:
+        raise ValueError(f"to_dense: active ranks are set on {', '.join(sampled)}; a merged layer would hold all "
+                         f"its columns: cut the model first (lod.truncate) or clear them (layer.active_rank = None)")
     for name, layer in layers(model):
         if dense_is_cheaper(layer.rank, layer.out_dim, layer.fan_in):
             _set_child(model, name, _dense(layer))

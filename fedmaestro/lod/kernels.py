@@ -12,7 +12,8 @@ analogue), computed faster on CPU:
   k k b stacked 1 x 1 kernels with the input, then a sum of k k shifted slices. Its backward is one
   strided gather of the output gradient and two matmuls, with no reorder of the input.
 
-Inputs these paths do not cover (autocast, asymmetric 'same' padding) use the plain composition.
+Inputs these paths do not cover (autocast, asymmetric 'same' padding, an empty batch) use the plain
+composition.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ def prefix_conv2d(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch
             kernel = (u[:b].T @ v[:b].flatten(1)).view(out, *v.shape[1:])
             return F.conv2d(x, kernel, bias, stride, padding, dilation)
     explicit = _explicit_padding(padding, v.shape[2:], dilation) if isinstance(padding, str) else padding
-    if explicit is None or _autocast_on(x) or x.dim() != 4:
+    if explicit is None or _autocast_on(x) or x.dim() != 4 or x.shape[0] == 0:
         return reference_conv2d(x, u, v, bias, b, stride, padding, dilation)
     return _PrefixConv2d.apply(x, u, v, bias, b, tuple(stride), tuple(explicit), tuple(dilation))
 

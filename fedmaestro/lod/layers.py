@@ -181,6 +181,9 @@ class LoDConv2d(LoDLayer):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
             raise ValueError(f"LoDConv2d: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if self.padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"LoDConv2d: padding='same' needs stride 1 (as nn.Conv2d), got stride {stride!r}; "
+                             f"give the padding as numbers")
         self.out_dim = out_channels
         self.fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         if weight is None:  # nn.Conv2d's default initialisation, then SVD
