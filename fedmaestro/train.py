@@ -105,9 +105,42 @@ def build_model(cfg: Config) -> nn.Module:
         if cfg.dataset.input_shape:
             kwargs.setdefault("in_channels", cfg.dataset.input_shape[0])
     model = models.build(cfg.model.name, **kwargs)
+    _check_model_fits_data(model, cfg, kwargs)
     if cfg.model.factorize:
         lod.factorize(model, skip=kept_dense(cfg))
     return model
+
+
+_FITTING: set[str] = set()  # model / data set combinations already checked in this process
+
+
+def _check_model_fits_data(model: nn.Module, cfg: Config, kwargs: dict) -> None:
+    """Refuse a (dense) model that cannot take the data set's examples, before any data is read: one forward
+    pass of one zero example, in evaluation mode (BatchNorm statistics untouched), once per process and
+    combination."""
+    name, dataset, shape, classes = cfg.model.name, cfg.dataset.name, list(cfg.dataset.input_shape), cfg.dataset.num_classes
+    key = repr((name, sorted(kwargs.items()), dataset, shape, classes))
+    if key in _FITTING:
+        return
+    mismatch = f"config: model.name={name} does not fit dataset={dataset}"
+    if (name == "transformer") != (task_for(dataset).kind == "translation"):
+        raise ValueError(f"{mismatch}: the transformer translates (dataset=multi30k) and the other models "
+                         f"classify images; pick a model and a data set that go together")
+    if name != "transformer":
+        training = model.training
+        try:
+            with torch.no_grad():
+                out = model.eval()(torch.zeros(1, *shape))
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"{mismatch}: it cannot take the data set's examples of shape {shape} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); pick a model for this data set "
+                             f"(lenet: 28 x 28 images; resnet18, vgg19: 32 x 32; resnet50: 224 x 224)") from None
+        finally:
+            model.train(training)
+        if classes and tuple(out.shape) != (1, classes):
+            raise ValueError(f"{mismatch}: its output has shape {list(out.shape[1:])} for {classes} classes; "
+                             f"check model.kwargs")
+    _FITTING.add(key)
 
 
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedmaestro import lod
+from fedmaestro import train as train_module
 from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
 from fedmaestro.footprint import measure
 from fedmaestro.train import (RankCost, build_model, evaluate, make_optimizer, make_scheduler, recalibrate_batchnorm,
@@ -225,3 +226,25 @@ def test_skip_last_keeps_the_output_layer_dense_or_says_there_is_none():
     with pytest.raises(ValueError, match="model.skip_last=true but transformer has no output layer to keep dense"):
         build_model(Config(model=ModelConfig(name="transformer", skip_last=True),
                            dataset=DatasetConfig(name="multi30k", input_shape=[])))
+
+
+@pytest.mark.parametrize("model, dataset, shape, classes, message", [
+    ("lenet", "cifar10", [3, 32, 32], 10, r"model.name=lenet does not fit dataset=cifar10: it cannot take the data "
+                                          r"set's examples of shape \[3, 32, 32\] .*pick a model for this data set"),
+    ("transformer", "fashion_mnist", [1, 28, 28], 10, r"the transformer translates \(dataset=multi30k\)"),
+    ("resnet18", "multi30k", [], 0, r"model.name=resnet18 does not fit dataset=multi30k"),
+])
+def test_a_model_that_does_not_fit_the_data_set_is_refused_when_built(model, dataset, shape, classes, message):
+    cfg = Config(model=ModelConfig(name=model), dataset=DatasetConfig(name=dataset, input_shape=shape,
+                                                                      num_classes=classes))
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
+def test_the_fit_check_leaves_batchnorm_statistics_and_the_training_mode_alone():
+    cfg = Config(model=ModelConfig(name="resnet18", factorize=False),
+                 dataset=DatasetConfig(name="cifar10", input_shape=[3, 32, 32], num_classes=10))
+    train_module._FITTING.clear()  # checked afresh, not skipped as already seen in this process
+    model = build_model(cfg)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert model.training and all(int(m.num_batches_tracked) == 0 and not m.running_mean.any() for m in norms)
