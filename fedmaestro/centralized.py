@@ -123,6 +123,10 @@ class Trainer:
                                              seed=cfg.seed + 1, indices=trained, num_workers=t.num_workers)
         if len(self.train_loader) == 0:
             raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
+        late = [m for m in t.milestones if m >= t.epochs]
+        if late:
+            console.print(f"[yellow]train.milestones {late} >= train.epochs={t.epochs}: those LR decays never happen "
+                          f"in this run")
         self.task = task_for(cfg.dataset.name, t.label_smoothing)
         self.example = example_input(cfg, self.device)
         self.dense = dense_footprint(cfg)

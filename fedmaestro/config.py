@@ -136,6 +136,8 @@ class TrainConfig:
         _check("train.gamma", self.gamma, self.gamma > 0, "must be > 0 (the LR is multiplied by it at each milestone)")
         _check("train.milestones", self.milestones, all(m > 0 for m in self.milestones),
                "every milestone must be an epoch > 0")
+        _check("train.milestones", self.milestones, not self.milestones or self.lr_schedule == "multistep",
+               f"are the LR decays of lr_schedule=multistep; {self.lr_schedule} ignores them: set train.milestones=[]")
         _check("train.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, "must be >= 0")
         _check("train.betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "must be two numbers in [0, 1) (Adam's beta1, beta2)")

@@ -115,7 +115,7 @@ _FITTING: set[str] = set()  # model / data set combinations already checked in t
 
 
 def _check_model_fits_data(model: nn.Module, cfg: Config, kwargs: dict) -> None:
-    """Refuse a (dense) model that cannot take the data set's examples, before any data is read: one forward
+    """Refuse a (dense) model that cannot take the data set's examples, before any training step: one forward
     pass of one zero example, in evaluation mode (BatchNorm statistics untouched), once per process and
     combination."""
     name, dataset, shape, classes = cfg.model.name, cfg.dataset.name, list(cfg.dataset.input_shape), cfg.dataset.num_classes

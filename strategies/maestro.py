@@ -122,6 +122,10 @@ class MaestroStrategy(Strategy):
                              ("threads", "fl.client_cpus")):
             if getattr(c.train, key) != getattr(defaults, key):
                 log.warning("train.%s=%r is not used by the federated mode; set %s", key, getattr(c.train, key), instead)
+        late = [m for m in c.train.milestones if m >= c.fl.rounds]
+        if late:
+            log.warning("train.milestones %s >= fl.rounds=%d (in federated mode they count rounds): those LR decays "
+                        "never happen in this run", late, c.fl.rounds)
         counts = np.bincount(self.tier_of, minlength=len(c.devices.tiers))
         log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
                  "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,

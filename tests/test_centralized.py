@@ -275,6 +275,11 @@ def test_training_settings_that_would_train_wrongly_are_refused(key, value, rule
         TrainConfig(**{key: value})
 
 
+def test_milestones_under_the_inverse_sqrt_schedule_are_refused():
+    with pytest.raises(ValueError, match=r"train.milestones=\[5\] is invalid: .*inverse_sqrt ignores them"):
+        TrainConfig(lr_schedule="inverse_sqrt", milestones=[5])
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: Config(device="gpu"), r"device='gpu' is invalid: must be auto, cpu, cuda, cuda:N or mps"),
     (lambda: DataConfig(test_subset=-5), r"data.test_subset=-5 is invalid: must be a positive int or null")])
@@ -481,3 +486,9 @@ def test_values_that_would_run_nothing_or_fail_late_are_refused_up_front(tmp_pat
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl is not a checkpoint or model file written by fedmaestro"):
         load_model(tmp_path / "metrics.jsonl")
+
+
+def test_milestones_past_the_last_epoch_are_reported(tmp_path, capsys):
+    Trainer(tiny(epochs=2, milestones=[1, 2, 5]), tmp_path, DATASETS)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train.milestones [2, 5] >= train.epochs=2: those LR decays never happen in this run" in out

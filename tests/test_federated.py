@@ -417,11 +417,12 @@ def test_the_largest_budget_must_be_one():
 
 
 def test_centralized_only_training_keys_are_named_when_set_in_federated_mode(tmp_path, caplog):
-    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "train.epochs=5")
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "train.epochs=5", "train.milestones=[3]")
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
         run(cfg, run_dir)
     assert any("train.epochs=5 is not used by the federated mode; set fl.rounds and fl.local_epochs" in m
                for m in caplog.messages)
+    assert any("train.milestones [3] >= fl.rounds=1 (in federated mode they count rounds)" in m for m in caplog.messages)
 
 
 def test_a_tier_of_smaller_budget_may_not_hold_more_than_the_budget_one_tiers(tmp_path):
