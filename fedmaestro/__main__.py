@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -89,12 +90,21 @@ class RunDirGuard(Callback):
             sys.exit(2)
 
 
+def _override(key: str, value: str) -> str:
+    """``key=value`` as it can be pasted into a shell, quoted for Hydra where the value holds characters its
+    grammar reads (a sweep job's directory name holds '=' and ',')."""
+    if re.fullmatch(r"[\w./:+-]*", value):
+        return f"{key}={value}"
+    return f"\"{key}='{value}'\""
+
+
 def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> None:
     """Run ``cfg``'s mode into ``run_dir``; ``sweep``: a job of --multirun (failures raise, for Hydra to record
     and go on with the next job, instead of ending the process)."""
     config = resolve(cfg)  # validation: a bad value fails here, before any work
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
-        checkpoint.refuse_overwrite(run_dir, config.resume, config.mode)
+        checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
+                                    "hydra.sweep.dir" if sweep else "hydra.run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
     if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model
@@ -114,9 +124,11 @@ def _hydra_main(cfg: DictConfig) -> None:
         run_mode(cfg, run_dir, sweep=hydra_cfg.mode == RunMode.MULTIRUN)
     except KeyboardInterrupt:  # the whole sweep stops too
         resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
-        print(f"\ninterrupted: {run_dir} keeps what was done" + (
-            f"; continue with the same command + resume=true hydra.run.dir={run_dir}" if resumable else ""),
-            file=sys.stderr)
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        again = (f"the same command (with --multirun) + resume=true {_override('hydra.sweep.dir', hydra_cfg.sweep.dir)}"
+                 if sweep else f"the same command + resume=true {_override('hydra.run.dir', str(run_dir))}")
+        print(f"\ninterrupted: {run_dir} keeps what was done" + (f"; continue with {again}" if resumable else ""),
+              file=sys.stderr)
         if cfg.get("mode") == "federated":
             # Flower's message threads can be left in ray.get on actors Ray has already shut down, and Python
             # would wait for them at exit forever: leave now (the checkpoint and records are written atomically)

@@ -123,16 +123,17 @@ def held_run(run_dir: str | Path) -> tuple[str | None, Path] | None:
     return None
 
 
-def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str) -> None:
+def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str = "hydra.run.dir") -> None:
     """A run of ``mode`` into a directory that holds one would overwrite its records, checkpoints, models
-    or exports: raise FileExistsError naming the ways out, unless it resumes a run of the same mode."""
+    or exports: raise FileExistsError naming the ways out, unless it resumes a run of the same mode.
+    ``dir_key``: the override that gives a run its own directory (a sweep's jobs: ``hydra.sweep.dir``)."""
     held = held_run(run_dir)
     if held is None:
         return
     there, path = held
     there = mode if there is None else there
     where = f"{Path(run_dir)} already holds a {RUN_NAMES.get(there, there + ' run')} ({path.relative_to(run_dir)})"
-    own_dir = "give the new run its own directory (hydra.run.dir=...)"
+    own_dir = f"give the new run its own directory ({dir_key}=...)"
     if there != mode:
         raise FileExistsError(f"{where}, not a {RUN_NAMES.get(mode, mode + ' run')}; {own_dir}")
     if mode == "deploy":

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="run, multirun or deploy directories")
     parser.add_argument("--out", type=Path, default=None, help="where sweep figures go (default: the first dir)")
     args = parser.parse_args(argv)
+    files = [d for d in args.dirs if d.is_file()]
+    if files:
+        parser.error(f"not a directory: {', '.join(map(str, files))}; give the run's directory "
+                     f"({', '.join(str(f.parent) for f in files)})")
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         parser.error(f"not a directory: {', '.join(missing)}")
@@ -35,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             curves: dict[str, list[dict]] = {}
             for row in rows:
                 curves.setdefault(str(row["method"]), []).append(row)
-            written.append(plot_deploy(curves, d / "deploy.png"))
+            config = d / "config.json"  # the run's deploy.target_macs, drawn as the run drew them
+            marks = json.loads(config.read_text()).get("deploy", {}).get("target_macs", []) if config.is_file() else []
+            written.append(plot_deploy(curves, d / "deploy.png", marks=marks))
         elif (d / "metrics.jsonl").is_file() and len(args.dirs) == 1:
             records = read_records(d)
             written += plot_federated(d) if records and "round" in records[0] else plot_centralized(d)
@@ -44,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if sweep_dirs:
         runs = find_runs(*sweep_dirs)
         if not runs:
-            parser.error(f"no runs (metrics.jsonl + config.json) below {', '.join(map(str, sweep_dirs))}")
+            parser.error(f"no runs (metrics.jsonl + config.json) below {', '.join(map(str, sweep_dirs))} "
+                         f"(mode=theory draws its figures when it runs; a lambda search's runs are its lambda_* "
+                         f"directories)")
         out = args.out or sweep_dirs[0]
         out.mkdir(parents=True, exist_ok=True)
         written += plot_sweep(runs, out)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,16 +63,22 @@ def plot_centralized(run_dir: str | Path) -> list[Path]:
     paths = []
     evaluated = [r for r in records if "accuracy" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["train_loss"] for r in records], marker=".")
-    axes[0].set(xlabel="epoch", ylabel="training loss (sampled ranks)", yscale="log", title="Training loss")
+    losses = [r["train_loss"] for r in records]
+    axes[0].plot(epochs, losses, marker=".")
+    wide = min(losses) > 0 and max(losses) / min(losses) > 5  # a log scale only where it spans a range
+    axes[0].set(xlabel="epoch", ylabel="training loss (sampled ranks)", yscale="log" if wide else "linear",
+                title="Training loss")
+    if wide:
+        axes[0].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes[1].plot([r["epoch"] for r in evaluated], [r["accuracy"] for r in evaluated], marker=".", color="C2")
     axes[1].set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy (full current rank)")
     axes[2].plot(epochs, [r["params_rel"] for r in records], marker=".", color="C1", label="parameters")
     axes[2].plot(epochs, [r["macs_rel"] for r in records], marker=".", color="C3", label="MACs")
     axes[2].set(xlabel="epoch", ylabel="deployed / dense", title="Footprint (merged where cheaper)", ylim=(0, None))
-    axes[2].legend()
+    axes[2].legend(loc="lower left")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     paths.append(_save(fig, run_dir / "training.png"))
     ranks = [r.get("ranks") or {} for r in records]
     if ranks[-1]:
@@ -79,6 +86,7 @@ def plot_centralized(run_dir: str | Path) -> list[Path]:
         ax.plot([0] + epochs, [_full_total(run_dir, ranks[0])] + [r["total_rank"] for r in records], marker=".")
         ax.set(xlabel="epoch", ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 4a)",
                ylim=(0, None))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         paths.append(_save(fig, run_dir / "total_rank.png"))
         paths.append(_plot_layer_ranks({"final": ranks[-1]}, _full_ranks(run_dir, ranks[0]),
@@ -105,6 +113,7 @@ def plot_federated(run_dir: str | Path) -> list[Path]:
         if pts and len(tier_names) > 1:
             ax.plot(*zip(*pts), linestyle="--", label=f"tier {name}")
     ax.set(xlabel="round", ylabel="test accuracy", title="accuracy vs round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, "plot_accuracy_round.png")
@@ -117,7 +126,8 @@ def plot_federated(run_dir: str | Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["round"] for r in records], [r["total_rank"] for r in records], marker="o")
-    ax.set(xlabel="round", ylabel="total rank (sum over LoD layers)", title="total rank vs round")
+    ax.set(xlabel="round", ylabel="total rank (sum over LoD layers)", title="total rank vs round", ylim=(0, None))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     save(fig, "plot_rank_round.png")
 
@@ -196,6 +206,26 @@ class Run:
     def lambda_gl(self) -> float:
         return float(self.config.get("train", {}).get("lambda_gl", 0.0))
 
+    @property
+    def unit(self) -> str:
+        """What a record counts: ``epoch`` (centralized) or ``round`` (federated)."""
+        return "round" if "round" in self.last else "epoch"
+
+    @property
+    def steps(self) -> list[int]:
+        return [r[self.unit] for r in self.records]
+
+    @property
+    def planned(self) -> int:
+        """The epochs (rounds) the run was configured for."""
+        if self.unit == "round":
+            return int(self.config.get("fl", {}).get("rounds", self.last["round"]))
+        return int(self.config.get("train", {}).get("epochs", self.last["epoch"]))
+
+    @property
+    def finished(self) -> bool:
+        return self.last[self.unit] >= self.planned
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -207,8 +237,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def find_runs(*roots: str | Path) -> list[Run]:
-    """Every finished-or-not centralized run (metrics.jsonl + config.json) at or below ``roots``."""
+def find_runs(*roots: str | Path, report=print) -> list[Run]:
+    """Every finished-or-not run (metrics.jsonl + config.json) at or below ``roots``, centralized or federated.
+
+    ``report`` gets one line per run that stopped before its last epoch (round), and per sweep job directory
+    (it holds Hydra's ``.hydra/``) without any record: a job that failed or was interrupted before its first.
+    """
     runs = []
     for root in roots:
         root = Path(root)
@@ -220,6 +254,14 @@ def find_runs(*roots: str | Path) -> list[Run]:
             if config.is_file() and records:
                 cfg = with_defaults(json.loads(config.read_text()))
                 runs.append(Run(metrics.parent, cfg, records, _flatten(cfg)))
+        for job in sorted(p.parent for p in root.rglob(".hydra")):
+            if not any((job / name).is_file() for name in ("metrics.jsonl", "deploy.json", "theory.json", "hpo.json")) \
+                    and not any(job.glob("lambda_*/metrics.jsonl")):  # a lambda search's runs are in lambda_*
+                report(f"left out: {job} holds no records (the job failed or was stopped before its first epoch)")
+    for run in runs:
+        if not run.finished:
+            report(f"unfinished: {run.path} stopped at {run.unit} {run.last[run.unit]} of {run.planned} "
+                   f"(marked * in the table)")
     return runs
 
 
@@ -255,20 +297,24 @@ def sweep_table(runs: list[Run]) -> list[dict]:
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         groups[_label(run, keys)].append(run)
-    dense_wall = [r.last["wall_s"] / max(r.last["epoch"], 1) for r in runs if r.dense]
+    dense_wall = [r.last["wall_s"] / max(r.last[r.unit], 1) for r in runs if r.dense]
     rows = []
     for label, members in groups.items():
         lasts = [m.last for m in members]
         evaluated = [m.last.get("accuracy") for m in members if m.last.get("accuracy") is not None]
         row = {"variant": label, "dense": members[0].dense, "lambda_gl": members[0].lambda_gl, "runs": len(members),
-               "epochs": lasts[0]["epoch"]}
+               "epochs": lasts[0][members[0].unit], "finished": all(m.finished for m in members)}
         row["acc"], row["acc_std"] = _mean_std(evaluated) if evaluated else (math.nan, math.nan)
         for key, name in (("macs_deployed", "macs"), ("params_deployed", "params"), ("macs_rel", "macs_rel"),
                           ("params_rel", "params_rel"), ("train_macs_rel", "train_macs_rel"),
                           ("train_params_rel", "train_params_rel"), ("total_rank", "total_rank")):
-            row[name], row[name + "_std"] = _mean_std([float(r[key]) for r in lasts])
+            # a federated record has no training cost relative to dense: its cost is what it sent (mb)
+            row[name], row[name + "_std"] = _mean_std([float(r.get(key, math.nan)) for r in lasts])
+        if all("bytes_down" in r for r in lasts):
+            row["mb"], row["mb_std"] = _mean_std([(r["bytes_down"] + r["bytes_up"]) / 1e6 for r in lasts])
         if dense_wall:
-            row["time_rel"] = statistics.fmean(r["wall_s"] / max(r["epoch"], 1) for r in lasts) / statistics.fmean(dense_wall)
+            row["time_rel"] = statistics.fmean(r["wall_s"] / max(m.last[m.unit], 1) for m, r in zip(members, lasts)) \
+                / statistics.fmean(dense_wall)
         row["paths"] = [str(m.path) for m in members]
         rows.append(row)
     rows.sort(key=lambda r: (not r["dense"], r["lambda_gl"], r["variant"]))
@@ -291,19 +337,28 @@ def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "paths": ";".join(row["paths"])})
+    for key in ("mb", "mb_std", "finished"):
+        if any(key in r for r in rows) and key not in columns:
+            columns.insert(-1, key)
     has_time = any("time_rel" in r for r in rows)
+    has_mb = any("mb" in r for r in rows)
     lines = ["| Variant | Acc. (%) | MACs (Inf.) | Params. (Inf.) | Rel. MACs / Params. (Train.)"
-             + (" | Rel. time (Train.)" if has_time else "") + " | runs |",
-             "|---|---|---|---|---" + ("|---" if has_time else "") + "|---|"]
+             + (" | MB down + up" if has_mb else "") + (" | Rel. time (Train.)" if has_time else "") + " | runs |",
+             "|---|---|---|---|---" + ("|---" if has_mb else "") + ("|---" if has_time else "") + "|---|"]
     for r in rows:
         n = r["runs"]
-        line = (f"| {r['variant']} | {_pm(100 * r['acc'], 100 * r['acc_std'], '.2f', n)} "
+        train = ("-" if math.isnan(r["train_macs_rel"]) else
+                 f"{r['train_macs_rel']:.2f}x / {r['train_params_rel']:.2f}x")
+        line = (f"| {r['variant']}{'' if r['finished'] else ' *'} | {_pm(100 * r['acc'], 100 * r['acc_std'], '.2f', n)} "
                 f"| {_pm(r['macs'], r['macs_std'], ',.0f', n)} ({r['macs_rel']:.2f}x) "
-                f"| {_pm(r['params'], r['params_std'], ',.0f', n)} ({r['params_rel']:.3f}x) "
-                f"| {r['train_macs_rel']:.2f}x / {r['train_params_rel']:.2f}x")
+                f"| {_pm(r['params'], r['params_std'], ',.0f', n)} ({r['params_rel']:.3f}x) | {train}")
+        if has_mb:
+            line += f" | {_pm(r['mb'], r['mb_std'], '.1f', n)}" if "mb" in r else " | -"
         if has_time:
             line += f" | {r['time_rel']:.2f}x" if "time_rel" in r else " | -"
         lines.append(line + f" | {n} |")
+    if not all(r["finished"] for r in rows):
+        lines.append("\n\\* unfinished: stopped before its last epoch (round); the row shows where it stopped.")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -324,7 +379,8 @@ def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float
         ax.errorbar([r[key] for r in maestro], [100 * r["acc"] for r in maestro],
                     yerr=[100 * r["acc_std"] for r in maestro], marker="o", capsize=3, label="Maestro")
         for r in maestro:
-            ax.annotate(f"{r['lambda_gl']:g}", (r[key], 100 * r["acc"]), fontsize=7, xytext=(3, -9),
+            ax.annotate(f"{r['lambda_gl']:g}" + ("" if r["finished"] else "*"), (r[key], 100 * r["acc"]), fontsize=7,
+                        xytext=(3, -9),
                         textcoords="offset points")
         for r in rows:
             if r["dense"]:
@@ -341,11 +397,14 @@ def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float
     factorized = sorted((r for r in runs if not r.dense and r.last.get("ranks")), key=lambda r: r.lambda_gl)
     if factorized:
         fig, ax = plt.subplots(figsize=(6.5, 4))
+        seeds = len({r.config.get("seed") for r in factorized}) > 1
         for k, run in enumerate(factorized):
-            ax.plot([r["epoch"] for r in run.records], [r["total_rank"] for r in run.records],
-                    label=f"λ={run.lambda_gl:g}", color=plt.cm.viridis(k / max(len(factorized) - 1, 1)))
-        ax.set(xlabel="epoch", ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 8)",
+            ax.plot(run.steps, [r["total_rank"] for r in run.records],
+                    label=f"λ={run.lambda_gl:g}" + (f", seed {run.config.get('seed')}" if seeds else ""),
+                    color=plt.cm.viridis(k / max(len(factorized) - 1, 1)), marker="." if len(run.records) < 30 else None)
+        ax.set(xlabel=factorized[0].unit, ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 8)",
                ylim=(0, None))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir / "sweep_total_rank.png"))

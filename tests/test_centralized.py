@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import signal
 import subprocess
 import sys
@@ -325,6 +326,47 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
     assert f"interrupted: {run_dir} keeps what was done; continue with the same command + resume=true" in err
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_says_how_to_continue_the_sweep_and_that_command_continues_it(tmp_path):
+    sweep_dir, root = tmp_path / "sweep", Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "fedmaestro", "--multirun", "mode=centralized", "data.subset=2000",
+               "data.test_subset=200", "train.epochs=500", "progress=false", "train.lambda_gl=1e-3",
+               f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(sweep_dir.glob("0_*/checkpoint.pt")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    hint = f"continue with the same command (with --multirun) + resume=true hydra.sweep.dir={sweep_dir}"
+    assert hint in err, err[-2000:]
+    [job] = sweep_dir.glob("0_*")
+    done = len((job / "metrics.jsonl").read_text().splitlines())
+    proc = subprocess.Popen(command + ["resume=true"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120  # the hint's command continues the same job: its records grow
+    while time.time() < deadline and proc.poll() is None and \
+            len((job / "metrics.jsonl").read_text().splitlines()) <= done:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert [p.name for p in sweep_dir.glob("0_*")] == [job.name]
+    assert len((job / "metrics.jsonl").read_text().splitlines()) > done
+
+
+def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fedmaestro.__main__ import _override
+
+    assert _override("hydra.run.dir", "/tmp/run-1/a_b") == "hydra.run.dir=/tmp/run-1/a_b"
+    job = "/tmp/sw/0_data.subset=2000,train.lambda_gl=0.001"
+    [pasted] = shlex.split(_override("hydra.run.dir", job))  # what the shell hands to Hydra
+    assert OverridesParser.create().parse_override(pasted).value() == job
+
+
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):
     trainer = Trainer(tiny(epochs=2, lambda_gl=3e-3, eps_ps=1e-3), tmp_path, DATASETS)
     trainer.fit(show_progress=False)
@@ -492,3 +534,42 @@ def test_milestones_past_the_last_epoch_are_reported(tmp_path, capsys):
     Trainer(tiny(epochs=2, milestones=[1, 2, 5]), tmp_path, DATASETS)
     out = " ".join(capsys.readouterr().out.split())
     assert "train.milestones [2, 5] >= train.epochs=2: those LR decays never happen in this run" in out
+
+
+def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
+    from fedmaestro import plot
+    from fedmaestro.config import to_dict
+
+    sweep = tmp_path / "sweep"
+    for job, lam, rounds_done in (("0_lam=1e-4", 1e-4, 3), ("1_lam=1e-2", 1e-2, 2)):
+        cfg = tiny(lambda_gl=lam)
+        cfg.mode, cfg.fl.rounds = "federated", 3
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / "config.json").write_text(json.dumps(to_dict(cfg)))
+        records = [{"round": r, "accuracy": 0.5 + 0.1 * r, "loss": 1.0, "params": 66274, "params_deployed": 44426,
+                    "params_rel": 1.0, "macs": 340316, "macs_deployed": 281640, "macs_rel": 1.0, "total_rank": 236 - r,
+                    "ranks": {"conv1": 6, "conv2": 16, "fc1": 120 - r, "fc2": 84, "fc3": 10}, "wall_s": 2.0 * r,
+                    "bytes_down": 1_000_000 * r, "bytes_up": 1_000_000 * r} for r in range(1, rounds_done + 1)]
+        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (sweep / "2_lam=-1" / ".hydra").mkdir(parents=True)  # a job that failed before its first round
+    assert plot.main([str(sweep)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "left out: " in out and "2_lam=-1 holds no records" in out
+    assert "1_lam=1e-2 stopped at round 2 of 3 (marked * in the table)" in out
+    table = (sweep / "sweep.md").read_text().splitlines()
+    assert table[0].endswith("| Rel. MACs / Params. (Train.) | MB down + up | runs |")
+    assert table[2] == "| Maestro (λ=0.0001) | 80.00 | 281,640 (1.00x) | 44,426 (1.000x) | - | 6.0 | 1 |"
+    assert table[3].startswith("| Maestro (λ=0.01) * | 70.00 |") and table[-1].startswith("\\* unfinished")
+    assert (sweep / "sweep_total_rank.png").stat().st_size > 0
+
+
+def test_a_redrawn_deploy_figure_keeps_the_runs_targets(tmp_path, monkeypatch):
+    from fedmaestro import plot
+
+    (tmp_path / "deploy_curve.csv").write_text("method,macs_rel,params_rel,accuracy\nmaestro,1.0,1.0,0.9\n"
+                                               "maestro,0.5,0.4,0.85\n")
+    (tmp_path / "config.json").write_text(json.dumps({"deploy": {"target_macs": [0.5, 0.25]}}))
+    drawn = {}
+    monkeypatch.setattr(plot, "plot_deploy", lambda curves, path, marks=(): drawn.setdefault("marks", marks) and path)
+    assert plot.main([str(tmp_path)]) == 0
+    assert drawn["marks"] == [0.5, 0.25]

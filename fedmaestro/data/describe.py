@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_summary(rows, facts)
     if not args.no_plot:
+        params = "".join(f"-{k}{v}" for k, v in facts["params"].items())  # alpha=0.1 and 0.5 get two files
         path = args.plot or Path("outputs/describe") / (
-            f"{facts['dataset']}-{facts['scheme']}-{facts['clients']}clients-seed{facts['seed']}.png")
+            f"{facts['dataset']}-{facts['scheme']}{params}-{facts['clients']}clients-seed{facts['seed']}.png")
         print(f"plot: {plot_summary(rows, facts, path)}")
     return 0
 
