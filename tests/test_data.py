@@ -544,6 +544,8 @@ def test_imagenet_val_takes_the_train_folders_labels(tmp_path):
     (tmp_path / "imagenet" / "train" / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
     train, val = data.load("imagenet", tmp_path, train=True), data.load("imagenet", tmp_path, train=False)
     assert train.classes == val.classes == ["n01", "n02", "n03"]
+    copied = pickle.loads(pickle.dumps(val))  # a DataLoader worker started by spawn gets it so
+    assert copied.classes == val.classes and copied.samples == val.samples
     assert np.array_equal(data.labels(val), [0, 0, 0, 2, 2, 2])  # n03 is 2 in both splits, not 1
     (tmp_path / "imagenet" / "val" / "n09").mkdir()
     data.clear_cache()

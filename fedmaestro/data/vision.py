@@ -233,4 +233,13 @@ def _imagenet_split_class():
         def find_classes(self, directory):
             return self.given_classes, {c: i for i, c in enumerate(self.given_classes)}
 
+    ImageNetSplit.__module__, ImageNetSplit.__qualname__ = __name__, "ImageNetSplit"  # pickled by this name
     return ImageNetSplit
+
+
+def __getattr__(name: str):
+    """``ImageNetSplit``, built on first use (torchvision loads only then), also where a DataLoader worker
+    started by spawn unpickles the data set."""
+    if name == "ImageNetSplit":
+        return _imagenet_split_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
