@@ -3,7 +3,7 @@ checkpoints, and one run through the real Hydra config.
 
 Most tests train LeNet-5 on a tiny in-memory data set (10 classes, each a fixed random 28x28 pattern
 plus noise: learnable in a few steps) on one CPU thread; the Hydra test reads 256 Fashion-MNIST
-images. The whole file takes a few seconds.
+images. Apart from the tests marked slow (subprocesses, ResNet-18), the file takes under a minute.
 """
 
 from __future__ import annotations
@@ -311,6 +311,7 @@ def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # Hydra wrote nothing (no .hydra/, no log)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", "mode=centralized", "data.subset=2000",
@@ -390,6 +391,7 @@ def test_batchnorm_recalibration_reads_the_training_split_without_augmentation(t
     assert trainer.train_loader.dataset.train and not trainer.calib_loader.dataset.train
 
 
+@pytest.mark.slow
 def test_batchnorm_is_recalibrated_at_the_models_ranks_before_every_evaluation(tmp_path):
     """Training samples sub-models, so the running statistics BatchNorm gathers mix them; an evaluated
     epoch (here without any shrinking) re-estimates them at the model's ranks first."""

@@ -5,7 +5,7 @@ test_federated_sim.py; here every protocol rule is checked quickly and exactly: 
 byte counts, seeding by partition id, validation of bad replies, faults, shrinking, resume, baselines.
 
 The runs are tiny (1,200 training examples over 4-6 clients, 500 test examples, 1-3 rounds): a few
-seconds each.
+seconds each; the ResNet-18 ones are marked slow.
 """
 
 from __future__ import annotations
@@ -447,10 +447,27 @@ def test_impossible_budget_fails_before_any_round(tmp_path):
 
 
 def test_federated_evaluation_on_local_test_splits(tmp_path):
+    app = ClientApp()
+    app.query()(real_client.query)
+    app.train()(real_client.train)
+    answers = {}
+
+    @app.evaluate()
+    def evaluate(message, context):
+        reply = real_client.evaluate(message, context)
+        m = reply.content.metric_records[P.METRICS]
+        answers[int(context.node_config[P.PARTITION_ID])] = (m[P.NUM_EXAMPLES], m[P.ACCURACY], m[P.LOSS])
+        return reply
+
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2")
-    run(cfg, run_dir)
+    run(cfg, run_dir, app)
     r = records(run_dir)[0]
-    assert 0.0 <= r["fed_accuracy"] <= 1.0 and np.isfinite(r["fed_loss"])
+    sizes = [n for n, _, _ in answers.values()]
+    assert len(answers) >= 2 and len(set(sizes)) > 1  # unequal local test splits: a plain mean would differ
+    total = sum(sizes)
+    assert r["fed_accuracy"] == pytest.approx(sum(n * a for n, a, _ in answers.values()) / total, rel=1e-12)
+    assert r["fed_loss"] == pytest.approx(sum(n * loss for n, _, loss in answers.values()) / total, rel=1e-12)
+    assert r["fed_accuracy"] != pytest.approx(np.mean([a for _, a, _ in answers.values()]), rel=1e-9)
 
 
 def test_client_training_repeats_for_a_seed_and_round(tmp_path):
@@ -538,6 +555,7 @@ def test_progress_false_drops_the_round_lines_but_keeps_the_start_up_line_and_su
         assert ("round   1/1" in text) == (progress == "true")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", ["three_tiers", "three_tiers_macs"])
 def test_batchnorm_statistics_are_kept_per_tier_and_each_tier_is_evaluated_with_its_own(tmp_path, devices):
     """ResNet-18: each client re-estimates its BatchNorm statistics at its caps after training; the server pools

@@ -8,6 +8,7 @@ equality (the same operations in the same order) and then compares with ``torch.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -438,7 +439,21 @@ def test_across_layers_draws_every_layer_within_its_cap():
         for n, l in named:
             assert l.active_rank is not None and 1 <= l.active_rank <= caps.get(n, l.rank)
             seen[n].add(l.active_rank)
-    assert seen == {"0": {1, 2, 3}, "1": {1, 2}, "2": {1, 2}}  # uniform: 200 draws see every value
+    assert seen == {"0": {1, 2, 3}, "1": {1, 2}, "2": {1, 2}}
+    # uniform over 1..cap for every layer, independently: 6,000 draws, each frequency within 5 sigma of 1/cap
+    sampler = lod.RankSampler(model, "across_layers", seed=1)
+    draws, counts = 6000, {n: np.zeros(l.rank + 1) for n, l in named}
+    joint = np.zeros((named[0][1].rank + 1, named[1][1].rank + 1))
+    for _ in range(draws):
+        sampler.step()
+        for n, l in named:
+            counts[n][l.active_rank] += 1
+        joint[named[0][1].active_rank, named[1][1].active_rank] += 1
+    for n, l in named:
+        p = 1 / l.rank
+        assert np.all(np.abs(counts[n][1:] / draws - p) < 5 * np.sqrt(p * (1 - p) / draws)), (n, counts[n])
+    q = 1 / (named[0][1].rank * named[1][1].rank)  # independent layers: every pair equally often
+    assert np.all(np.abs(joint[1:, 1:] / draws - q) < 5 * np.sqrt(q * (1 - q) / draws)), joint
 
 
 @pytest.mark.parametrize("mode", ["fixed", "none"])

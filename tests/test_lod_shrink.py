@@ -210,13 +210,18 @@ def test_training_after_shrink_equals_training_a_model_built_small(make_opt):
     opt = make_opt(model.parameters())
     loss = _train(model, opt, batches[:3], sampler_ranks=[(2, None, 1), (None, 3, None), (4, 1, 2)])
     cut = {"0": 2, "3": 3, "5": 1}
+    before = {name: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+              for name, p in model.named_parameters()}
     lod.truncate(model, cut, opt)  # `loss` (last step's graph) is still alive here on purpose
-    # every tensor of the optimizer state now has the parameter's new shape
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for value in opt.state[p].values():
-                if torch.is_tensor(value) and value.ndim:
-                    assert value.shape == p.shape
+    # every tensor of the optimizer state is the old one cut to the kept columns (rows 0 .. r-1 of a factor)
+    for name, p in model.named_parameters():
+        layer, kind = name.rsplit(".", 1)
+        state = {k: v for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        assert set(state) == set(before[name]) and state, name
+        for key, value in state.items():
+            old = before[name][key]
+            want = old[:cut[layer]] if kind in ("u", "v") and old.ndim else old
+            assert value.shape == (p.shape if old.ndim else old.shape) and torch.equal(value, want), (name, key)
 
     # the reference: a model built at the small ranks from the sliced weights and sliced state
     small = _net(seed=3)

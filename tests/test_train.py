@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmaestro import lod
@@ -180,6 +181,35 @@ def test_full_pass_self_distillation_trains_the_full_rank_model_too():
                         cost=cost)
             outcome.append((cost.macs, evaluate(model, [data[0]], task_for("fashion_mnist"), CPU)["loss"]))
         assert outcome[0] == outcome[1]
+
+
+@pytest.mark.parametrize("distill_weight", [1.0, 0.0, 2.5])
+def test_full_pass_step_is_the_gradient_of_both_losses_and_the_distillation(distill_weight):
+    """One step of train_epoch with full_pass equals SGD on CE(sampled) + CE(full rank) + w KL(full || sampled),
+    written out by hand here (the full-rank logits are the teacher: no gradient through them in the KL)."""
+    batch = batches(1)[0]
+    t = TrainConfig(sampler="per_layer", full_pass=True, distill_weight=distill_weight, momentum=0.0, lr=0.1,
+                    weight_decay=0.0, lambda_gl=0.0)
+    model, reference = lenet(), lenet()
+    train_epoch(model, [batch], make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
+                sampler=lod.RankSampler(model, "per_layer", seed=3))
+    sampler = lod.RankSampler(reference, "per_layer", seed=3)
+    sampler.step()  # the same draw as inside train_epoch
+    active = {n: layer.active_rank for n, layer in lod.layers(reference)}
+    assert any(b is not None and b < layer.rank for (_, layer), b in zip(lod.layers(reference), active.values()))
+    x, y = batch
+    reference.train()
+    with lod.full_rank(reference):
+        teacher = reference(x)
+    student = reference(x)
+    kl = F.kl_div(F.log_softmax(student, -1), F.softmax(teacher.detach(), -1), reduction="batchmean")
+    objective = F.cross_entropy(student, y) + F.cross_entropy(teacher, y) + distill_weight * kl
+    grads = torch.autograd.grad(objective, list(reference.parameters()))
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), grads):
+            p -= t.lr * g
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_nan_loss_raises_with_a_fix():
