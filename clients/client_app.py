@@ -98,7 +98,10 @@ def train(message: Message, context: Context) -> Message:
     fault, deadline = str(c[P.FAULT]), float(c[P.DEADLINE])
     if fault not in P.FAULTS:
         raise ValueError(f"unknown fault {fault!r} in the train message; the protocol knows {list(P.FAULTS)}")
-    if fault == P.DROPOUT:  # the device is gone: no work, and the server hears nothing before the deadline
+    if fault in (P.DROPOUT, P.STRAGGLER):
+        # dropout: the device is gone; straggler: its update would come after the deadline, when the server
+        # has moved on. Either way the server hears nothing before the deadline, and the worker (which serves
+        # other clients too in a simulation) spends no time on training that nothing would use
         _sleep_until(deadline + P.LATE_MARGIN_S)
         return _reply(message, {P.PARTITION_ID: pid})
     arrays = _arrays(message)
@@ -109,8 +112,6 @@ def train(message: Message, context: Context) -> Message:
     out, m = local.train(cfg, pid, arrays, rnd=int(c[P.ROUND]), caps=dict(zip(names, caps_list)), lr=float(c[P.LR]),
                          lambda_gl=float(c[P.LAMBDA]), local_epochs=int(c[P.LOCAL_EPOCHS]),
                          sampler=str(c[P.SAMPLER]), seed=int(c[P.SEED]))
-    if fault == P.STRAGGLER:  # trained, but answers after the round's deadline
-        _sleep_until(deadline + P.LATE_MARGIN_S)
     return _reply(message, {P.NUM_EXAMPLES: m["num_examples"], P.TRAIN_LOSS: m["loss"], P.PARTITION_ID: pid,
                             P.TRAIN_SECONDS: m["seconds"], P.STEPS: m["steps"]}, out)
 

@@ -9,10 +9,11 @@ can drive the four hooks too, without checkpoints, faults' ordering or records):
    cap), every other array whole, and the round's config. Bytes are counted exactly.
 2. replies are awaited until the round's deadline (``strategy.round_timeout``); clients told to fail
    (``devices.tiers[].dropout`` / ``straggler``) answer only after it.
-3. ``aggregate_train``: every reply is validated (an error, missing or extra keys or metrics, a shape
+3. ``aggregate_train``: every reply is validated (an error, missing or extra arrays, missing metrics, a shape
    other than what was sent, a wrong dtype, a non-finite value, arrays that do not decode, metrics that
    are not finite numbers, a partition id other than the node's, a num-examples other than the one the
-   client announced when the run started: dropped and logged; the bytes of every reply count); the
+   client announced when the run started, a second reply, a reply of a client told to fail: dropped and
+   logged; the bytes of every reply received count, a late one's never arrive); the
    valid ones are aggregated column by column (``nested.aggregate``, sorted by partition id so that
    float sums repeat exactly); every ``shrink_every`` rounds the global model is shrunk. No valid reply:
    the model is left unchanged, with a warning.
@@ -247,6 +248,8 @@ class MaestroStrategy(Strategy):
         sent = self.sent.get(msg.metadata.src_node_id)
         if sent is None:
             return f"a reply from node {msg.metadata.src_node_id}, which was not sent a message this round"
+        if sent.fault != P.NO_FAULT:  # reaches here only where the grid waited past the deadline (Flower's start)
+            return f"the client was told to fail this round ({sent.fault}): it answers after the round's deadline"
         content = msg.content
         if P.METRICS not in content.metric_records or P.ARRAYS not in content.array_records:
             return f"the reply lacks its {P.METRICS!r} MetricRecord or {P.ARRAYS!r} ArrayRecord"
@@ -293,7 +296,8 @@ class MaestroStrategy(Strategy):
             seen.add(node)
             if isinstance(out, str):
                 pid = self.sent[node].partition_id if node in self.sent else f"node {node}"
-                dropped[str(pid)] = out
+                dropped[f"{pid} (again)" if str(pid) in dropped or pid in [v[0].partition_id for v in valid]
+                        else str(pid)] = out
                 log.warning("round %d: dropped the reply of client %s: %s", server_round, pid, out)
             else:
                 valid.append(out)
@@ -367,7 +371,7 @@ class MaestroStrategy(Strategy):
             problem = None
             if any(v is None or isinstance(v, list) or not math.isfinite(v) for v in values):
                 problem = f"metrics {list(P.EVAL_REPLY_METRICS)} must all be finite numbers"
-            elif int(m[P.PARTITION_ID]) != sent.partition_id:
+            elif m[P.PARTITION_ID] != sent.partition_id:  # 2.5 is not client 2
                 problem = f"partition-id {m[P.PARTITION_ID]} but node {msg.metadata.src_node_id} is {sent.partition_id}"
             elif m[P.NUM_EXAMPLES] != self.tests_of.get(sent.partition_id, m[P.NUM_EXAMPLES]):
                 problem = (f"num-examples={m[P.NUM_EXAMPLES]!r}, but the client announced "

@@ -290,6 +290,22 @@ def test_dropouts_and_stragglers_miss_the_deadline_and_the_round_goes_on(tmp_pat
     assert r["timing"]["train_s"] >= 2.0  # the server waited until the deadline
 
 
+def test_flowers_own_start_waiting_past_the_deadline_still_drops_stragglers(tmp_path):
+    from flwr.serverapp.strategy import Strategy
+
+    from strategies.maestro import _to_record
+
+    devices = "devices.tiers=[{name: ok, share: 0.5, budget: 1.0}, {name: flaky, share: 0.5, budget: 0.5, straggler: 1.0}]"
+    cfg, run_dir = make_cfg(tmp_path, devices, "fl.rounds=1", "fl.clients_per_round=4", "strategy.round_timeout=1.0")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    grid = LocalGrid(real_client.app, 4)
+    Strategy.start(strategy, grid, _to_record(strategy.global_model.arrays()), num_rounds=1, timeout=30)
+    flaky = sorted(p for p in range(4) if strategy.tier_of[p] == 1)
+    assert flaky and strategy.round_info["valid"] == [p for p in range(4) if p not in flaky]
+    assert sorted(int(p) for p in strategy.round_info["dropped"]) == flaky
+    assert all("told to fail this round (straggler)" in why for why in strategy.round_info["dropped"].values())
+
+
 # --- shrinking, resume, baselines, budgets --------------------------------------------------------------------
 def test_shrinking_cuts_the_global_model_and_the_next_caps_follow(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "train.eps_ps=0.5", "fl.clients_per_round=4")
