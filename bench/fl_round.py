@@ -8,14 +8,16 @@ One run measures both:
 2. the floor: the same job replayed in this one process over the in-process grid (``LocalGrid``),
    which gives the same clients the same arrays in every round (the records are compared: they must
    be identical); the floor of a round is the sum of its clients' training seconds (``local.train``,
-   one after another, ``fl.client_cpus`` torch threads) divided by the number of parallel workers,
-   floor(CPUs / fl.client_cpus), as Ray runs them.
+   one after another, ``fl.client_cpus`` torch threads) divided by the number of clients that can train
+   side by side: min(floor(CPUs / fl.client_cpus), CPUs // threads per client, fl.clients_per_round).
+   A round's seconds run from the previous round's record to its own, so they include writing the
+   records and the checkpoint.
 
 The ratio sim / floor is the overhead of everything that is not client compute: the server's work
 between rounds (aggregation, shrinking, evaluation of the global model at every tier), messaging and
 polling, serialization, and idle workers at the end of a round. Target: <= 1.3.
 
-    python bench/fl_round.py                                   # the `make run` job, 10 rounds
+    python bench/fl_round.py +experiment=fl_maestro            # the `make run` job, 10 rounds
     python bench/fl_round.py model.factorize=false devices=homogeneous   # the dense FedAvg reference
     python bench/fl_round.py fl.rounds=20 --json out.json
 
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ["fl.rounds=10"] + list(args.overrides)
     work = Path(tempfile.mkdtemp(prefix="fl_round_"))
     cfg, _ = compose(overrides + ["progress=false", f"hydra.run.dir={work / 'sim'}"])
-    cpus = os.cpu_count() or 1
-    workers = max(1, math.floor(cpus / cfg.fl.client_cpus))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, int(cfg.fl.client_cpus))  # torch threads per client
+    # clients that can train side by side: Ray's slots, the cores their threads fill, the clients of a round
+    workers = max(1, min(math.floor(cpus / cfg.fl.client_cpus), cpus // threads, cfg.fl.clients_per_round))
 
     # 1. the simulation
     run_simulation(cfg, work / "sim", launched_at=launched)

@@ -11,6 +11,8 @@ are to the full-rank factorized step (p = 1); the target is
 
 (the 0.1 leaves room for what does not shrink with the ranks: pooling, activations, the loss, the
 optimizer's per-tensor overhead). The dense (non-factorized) step is timed too, for reference.
+The passes go round-robin over the models (a drift of the machine's speed reaches every p alike),
+each pass samples the same sub-models (the sampler is seeded anew), and the median pass counts.
 
     python bench/train_step.py [--models lenet resnet18] [--threads 1] [--repeats 7]
 
@@ -47,27 +49,42 @@ def make_config(name: str, factorize: bool) -> Config:
                   train=TrainConfig(batch_size=batch, lr=0.01, momentum=0.9, lambda_gl=1e-4, sampler="per_layer"))
 
 
-def time_steps(cfg: Config, fraction: float | None, batches: list, repeats: int) -> tuple[float, float, int]:
-    """(median seconds per step, forward MACs per example of the sampled steps, total rank)."""
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    if fraction is not None:
-        lod.truncate(model, {n: max(1, math.ceil(fraction * layer.rank)) for n, layer in lod.layers(model)})
-    factorized = bool(lod.layers(model))
-    train = cfg.train if factorized else TrainConfig(**{**vars(cfg.train), "lambda_gl": 0.0})
-    optimizer = make_optimizer(model, train)
-    sampler = lod.RankSampler(model, "per_layer", seed=0) if factorized else None
-    example = (torch.zeros(1, *cfg.dataset.input_shape),)
-    cost = RankCost(model, example)
-    task, device = task_for(cfg.dataset.name), torch.device("cpu")
-    train_epoch(model, batches[:2], optimizer, train, task, device, sampler=sampler)  # warm-up
-    times, examples = [], 0
-    for _ in range(repeats):
-        stats = train_epoch(model, batches, optimizer, train, task, device, sampler=sampler, cost=cost)
-        times.append(stats["seconds"] / stats["steps"])
-        examples += stats["num_examples"]
-    total_rank = sum(layer.rank for _, layer in lod.layers(model))
-    return statistics.median(times), cost.macs / examples, total_rank
+class Setup:
+    """One model cut to a fraction of its ranks, with its optimizer, ready to time a pass over the batches."""
+
+    def __init__(self, cfg: Config, fraction: float | None, batches: list):
+        torch.manual_seed(0)
+        self.model = build_model(cfg)
+        if fraction is not None:
+            lod.truncate(self.model, {n: max(1, math.ceil(fraction * layer.rank)) for n, layer in lod.layers(self.model)})
+        self.factorized = bool(lod.layers(self.model))
+        self.train = cfg.train if self.factorized else TrainConfig(**{**vars(cfg.train), "lambda_gl": 0.0})
+        self.optimizer = make_optimizer(self.model, self.train)
+        self.cost = RankCost(self.model, (torch.zeros(1, *cfg.dataset.input_shape),))
+        self.task, self.batches = task_for(cfg.dataset.name), batches
+        self.times, self.examples = [], 0
+        self.run(batches[:2], timed=False)  # warm-up
+
+    def run(self, batches: list, timed: bool = True) -> None:
+        # the same seed every pass: every pass trains the same sub-models, whose MACs are counted
+        sampler = lod.RankSampler(self.model, "per_layer", seed=0) if self.factorized else None
+        stats = train_epoch(self.model, batches, self.optimizer, self.train, self.task, torch.device("cpu"),
+                            sampler=sampler, cost=self.cost if timed else None)
+        if timed:
+            self.times.append(stats["seconds"] / stats["steps"])
+            self.examples += stats["num_examples"]
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def macs(self) -> float:
+        return self.cost.macs / self.examples
+
+    @property
+    def total_rank(self) -> int:
+        return sum(layer.rank for _, layer in lod.layers(self.model))
 
 
 def bench(name: str, repeats: int, steps: int) -> bool:
@@ -75,24 +92,26 @@ def bench(name: str, repeats: int, steps: int) -> bool:
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
                for _ in range(steps)]
-    dense_time, dense_macs, _ = time_steps(make_config(name, False), None, batches, repeats)
-    cfg = make_config(name, True)
+    setups = {"dense": Setup(make_config(name, False), None, batches)}
+    setups.update({p: Setup(make_config(name, True), p, batches) for p in FRACTIONS})
+    for _ in range(repeats):  # round-robin: a drift of the machine's speed reaches every fraction alike
+        for setup in setups.values():
+            setup.run(batches)
+    dense = setups["dense"]
     print(f"\n{name} ({dataset}-shaped random data, batch {batch}, {torch.get_num_threads()} thread(s)): "
-          f"dense step {dense_time * 1e3:.2f} ms, {dense_macs / 1e6:.3f} MMACs/example")
+          f"dense step {dense.step_s * 1e3:.2f} ms, {dense.macs / 1e6:.3f} MMACs/example")
     print(f"{'p':>6} {'rank':>6} {'MMACs/ex':>9} {'step ms':>8} {'x dense':>8} {'MAC ratio':>10} "
           f"{'time ratio':>11} {'target':>7}  ok")
-    full_time = full_macs = None
+    full = setups[FRACTIONS[0]]
     all_ok = True
     for p in FRACTIONS:
-        t, macs, rank = time_steps(cfg, p, batches, repeats)
-        if full_time is None:
-            full_time, full_macs = t, macs
-        mac_ratio, time_ratio = macs / full_macs, t / full_time
+        t, macs = setups[p].step_s, setups[p].macs
+        mac_ratio, time_ratio = macs / full.macs, t / full.step_s
         target = 1.3 * mac_ratio + 0.1
         ok = time_ratio <= target
         all_ok &= ok
-        print(f"{p:>6.3f} {rank:>6d} {macs / 1e6:>9.3f} {t * 1e3:>8.2f} {t / dense_time:>8.2f} {mac_ratio:>10.3f} "
-              f"{time_ratio:>11.3f} {target:>7.3f}  {'yes' if ok else 'NO'}")
+        print(f"{p:>6.3f} {setups[p].total_rank:>6d} {macs / 1e6:>9.3f} {t * 1e3:>8.2f} {t / dense.step_s:>8.2f} "
+              f"{mac_ratio:>10.3f} {time_ratio:>11.3f} {target:>7.3f}  {'yes' if ok else 'NO'}")
     return all_ok
 
 

@@ -145,6 +145,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if not Path(CONF_DIR).is_dir():  # the configs live in the checkout's conf/, beside the packages
+        print(f"error: fedmaestro's configs are not at {CONF_DIR}: this install has no conf/ tree. Install from a "
+              f"checkout of the repository with `pip install -e .` (what `make install` does)", file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     _hydra_main()
 

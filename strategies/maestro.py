@@ -487,6 +487,7 @@ class MaestroStrategy(Strategy):
         self.runlog.started()
         result = Result()
         arrays = _to_record(self.global_model.arrays())
+        previous = None  # when the previous round's record was taken: its checkpoint and record count in this one
         for rnd in range(done + 1, num_rounds + 1):
             t0 = time.perf_counter()
             messages = list(self.configure_train(rnd, arrays, train_config, grid))
@@ -513,8 +514,11 @@ class MaestroStrategy(Strategy):
             t2 = time.perf_counter()
             client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \
                 P.TRAIN_SECONDS in train_metrics else 0.0
-            self.runlog.add(record, {"round_s": t2 - t0, "train_s": t1 - t0, "eval_s": t2 - t1,
-                                     "client_train_s": client_s})
+            # round_s: from the previous round's record to this one's (its checkpoint and records written in
+            # between), so that the rounds' seconds add up to the wall time; the first round from its start
+            self.runlog.add(record, {"round_s": t2 - (t0 if previous is None else previous), "train_s": t1 - t0,
+                                     "eval_s": t2 - t1, "client_train_s": client_s})
+            previous = t2
             if self.run_dir is not None:
                 checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict(rnd))
             result.arrays = arrays
