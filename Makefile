@@ -12,20 +12,21 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install test test-fast run bench clean
+.PHONY: install test test-fast run bench clean fashion-mnist
 
 install: $(STAMP) fashion-mnist
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e '.[dev]' $(TORCH_PINS)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]' $(TORCH_PINS)
 	touch $(STAMP)
 
 # The offline default data set: Debian's dataset-fashion-mnist, installed when we can (root, apt).
 fashion-mnist:
-	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	@if ! ls $(FMNIST)/train-images-idx3-ubyte* $(FMNIST)/train-labels-idx1-ubyte* $(FMNIST)/t10k-images-idx3-ubyte* \
+			$(FMNIST)/t10k-labels-idx1-ubyte* >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
 		&& echo "installed dataset-fashion-mnist"; \
