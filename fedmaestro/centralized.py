@@ -244,6 +244,8 @@ class Trainer:
         if evaluated:
             result = evaluate(self.model, self.test_loader, self.task, self.device)
             record.update(accuracy=result["accuracy"], loss=result["loss"])
+            if "perplexity" in result:  # translation: the paper's metric for the Transformer
+                record["perplexity"] = result["perplexity"]
             if self.val_loader is not None:
                 result = evaluate(self.model, self.val_loader, self.task, self.device)
                 record.update(val_accuracy=result["accuracy"], val_loss=result["loss"])
@@ -306,9 +308,10 @@ class Trainer:
 
 
 def _summary(record: dict) -> str:
-    acc = record.get("accuracy")
+    acc, ppl = record.get("accuracy"), record.get("perplexity")
     return (f"loss {record['train_loss']:.4f}  acc {'-' if acc is None else f'{acc:.4f}'}  "
-            f"rank {record['total_rank']}  params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  "
+            + ("" if ppl is None else f"ppl {ppl:.2f}  ")
+            + f"rank {record['total_rank']}  params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  "
             f"MACs {record['macs_rel']:.3f}x")
 
 

@@ -310,6 +310,8 @@ def sweep_table(runs: list[Run]) -> list[dict]:
                           ("train_params_rel", "train_params_rel"), ("total_rank", "total_rank")):
             # a federated record has no training cost relative to dense: its cost is what it sent (mb)
             row[name], row[name + "_std"] = _mean_std([float(r.get(key, math.nan)) for r in lasts])
+        if all("perplexity" in r for r in lasts):  # translation (Tables 3 and 14 report perplexity)
+            row["ppl"], row["ppl_std"] = _mean_std([float(r["perplexity"]) for r in lasts])
         if all("bytes_down" in r for r in lasts):
             row["mb"], row["mb_std"] = _mean_std([(r["bytes_down"] + r["bytes_up"]) / 1e6 for r in lasts])
         if dense_wall:
@@ -337,20 +339,24 @@ def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "paths": ";".join(row["paths"])})
-    for key in ("mb", "mb_std", "finished"):
+    for key in ("ppl", "ppl_std", "mb", "mb_std", "finished"):
         if any(key in r for r in rows) and key not in columns:
             columns.insert(-1, key)
     has_time = any("time_rel" in r for r in rows)
     has_mb = any("mb" in r for r in rows)
-    lines = ["| Variant | Acc. (%) | MACs (Inf.) | Params. (Inf.) | Rel. MACs / Params. (Train.)"
+    has_ppl = any("ppl" in r for r in rows)
+    lines = ["| Variant | Acc. (%)" + (" | Perplexity" if has_ppl else "")
+             + " | MACs (Inf.) | Params. (Inf.) | Rel. MACs / Params. (Train.)"
              + (" | MB down + up" if has_mb else "") + (" | Rel. time (Train.)" if has_time else "") + " | runs |",
-             "|---|---|---|---|---" + ("|---" if has_mb else "") + ("|---" if has_time else "") + "|---|"]
+             "|---|---" + ("|---" if has_ppl else "") + "|---|---|---" + ("|---" if has_mb else "")
+             + ("|---" if has_time else "") + "|---|"]
     for r in rows:
         n = r["runs"]
         train = ("-" if math.isnan(r["train_macs_rel"]) else
                  f"{r['train_macs_rel']:.2f}x / {r['train_params_rel']:.2f}x")
+        ppl = (f"| {_pm(r['ppl'], r['ppl_std'], '.2f', n) if 'ppl' in r else '-'} " if has_ppl else "")
         line = (f"| {r['variant']}{'' if r['finished'] else ' *'} | {_pm(100 * r['acc'], 100 * r['acc_std'], '.2f', n)} "
-                f"| {_pm(r['macs'], r['macs_std'], ',.0f', n)} ({r['macs_rel']:.2f}x) "
+                f"{ppl}| {_pm(r['macs'], r['macs_std'], ',.0f', n)} ({r['macs_rel']:.2f}x) "
                 f"| {_pm(r['params'], r['params_std'], ',.0f', n)} ({r['params_rel']:.3f}x) | {train}")
         if has_mb:
             line += f" | {_pm(r['mb'], r['mb_std'], '.1f', n)}" if "mb" in r else " | -"

@@ -332,9 +332,10 @@ def _distillation(student: torch.Tensor, teacher: torch.Tensor, target: torch.Te
 def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict:
     """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples",
     "scored", "correct"} (scored: the predictions accuracy counts, examples or target tokens; correct: how many
-    of them are right)."""
+    of them are right). Translation adds "perplexity" (the paper's Transformer metric, Tables 3 and 14):
+    exp of the mean negative log-likelihood per target token, padding excluded, without label smoothing."""
     model.eval()
-    total_loss, correct, counted, examples = 0.0, 0.0, 0, 0
+    total_loss, correct, counted, examples, nll = 0.0, 0.0, 0, 0, 0.0
     with lod.full_rank(model):
         for batch in loader:
             output, target = task.forward(model, batch, device)
@@ -342,8 +343,14 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict
             total_loss += float(task.loss(output, target)) * n
             c, k = task.score(output, target)
             correct, counted, examples = correct + c, counted + k, examples + n
-    return {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples,
-            "scored": counted, "correct": int(correct)}
+            if task.kind == "translation":
+                nll += float(F.cross_entropy(output.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_INDEX,
+                                             reduction="sum"))
+    out = {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples,
+           "scored": counted, "correct": int(correct)}
+    if task.kind == "translation":
+        out["perplexity"] = math.exp(nll / counted) if counted else math.nan
+    return out
 
 
 @torch.no_grad()

@@ -575,3 +575,21 @@ def test_a_redrawn_deploy_figure_keeps_the_runs_targets(tmp_path, monkeypatch):
     monkeypatch.setattr(plot, "plot_deploy", lambda curves, path, marks=(): drawn.setdefault("marks", marks) and path)
     assert plot.main([str(tmp_path)]) == 0
     assert drawn["marks"] == [0.5, 0.25]
+
+
+def test_sweep_table_of_translation_runs_shows_perplexity(tmp_path):
+    from fedmaestro import plot
+    from fedmaestro.config import to_dict
+
+    for job, lam, ppl in (("0_lam=0.32", 0.32, 9.5), ("1_lam=0.64", 0.64, 9.9)):
+        cfg = tiny(epochs=1, lambda_gl=lam)
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "config.json").write_text(json.dumps(to_dict(cfg)))
+        record = {"epoch": 1, "accuracy": 0.6, "loss": 2.3, "perplexity": ppl, "params_deployed": 100, "params_rel": 0.5,
+                  "macs_deployed": 1000, "macs_rel": 0.4, "train_macs_rel": 0.9, "train_params_rel": 0.8,
+                  "total_rank": 10, "ranks": {"fc1": 10}, "wall_s": 1.0}
+        (tmp_path / job / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert plot.main([str(tmp_path)]) == 0
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| Variant | Acc. (%) | Perplexity | MACs (Inf.) |")
+    assert table[2].startswith("| Maestro (λ=0.32) | 60.00 | 9.50 | 1,000 (0.40x) |")

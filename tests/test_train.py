@@ -278,3 +278,26 @@ def test_the_fit_check_leaves_batchnorm_statistics_and_the_training_mode_alone()
     model = build_model(cfg)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert model.training and all(int(m.num_batches_tracked) == 0 and not m.running_mean.any() for m in norms)
+
+
+def test_translation_evaluation_reports_the_perplexity_of_the_target_tokens():
+    """Perplexity (the paper's Transformer metric): exp of the mean NLL per non-padding target token, without
+    label smoothing. A model that puts probability 1/2 on the right token and spreads the rest evenly over the
+    other 7 of 8 tokens has NLL ln 2 per token: perplexity 2, whatever the smoothing and the padding."""
+    from fedmaestro.models.transformer import PAD_INDEX
+
+    vocab = 8
+
+    tgt = torch.tensor([[2, 3, 4, 5, 6], [2, 5, 7, PAD_INDEX, PAD_INDEX]])  # padding is never scored
+    right = tgt[:, 1:].clamp(max=vocab - 1)  # the token each position must predict
+
+    class Half(nn.Module):
+        def forward(self, src, tgt_in):
+            logits = torch.full((*tgt_in.shape, vocab), math.log(0.5 / (vocab - 1)))
+            return logits.scatter(-1, right.unsqueeze(-1), math.log(0.5))
+
+    batch = (torch.zeros(2, 3, dtype=torch.long), tgt)
+    for smoothing in (0.0, 0.1):
+        out = evaluate(Half(), [batch], task_for("multi30k", smoothing), CPU)
+        assert out["perplexity"] == pytest.approx(2.0, rel=1e-6) and out["scored"] == 4 + 2
+    assert "perplexity" not in evaluate(lenet(), batches(1), task_for("fashion_mnist"), CPU)
