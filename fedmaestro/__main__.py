@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .config import resolve, to_dict
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# the Hydra configs: inside the installed package (a wheel maps conf/ to fedmaestro/conf), else the checkout's conf/
+CONF_DIR = str(next((d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parents[1] / "conf")
+                     if d.is_dir()), Path(__file__).resolve().parents[1] / "conf"))
 
 MODE_RUNNERS = {
     "federated": "strategies.simulation",
@@ -145,9 +147,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    if not Path(CONF_DIR).is_dir():  # the configs live in the checkout's conf/, beside the packages
-        print(f"error: fedmaestro's configs are not at {CONF_DIR}: this install has no conf/ tree. Install from a "
-              f"checkout of the repository with `pip install -e .` (what `make install` does)", file=sys.stderr)
+    if not Path(CONF_DIR).is_dir():
+        print(f"error: fedmaestro's configs are not at {CONF_DIR}: this install has no conf/ tree. Reinstall it "
+              f"(`pip install -e .` from a checkout, as `make install` does, or `pip install .`)", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     _hydra_main()

@@ -123,3 +123,29 @@ def test_the_contract_override_keys_compose():
     assert (cfg.partition.alpha, cfg.fl.num_clients, cfg.fl.clients_per_round, cfg.fl.local_epochs) == (0.3, 7, 4, 2)
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None), pytest.raises(ValueError, match="alpha"):
         resolve(compose(config_name="config", overrides=["partition.alpha=-1"]))
+
+
+def test_a_wheel_carries_the_configs_and_its_cli_finds_them(tmp_path):
+    """`pip install .` (not editable) gets conf/ inside the package, where the command line looks first."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:  # a copy of the checkout: building in place would leave build/ behind
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, tmp_path / "src" / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w",
+                    str(tmp_path / "dist")], cwd=tmp_path / "src", check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("fedmaestro-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    configs = sorted(str(p.relative_to(root / "conf")) for p in (root / "conf").rglob("*.yaml"))
+    shipped = sorted(str(p.relative_to(tmp_path / "site/fedmaestro/conf"))
+                     for p in (tmp_path / "site/fedmaestro/conf").rglob("*.yaml"))
+    assert shipped == configs and "experiment/paper/lenet_fmnist.yaml" in shipped
+    out = subprocess.run([sys.executable, "-c", "import fedmaestro.__main__ as m; print(m.CONF_DIR)"], cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "site" / "fedmaestro" / "conf")
