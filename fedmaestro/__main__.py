@@ -104,6 +104,12 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> None:
     """Run ``cfg``'s mode into ``run_dir``; ``sweep``: a job of --multirun (failures raise, for Hydra to record
     and go on with the next job, instead of ending the process)."""
     config = resolve(cfg)  # validation: a bad value fails here, before any work
+    if config.checkpoint and config.mode == "hpo":
+        raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=hpo: a lambda search resumes from its "
+                         f"run directory (resume=true hydra.run.dir=<the search's directory>); drop checkpoint=")
+    if config.checkpoint and config.mode in ("centralized", "federated") and not config.resume:
+        raise ValueError(f"checkpoint={config.checkpoint} is read only with resume=true (the run goes on from it) "
+                         f"or by mode=deploy; add resume=true, or drop checkpoint=")
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
         checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
                                     "hydra.sweep.dir" if sweep else "hydra.run.dir")

@@ -7,6 +7,7 @@ from its config, then the state dict resizes every LoD layer to the saved ranks)
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -79,10 +80,21 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+DATA_FACTS = ("vocab_size",)  # model.kwargs a run fills in from its data set (centralized.with_data_facts)
+
+
 def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_KEYS) -> list[str]:
     """Lines ``key: saved -> current`` for every config key that differs (ignoring ``ignored``); a key the
-    schema gained after ``saved`` was written counts at its default (``config.with_defaults``)."""
-    a, b = _flatten(with_defaults(saved)), _flatten(current)
+    schema gained after ``saved`` was written counts at its default (``config.with_defaults``), and a
+    ``DATA_FACTS`` key the run filled in from its data counts as given, where ``current`` leaves it unset
+    (the command line that resumes a Transformer run never names its vocabulary size)."""
+    saved = with_defaults(saved)
+    facts = {k: v for k, v in saved.get("model", {}).get("kwargs", {}).items() if k in DATA_FACTS}
+    given = current.get("model", {}).get("kwargs", {})
+    if any(k not in given for k in facts):
+        current = copy.deepcopy(current)
+        current.setdefault("model", {}).setdefault("kwargs", {}).update({k: v for k, v in facts.items() if k not in given})
+    a, b = _flatten(saved), _flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
 

@@ -117,6 +117,7 @@ def _point(model: nn.Module, ctx: GreedyContext, start: Footprint, method: str, 
 
 def _test_accuracy(model: nn.Module, ctx: GreedyContext) -> float:
     if ctx.calib_loader is not None:
+        ctx.calib_loader.set_epoch(0)  # the same calibration batches every time: the accuracy is the ranks' alone
         recalibrate_batchnorm(model, ctx.calib_loader, ctx.task, ctx.device)
     return evaluate(model, ctx.test_loader, ctx.task, ctx.device)["accuracy"]
 
@@ -137,6 +138,9 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") 
     if not layers:
         raise ValueError("deploy: the model has no LoD layers to prune; give a factorized model "
                          "(model.factorize=true), or a dense one as deploy.svd_baseline")
+    if all(layer.rank == 0 for _, layer in layers):
+        raise ValueError("deploy: every LoD layer of the model is at rank 0 (its lambda cut them all): nothing is "
+                         "left to prune; deploy a checkpoint of a smaller lambda")
     start = deployed_footprint(model, ctx.example)
     chunk = {name: max(1, round(ctx.deploy.step * layer.rank)) for name, layer in layers}
     loss = batch_loss(model, ctx.batch, ctx.task, ctx.device)
@@ -230,7 +234,9 @@ def svd_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config
 def check_baseline(model_cfg: Config, baseline_cfg: Config, path: str | Path) -> None:
     """The SVD baseline must be the checkpoint's architecture on its data set: both are searched on the
     checkpoint's batch and measured against its dense model."""
-    keys = ("model.name", "model.kwargs", "dataset.name", "dataset.input_shape", "dataset.num_classes")
+    # model.skip / skip_last: the layers the baseline's SVD leaves dense, as the checkpoint left them
+    keys = ("model.name", "model.kwargs", "model.skip", "model.skip_last", "dataset.name", "dataset.input_shape",
+            "dataset.num_classes")
     theirs, ours = to_dict(baseline_cfg), to_dict(model_cfg)
 
     def get(d, key):
@@ -242,7 +248,7 @@ def check_baseline(model_cfg: Config, baseline_cfg: Config, path: str | Path) ->
     if differ:
         raise ValueError(f"deploy.svd_baseline={path} is not the checkpoint's model on its data set "
                          f"(checkpoint vs baseline: {'; '.join(differ)}); give a dense model trained with the "
-                         f"checkpoint's model and dataset (model.factorize=false)")
+                         f"checkpoint's model, dataset and model.skip / model.skip_last (model.factorize=false)")
 
 
 def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyContext:

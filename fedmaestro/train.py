@@ -294,12 +294,15 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             objective.backward()
         if train.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        stepped = True
         if use_amp:
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
+            stepped = scaler.get_scale() >= scale  # the scale drops exactly when inf/NaN gradients skipped the step
         else:
             optimizer.step()
-        if proximal:
+        if proximal and stepped:  # the proximal operator belongs to the gradient step it follows
             lod.hgl_proximal_step(model, optimizer.param_groups[0]["lr"] * train.lambda_gl)
         n = target.shape[0]
         if cost is not None:

@@ -25,7 +25,7 @@ import torch
 from fedmaestro import centralized, checkpoint, data, lod
 from fedmaestro.centralized import TIME_FIELDS, Trainer, load_model
 from fedmaestro.data import unaugmented
-from fedmaestro.config import Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig
+from fedmaestro.config import Config, DataConfig, DatasetConfig, ModelConfig, TrainConfig, to_dict
 from fedmaestro.data.memory import NORMALIZATION
 from fedmaestro.train import evaluate, recalibrate_batchnorm
 
@@ -240,6 +240,18 @@ def test_a_checkpoint_from_before_a_config_key_existed_resumes_at_that_keys_defa
     same.resume = True
     trainer = Trainer(same, tmp_path, DATASETS)
     assert trainer.resume() and trainer.epoch == 1
+
+
+def test_a_vocabulary_size_filled_in_from_the_data_does_not_block_a_resume():
+    """The Transformer's checkpoint holds model.kwargs.vocab_size (from its data); the command line that resumes it
+    does not name it. Any other difference is still listed, and a vocabulary size given differently too."""
+    saved = to_dict(tiny())
+    saved["model"]["kwargs"] = {"vocab_size": 9000}
+    assert checkpoint.config_diff(saved, to_dict(tiny())) == []
+    other = to_dict(tiny(lr=0.5))
+    assert checkpoint.config_diff(saved, other) == ["train.lr: 0.05 -> 0.5"]
+    other["model"]["kwargs"] = {"vocab_size": 100}
+    assert "model.kwargs.vocab_size: 9000 -> 100" in checkpoint.config_diff(saved, other)
 
 
 def test_resume_from_a_model_file_says_it_needs_the_checkpoint(tmp_path):
@@ -593,3 +605,19 @@ def test_sweep_table_of_translation_runs_shows_perplexity(tmp_path):
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[0].startswith("| Variant | Acc. (%) | Perplexity | MACs (Inf.) |")
     assert table[2].startswith("| Maestro (λ=0.32) | 60.00 | 9.50 | 1,000 (0.40x) |")
+
+
+@pytest.mark.parametrize("mode, resume, message", [
+    ("centralized", False, r"checkpoint=/x/checkpoint.pt is read only with resume=true .*or drop checkpoint="),
+    ("federated", False, r"is read only with resume=true"),
+    ("hpo", True, r"is not read by mode=hpo: a lambda search resumes from its run directory"),
+])
+def test_a_checkpoint_the_mode_would_not_read_is_refused(tmp_path, mode, resume, message):
+    from omegaconf import OmegaConf
+
+    from fedmaestro.__main__ import run_mode
+
+    cfg = OmegaConf.structured(Config(mode=mode, resume=resume, checkpoint="/x/checkpoint.pt"))
+    with pytest.raises(ValueError, match=message):
+        run_mode(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

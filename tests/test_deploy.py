@@ -160,6 +160,11 @@ def test_deploy_refuses_a_baseline_of_another_model_or_data_set_before_any_searc
     with pytest.raises(ValueError, match=r"dataset.num_classes: 10 vs 7"):
         deploy.run(cfg, run_dir)
     assert [p.name for p in run_dir.iterdir()] == ["config.json"]
+    # the layers its SVD leaves dense must be the checkpoint's too
+    maestro_cfg, skipping = load_model(trained[0])[1], tiny()
+    skipping.model.skip_last = True
+    with pytest.raises(ValueError, match=r"model.skip_last: False vs True.*model.skip / model.skip_last"):
+        deploy.check_baseline(maestro_cfg, skipping, "dense.pt")
 
 
 def test_deploy_names_the_model_settings_it_does_not_use():
@@ -227,3 +232,10 @@ def test_a_deployment_into_a_training_run_directory_is_refused_as_another_modes(
     (tmp_path / "config.json").write_text(json.dumps({"mode": "centralized"}))
     with pytest.raises(FileExistsError, match=r"holds a centralized run \(checkpoint.pt\), not a deployment"):
         checkpoint.refuse_overwrite(tmp_path, True, "deploy")
+
+
+def test_a_model_cut_to_rank_zero_everywhere_is_refused_before_any_search(trained):
+    model, _ = load_model(trained[0])
+    lod.truncate(model, {n: 0 for n, _ in lod.layers(model)})
+    with pytest.raises(ValueError, match=r"every LoD layer of the model is at rank 0 .*nothing is left to prune"):
+        deploy.greedy_curve(model, context())

@@ -301,3 +301,31 @@ def test_translation_evaluation_reports_the_perplexity_of_the_target_tokens():
         out = evaluate(Half(), [batch], task_for("multi30k", smoothing), CPU)
         assert out["perplexity"] == pytest.approx(2.0, rel=1e-6) and out["scored"] == 4 + 2
     assert "perplexity" not in evaluate(lenet(), batches(1), task_for("fashion_mnist"), CPU)
+
+
+def test_a_step_the_grad_scaler_skips_skips_the_proximal_step_too():
+    class SkippingScaler:  # what GradScaler does on inf/NaN gradients: no optimizer step, a lower scale
+        def __init__(self):
+            self.scale_value = 2.0 ** 16
+
+        def scale(self, loss):
+            return loss
+
+        def unscale_(self, optimizer):
+            pass
+
+        def step(self, optimizer):
+            pass
+
+        def update(self):
+            self.scale_value /= 2
+
+        def get_scale(self):
+            return self.scale_value
+
+    model = lenet()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t = TrainConfig(lambda_gl=10.0, hgl_mode="proximal", lr=0.1)  # a prox this strong would zero whole tails
+    train_epoch(model, batches(2), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
+                sampler=lod.RankSampler(model, "per_layer", seed=0), scaler=SkippingScaler())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
