@@ -224,7 +224,8 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.last[self.unit] >= self.planned
+        """Ran all its epochs (rounds); a lambda search's runs (``lambda_*``) stop where the search stops them."""
+        return self.last[self.unit] >= self.planned or self.path.name.startswith("lambda_")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -575,6 +575,15 @@ def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
     assert table[2] == "| Maestro (λ=0.0001) | 80.00 | 281,640 (1.00x) | 44,426 (1.000x) | - | 6.0 | 1 |"
     assert table[3].startswith("| Maestro (λ=0.01) * | 70.00 |") and table[-1].startswith("\\* unfinished")
     assert (sweep / "sweep_total_rank.png").stat().st_size > 0
+    search = tmp_path / "hpo" / "lambda_0.1"  # a lambda search stops its runs itself: not "unfinished"
+    (search / ".." / ".hydra").mkdir(parents=True)
+    (search / "config.json").write_text(json.dumps(to_dict(tiny(epochs=5, lambda_gl=0.1))))
+    (search / "metrics.jsonl").write_text(json.dumps({
+        "epoch": 2, "accuracy": 0.5, "params_deployed": 100, "params_rel": 0.5, "macs_deployed": 1000, "macs_rel": 0.4,
+        "train_macs_rel": 0.9, "train_params_rel": 0.8, "total_rank": 10, "ranks": {"fc1": 10}, "wall_s": 1.0}) + "\n")
+    assert plot.main([str(tmp_path / "hpo")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "stopped at" not in out and "holds no records" not in out and "| Maestro (λ=0.1) |" in out
 
 
 def test_a_redrawn_deploy_figure_keeps_the_runs_targets(tmp_path, monkeypatch):
