@@ -23,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .config import resolve, to_dict
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 # the Hydra configs: inside the installed package (a wheel maps conf/ to fedmaestro/conf), else the checkout's conf/
-CONF_DIR = str(next((d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parents[1] / "conf")
-                     if d.is_dir()), Path(__file__).resolve().parents[1] / "conf"))
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = str(_PACKAGED_CONF if _PACKAGED_CONF.is_dir() else PROJECT_DIR / "conf")
 
 MODE_RUNNERS = {
     "federated": "strategies.simulation",
@@ -40,7 +41,6 @@ MODE_RUNNERS = {
 # message names the key and the fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback. The same
 # types raised inside a library (torch, numpy, ...) are bugs, and keep their traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -128,11 +128,11 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        run_mode(cfg, run_dir, sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+        run_mode(cfg, run_dir, sweep=sweep)
     except KeyboardInterrupt:  # the whole sweep stops too
         resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
-        sweep = hydra_cfg.mode == RunMode.MULTIRUN
         again = (f"the same command (with --multirun) + resume=true {_override('hydra.sweep.dir', hydra_cfg.sweep.dir)}"
                  if sweep else f"the same command + resume=true {_override('hydra.run.dir', str(run_dir))}")
         print(f"\ninterrupted: {run_dir} keeps what was done" + (f"; continue with {again}" if resumable else ""),
@@ -146,7 +146,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(130)
     except USER_ERRORS as e:
         # a sweep (--multirun) records the failed job and goes on to the next: Hydra handles it
-        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
+        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1" or sweep:
             raise
         print(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)

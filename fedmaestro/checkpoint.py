@@ -89,11 +89,11 @@ def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_K
     ``DATA_FACTS`` key the run filled in from its data counts as given, where ``current`` leaves it unset
     (the command line that resumes a Transformer run never names its vocabulary size)."""
     saved = with_defaults(saved)
-    facts = {k: v for k, v in saved.get("model", {}).get("kwargs", {}).items() if k in DATA_FACTS}
     given = current.get("model", {}).get("kwargs", {})
-    if any(k not in given for k in facts):
+    unset = {k: v for k, v in saved.get("model", {}).get("kwargs", {}).items() if k in DATA_FACTS and k not in given}
+    if unset:
         current = copy.deepcopy(current)
-        current.setdefault("model", {}).setdefault("kwargs", {}).update({k: v for k, v in facts.items() if k not in given})
+        current.setdefault("model", {}).setdefault("kwargs", {}).update(unset)
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]

@@ -25,7 +25,7 @@ from torch import nn
 from . import lod
 
 __all__ = ["Layout", "rank_axes", "prefix", "aggregate", "check_arrays", "state_arrays", "load_arrays",
-           "num_bytes", "batchnorm_names", "pool_batchnorm", "load_batchnorm"]
+           "num_bytes", "contiguous", "batchnorm_names", "pool_batchnorm", "load_batchnorm"]
 
 
 def rank_axes(model: nn.Module) -> dict[str, int | None]:
@@ -202,9 +202,14 @@ def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
 
 
+def contiguous(a) -> np.ndarray:
+    """``np.ascontiguousarray`` that keeps a 0-d array 0-d (it returns 1-d; BatchNorm's num_batches_tracked is 0-d)."""
+    return np.ascontiguousarray(a).reshape(np.shape(a))
+
+
 def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> nn.Module:
     """Load numpy arrays into ``model`` (strict); LoD layers resize to the arrays' ranks."""
-    state = {name: torch.from_numpy(np.ascontiguousarray(a).reshape(np.shape(a))) for name, a in arrays.items()}
+    state = {name: torch.from_numpy(contiguous(a)) for name, a in arrays.items()}
     model.load_state_dict(state, strict=True)
     return model
 

@@ -85,8 +85,7 @@ def _payload_bytes(record: ArrayRecord) -> int:
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    # np.ascontiguousarray makes 0-d arrays (BatchNorm's num_batches_tracked) 1-d: keep their shape
-    return ArrayRecord({name: Array(np.ascontiguousarray(a).reshape(a.shape)) for name, a in arrays.items()})
+    return ArrayRecord({name: Array(nested.contiguous(a)) for name, a in arrays.items()})
 
 
 class MaestroStrategy(Strategy):
@@ -292,12 +291,12 @@ class MaestroStrategy(Strategy):
             if msg.has_content():
                 self.bytes_up += sum(_payload_bytes(r) for r in msg.content.array_records.values())
             node = msg.metadata.src_node_id
-            out = "a second reply from the same node" if node in seen else self._check_train_reply(msg)
+            again = node in seen
+            out = "a second reply from the same node" if again else self._check_train_reply(msg)
             seen.add(node)
             if isinstance(out, str):
                 pid = self.sent[node].partition_id if node in self.sent else f"node {node}"
-                dropped[f"{pid} (again)" if str(pid) in dropped or pid in [v[0].partition_id for v in valid]
-                        else str(pid)] = out
+                dropped[f"{pid} (again)" if again else str(pid)] = out
                 log.warning("round %d: dropped the reply of client %s: %s", server_round, pid, out)
             else:
                 valid.append(out)

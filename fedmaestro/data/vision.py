@@ -82,15 +82,15 @@ def load_mnist_like(name: str, root: Path, train: bool) -> tuple[torch.Tensor, t
     def locate(tried: list[str]) -> list[Path] | None:
         """This split's two files, from the first folder that holds all four (so that train and test come from
         one copy), else from the first that holds these two."""
-        folders = _idx_candidates(name, root)
-        for folder in folders:
-            if all(_find_file(folder, s) for split in IDX_FILES.values() for s in split):
-                return [_find_file(folder, s) for s in stems]
-        for folder in folders:
-            files = [_find_file(folder, s) for s in stems]
-            if all(files):
-                return files
-            missing = [s + "[.gz]" for s, f in zip(stems, files) if f is None]
+        held = [(folder, {s: _find_file(folder, s) for split in IDX_FILES.values() for s in split})
+                for folder in _idx_candidates(name, root)]
+        for _, files in held:
+            if all(files.values()):
+                return [files[s] for s in stems]
+        for folder, files in held:
+            if all(files[s] for s in stems):
+                return [files[s] for s in stems]
+            missing = [s + "[.gz]" for s in stems if files[s] is None]
             tried.append(f"{folder} (missing {', '.join(missing)})")
         return None
 

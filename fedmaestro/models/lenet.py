@@ -28,7 +28,7 @@ class _MaxPool2x2(torch.autograd.Function):
         top, bottom = torch.maximum(a, b), torch.maximum(c, d)
         lower = bottom > top
         right = (lower & (d > c)) | (~lower & (b > a))
-        height, width = x.shape[-2:]
+        width = x.shape[-1]
         rows, cols = torch.arange(0, a.shape[-2] * 2, 2), torch.arange(0, a.shape[-1] * 2, 2)
         window = rows[:, None] * width + cols  # flat index of each window's top-left element
         indices = lower.long().mul_(width).add_(right).add_(window)
