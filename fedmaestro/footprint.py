@@ -37,6 +37,11 @@ def register_macs(cls: type) -> Callable[[MacCounter], MacCounter]:
     return wrap
 
 
+def _counter(cls: type) -> MacCounter | None:
+    """The counter of ``cls`` or of its nearest registered base class (a subclass of nn.Linear multiplies too)."""
+    return next((_COUNTERS[c] for c in cls.__mro__ if c in _COUNTERS), None)
+
+
 def _leading(output: torch.Tensor) -> int:
     return output.numel() // output.shape[-1]
 
@@ -90,15 +95,15 @@ def measure(model: nn.Module, input_shape: tuple[int, ...] | None = None, *, exa
         raise ValueError("measure: give exactly one of input_shape (without the batch dimension) or example=(...)")
     if example is None:
         param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
-        example = (torch.zeros(1, *input_shape, device=device),)
+        example = (torch.zeros(1, *input_shape) if param is None
+                   else torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype),)
     total = 0
 
     def hook(module, inputs, output):
         nonlocal total
-        total += int(_COUNTERS[type(module)](module, inputs, output))
+        total += int(_counter(type(module))(module, inputs, output))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if type(m) in _COUNTERS]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _counter(type(m)) is not None]
     was_training = model.training
     model.eval()
     try:

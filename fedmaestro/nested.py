@@ -4,8 +4,8 @@ Pure array code (numpy in, numpy out; no Flower types): strategies/ and clients/
 check it against values worked out by hand.
 
 A model's state is a dict ``name -> array``. Every LoD layer's ``u`` (rank, out) and ``v`` (rank,
-fan_in[, kh, kw]) carry the rank on axis 0; every other array (biases, BatchNorm statistics, dense
-layers) has no rank axis. A client with caps ``k_i`` holds the prefix ``u[:k_i]``, ``v[:k_i]``.
+fan_in) or (rank, in_channels, kh, kw) carry the rank on axis 0; every other array (biases, BatchNorm
+statistics, dense layers) has no rank axis. A client with caps ``k_i`` holds the prefix ``u[:k_i]``, ``v[:k_i]``.
 
 ``aggregate``: column j of an array with a rank axis is the weighted mean over the replies that
 hold column j; columns that no reply holds keep the current global value; arrays without a rank

@@ -144,7 +144,7 @@ def singular_value_estimates(layer: lod.LoDLinear, support: torch.Tensor | None 
     ``support`` (n, d) orthonormal: P projects V onto the span of the data. The loss never sees
     the part of V orthogonal to the data (its gradient x r^T lies in that span), so without HGL
     that part keeps its initial value; only the restriction to the data is identified (App. C).
-    None: P = I, the plain product of the column norms (what shrinking looks at).
+    None: P = I, the plain product of the column norms (shrinking looks at the tails' norms instead).
     """
     u, v = (f.detach() for f in layer.factors())  # (m, r), (n, r)
     if support is not None:
@@ -331,8 +331,9 @@ def rank_adaptivity(tc: TheoryConfig, seed: int = 0, dim: int = 6, hgl_mode: str
                       lambda_gl=tc.lambda_gl, hgl_mode=hgl_mode, eps_ps=eps_ps, shrink_every=tc.shrink_every)
     steps = np.array(trace.steps)
     ranks = np.array([r for _, r in trace.values])
-    before = [r for s, r in zip(steps, ranks) if s <= remove_at]
-    return AdaptivityResult(steps, np.array([e for e, _ in trace.values]), ranks, remove_at, int(before[-1]),
+    cuts_before = [cut for cut in trace.cuts if cut["step"] <= remove_at]  # not the log: it may skip remove_at
+    before = cuts_before[-1]["to"] if cuts_before else dim
+    return AdaptivityResult(steps, np.array([e for e, _ in trace.values]), ranks, remove_at, int(before),
                             layer.rank, trace.cuts, hgl_mode, eps_ps)
 
 

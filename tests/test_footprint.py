@@ -107,6 +107,15 @@ def test_registered_counters_and_shared_parameters():
     assert measure(model, (3, 4)) == Footprint(16, 2 * (3 * 16) + 3 * 3 * 4)
 
 
+def test_float64_models_and_subclasses_of_counted_layers():
+    # The example takes the parameters' dtype; a subclass of nn.Linear is counted as nn.Linear.
+    class MyLinear(nn.Linear):
+        pass
+
+    model = lod.factorize(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), MyLinear(3, 2))).double()
+    assert measure(model, (4,)) == Footprint(3 * (4 + 3) + 3 + 2 * 3 + 2, 3 * (4 + 3) + 3 * 2)
+
+
 def test_measure_keeps_the_mode_and_refuses_ambiguous_inputs():
     model = _small_cnn().train()
     measure(model, (3, 9, 9))

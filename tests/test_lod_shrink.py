@@ -105,6 +105,7 @@ def test_proximal_step_on_a_hand_example():
 
 def test_proximal_step_is_the_exact_prox():
     """prox(x) minimises t * HGL(z) + ||z - x||^2 / 2: no perturbation of the result does better."""
+    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     layer = lod.LoDLinear(5, 4, bias=False).double()
     model = nn.Sequential(layer)
@@ -160,6 +161,7 @@ def test_importance_on_a_hand_example():
 
 
 def test_shrink_cuts_at_the_first_importance_below_eps():
+    torch.manual_seed(0)
     model = nn.Sequential(_hand_layer(), nn.ReLU(), lod.LoDLinear(2, 2).double())
     x = torch.randn(4, 3, dtype=torch.float64)
     assert lod.shrink(model, 1e-7) == {"0": 2, "2": 2}  # 1e-6 > eps: nothing cut
@@ -173,6 +175,15 @@ def test_shrink_cuts_at_the_first_importance_below_eps():
         model[2].u.zero_()
     assert lod.shrink(model, 0.0) == {"0": 1, "2": 0}  # all-zero layer: rank 0, still runs
     assert model(x).shape == (4, 2)
+
+
+def test_shrink_compares_importance_with_eps_in_float64():
+    # float16 factors whose tail columns are 1e-5: importance 8e-10 > 0, which float16 rounds to 0
+    layer = lod.LoDLinear(4, 4, bias=False).half()
+    with torch.no_grad():
+        layer.u[2:] = layer.v[2:] = 1e-5
+    assert lod.shrink(nn.Sequential(layer), 0.0) == {"0": 4}
+    assert lod.shrink(nn.Sequential(layer), 1e-9) == {"0": 2}
 
 
 def test_shrinking_a_zero_tail_changes_no_output():

@@ -86,7 +86,13 @@ def test_rank_adaptivity_drops_rank_when_a_direction_is_removed(tc, hgl_mode, ep
     assert all(c["step"] > res.remove_at for c in res.cuts if c["to"] == 2), res.cuts
     # The two directions left keep estimates near 1 (HGL's shrinkage: worst 0.027 over seeds).
     assert np.abs(res.estimates[-1, :2] - 1.0).max() < 0.1, f"final estimates {res.estimates[-1]}"
-    assert (res.estimates[-1, 2:] == 0).all()
+
+
+def test_rank_before_removal_does_not_depend_on_the_logging_grid():
+    # Logged every 2000 steps, the only point before the removal (step 1250) is step 0, at rank 6: the rank
+    # at the removal comes from the cuts, not from the log.
+    res = theory.rank_adaptivity(TheoryConfig(log_every=2000), seed=0)
+    assert res.ranks[0] == 6 and res.rank_before_removal == 3, res.cuts
 
 
 def test_rank_adaptivity_control_keeps_rank_3_without_the_removal(tc):

@@ -16,9 +16,15 @@ def _exact_tail_norms(rows: torch.Tensor) -> torch.Tensor:
     return col_sq.flip(0).cumsum(0).flip(0).sqrt()
 
 
+def _importance64(layer: LoDLayer) -> torch.Tensor:
+    # the groups are the tails U_{:,b:} (eq. 5, Sec. 3.3), not the prefixes U_{:b} that Algorithm 1's
+    # shorthand writes: a tail of near-zero columns is what can be cut
+    return _exact_tail_norms(layer.u) * _exact_tail_norms(layer.v)
+
+
 def importance(layer: LoDLayer) -> torch.Tensor:
-    """(rank,) ||U_{:,b:}||_F * ||V_{:,b:}||_F for b = 1..rank (non-increasing in b)."""
-    return (_exact_tail_norms(layer.u) * _exact_tail_norms(layer.v)).to(layer.u.dtype)
+    """(rank,) ||U_{:,b:}||_F * ||V_{:,b:}||_F for b = 1..rank (non-increasing in b), in the factors' dtype."""
+    return _importance64(layer).to(layer.u.dtype)
 
 
 @torch.no_grad()
@@ -55,7 +61,7 @@ def shrink(model: nn.Module, eps: float, optimizer: torch.optim.Optimizer | None
     ranks = {}
     for name, layer in layers(model):
         if layer.rank > 0:
-            below = torch.nonzero(importance(layer) <= eps)
+            below = torch.nonzero(_importance64(layer) <= eps)  # in float64: float16 would round 1e-8 to 0
             if len(below):
                 cut_rank(layer, int(below[0]), optimizer)
         ranks[name] = layer.rank
