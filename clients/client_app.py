@@ -9,8 +9,9 @@
   replies its arrays and metrics;
 * evaluate: the arrays it was sent, on its local test split.
 
-Faults are injected here, on the server's instruction: a ``dropout`` does no work and a
-``straggler`` trains; both answer only after the round's deadline, when the server has moved on.
+Faults are injected here, on the server's instruction: a ``dropout`` (the device is gone) and a
+``straggler`` (its update would come too late) do no work and answer only after the round's deadline,
+when the server has moved on.
 
 The module is importable (``clients.client_app:app``): Ray pickles the app by reference, so no data
 set or model travels with a message; both live in per-process caches (``clients.local``).

@@ -188,7 +188,7 @@ class Trainer:
         path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if not path.is_file():
             if self.cfg.checkpoint:
-                raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the checkpoint.pt of the "
+                raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the run directory (or its checkpoint.pt) "
                                         f"run to continue, or drop checkpoint= to start fresh in {self.run_dir}")
             console.print(f"[yellow]resume=true but {path} does not exist: starting from epoch 0")
             return False

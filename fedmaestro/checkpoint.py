@@ -164,7 +164,8 @@ def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:
 
 
 def resume_path(checkpoint: str | None, run_dir: str | Path | None) -> Path | None:
-    """The checkpoint ``resume=true`` continues from: ``checkpoint=``, else the run directory's checkpoint.pt."""
+    """The checkpoint ``resume=true`` continues from: ``checkpoint=`` (a file, or a run directory's checkpoint.pt),
+    else the run directory's checkpoint.pt."""
     if checkpoint:
-        return Path(checkpoint)
+        return Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
     return Path(run_dir) / "checkpoint.pt" if run_dir is not None else None

@@ -1,7 +1,7 @@
 """Structured configs: the schema of every key under conf/, validated before any work starts.
 
 Hydra composes conf/config.yaml over these dataclasses (registered in the ConfigStore as
-``base_config`` and per group), so an unknown key or a value of the wrong type fails at
+``base_config``), so an unknown key or a value of the wrong type fails at
 composition; ``resolve(cfg)`` then builds the dataclasses, whose ``__post_init__`` checks the
 values and names the key, the value and what is allowed.
 """
@@ -327,12 +327,10 @@ class Config:
 
 
 def register() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent)."""
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for group, node in (("model", ModelConfig), ("dataset", DatasetConfig), ("partition", PartitionConfig),
-                        ("devices", DevicesConfig), ("strategy", StrategyConfig), ("train", TrainConfig)):
-        cs.store(group=group, name=f"base_{group}", node=node)
+    """Register the schema with Hydra's ConfigStore (idempotent). The root schema types every group's options
+    too (conf/model/*.yaml merge into Config.model, a ModelConfig), so no group needs a schema of its own,
+    which ``--help`` would list as an option."""
+    ConfigStore.instance().store(name="base_config", node=Config)
 
 
 def resolve(cfg: DictConfig | Config | dict) -> Config:

@@ -88,6 +88,10 @@ def params_at_active_rank(model: nn.Module) -> int:
 def measure(model: nn.Module, input_shape: tuple[int, ...] | None = None, *, example: tuple | None = None) -> Footprint:
     """Footprint(params, macs) of one example: ``input_shape`` excludes the batch dimension.
 
+    Counted at the ranks a forward pass runs: every LoD layer's active rank where one is set (the sub-model
+    a rank sampler or a deployment search selected), else its rank. ``with lod.full_rank(model):`` measures
+    the whole model as held.
+
     Models whose input is not one float tensor (the Transformer) pass ``example`` instead: the
     positional arguments of one forward call, batch size 1.
     """

@@ -332,17 +332,13 @@ def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """``sweep.csv`` (every column) and ``sweep.md`` (Table 11's layout) in ``out_dir``."""
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
-    columns = [k for k in rows[0] if k != "paths"] + ["paths"]
-    if any("time_rel" in r for r in rows) and "time_rel" not in columns:
-        columns.insert(-1, "time_rel")
+    # every row's keys (a centralized run and a federated one have different columns), in first-seen order
+    columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "paths"] + ["paths"]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "paths": ";".join(row["paths"])})
-    for key in ("ppl", "ppl_std", "mb", "mb_std", "finished"):
-        if any(key in r for r in rows) and key not in columns:
-            columns.insert(-1, key)
     has_time = any("time_rel" in r for r in rows)
     has_mb = any("mb" in r for r in rows)
     has_ppl = any("ppl" in r for r in rows)

@@ -49,9 +49,9 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class Task:
-    """How a batch turns into a loss and a score: classification, translation or regression."""
+    """How a batch turns into a loss and a score: classification or translation."""
 
-    kind: str  # "classification" | "translation" | "regression"
+    kind: str  # "classification" | "translation"
     label_smoothing: float = 0.0
 
     def forward(self, model: nn.Module, batch, device: torch.device):
@@ -63,17 +63,13 @@ class Task:
         return model(x), y
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.kind == "regression":
-            return F.mse_loss(output, target)
         if self.kind == "translation":
             return F.cross_entropy(output.flatten(0, 1), target.flatten(), ignore_index=PAD_INDEX,
                                    label_smoothing=self.label_smoothing)
         return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
 
     def score(self, output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
-        """(number correct, number counted); regression counts nothing correct."""
-        if self.kind == "regression":
-            return 0.0, target.shape[0]
+        """(number correct, number counted)."""
         if self.kind == "translation":
             mask = target != PAD_INDEX
             return float((output.argmax(-1).eq(target) & mask).sum()), int(mask.sum())
@@ -81,8 +77,12 @@ class Task:
 
 
 def task_for(dataset: str, label_smoothing: float = 0.0) -> Task:
-    kind = {"multi30k": "translation", "synthetic": "regression"}.get(dataset, "classification")
-    return Task(kind, label_smoothing)
+    if dataset == "synthetic":
+        raise ValueError("config: dataset=synthetic is the linear-regression data of the theory experiments "
+                         "(mode=theory) and of the library (data.load('synthetic')); the models of the training modes "
+                         "classify images or translate: pick an image data set (fashion_mnist, mnist, cifar10, "
+                         "cifar100, imagenet) or multi30k")
+    return Task("translation" if dataset == "multi30k" else "classification", label_smoothing)
 
 
 def kept_dense(cfg: Config) -> list[str]:
@@ -99,6 +99,10 @@ def kept_dense(cfg: Config) -> list[str]:
 
 def build_model(cfg: Config) -> nn.Module:
     """The configured model, factorized (but for ``kept_dense``) unless ``model.factorize=false``."""
+    if (cfg.model.name == "transformer") != (task_for(cfg.dataset.name).kind == "translation"):  # before it is built
+        raise ValueError(f"config: model.name={cfg.model.name} does not fit dataset={cfg.dataset.name}: the transformer "
+                         f"translates (dataset=multi30k) and the other models classify images; pick a model and a data "
+                         f"set that go together")
     kwargs = dict(cfg.model.kwargs)
     if cfg.model.name not in ("transformer",):
         kwargs.setdefault("num_classes", cfg.dataset.num_classes)
@@ -123,9 +127,6 @@ def _check_model_fits_data(model: nn.Module, cfg: Config, kwargs: dict) -> None:
     if key in _FITTING:
         return
     mismatch = f"config: model.name={name} does not fit dataset={dataset}"
-    if (name == "transformer") != (task_for(dataset).kind == "translation"):
-        raise ValueError(f"{mismatch}: the transformer translates (dataset=multi30k) and the other models "
-                         f"classify images; pick a model and a data set that go together")
     if name != "transformer":
         training = model.training
         try:
@@ -282,8 +283,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             objective = loss
             if full_pass:
                 objective = objective + task.loss(teacher_out, target)
-                if task.kind != "regression":
-                    objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
+                objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
             if penalty:
                 objective = objective + train.lambda_gl * lod.hgl_penalty(model)
         optimizer.zero_grad(set_to_none=True)

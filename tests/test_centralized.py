@@ -8,6 +8,7 @@ images. Apart from the tests marked slow (subprocesses, ResNet-18), the file tak
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -205,6 +206,10 @@ def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, m
     final, reference = resumed.model.state_dict(), whole.model.state_dict()
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in final)
+    # checkpoint= may name the run directory, as deploy's does: its checkpoint.pt
+    cfg.checkpoint = str(tmp_path / "cut")
+    elsewhere = Trainer(cfg, tmp_path / "elsewhere", DATASETS)
+    assert elsewhere.resume() and elsewhere.epoch == 4
 
 
 def test_resume_with_another_config_lists_the_keys_that_differ(tmp_path, caplog):
@@ -342,7 +347,8 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_in_a_sweep_says_how_to_continue_the_sweep_and_that_command_continues_it(tmp_path):
     sweep_dir, root = tmp_path / "sweep", Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "fedmaestro", "--multirun", "mode=centralized", "data.subset=2000",
+    # a preset under paper/: its name holds a '/', which must not nest the job directories
+    command = [sys.executable, "-m", "fedmaestro", "--multirun", "+experiment=paper/lenet_fmnist_smoke", "data.subset=2000",
                "data.test_subset=200", "train.epochs=500", "progress=false", "train.lambda_gl=1e-3",
                f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -584,6 +590,16 @@ def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
     assert plot.main([str(tmp_path / "hpo")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "stopped at" not in out and "holds no records" not in out and "| Maestro (λ=0.1) |" in out
+    # a federated run next to a centralized one listed first (smaller lambda): the CSV has the columns of both
+    central = tmp_path / "central"
+    central.mkdir()
+    (central / "config.json").write_text(json.dumps(to_dict(tiny(epochs=2, lambda_gl=1e-5))))
+    (central / "metrics.jsonl").write_text((search / "metrics.jsonl").read_text())
+    both = tmp_path / "both"
+    assert plot.main([str(sweep / "0_lam=1e-4"), str(central), "--out", str(both)]) == 0
+    with (both / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {"mb", "acc"} <= set(rows[0]) and sorted(bool(r["mb"]) for r in rows) == [False, True]
 
 
 def test_a_redrawn_deploy_figure_keeps_the_runs_targets(tmp_path, monkeypatch):

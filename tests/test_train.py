@@ -263,6 +263,8 @@ def test_skip_last_keeps_the_output_layer_dense_or_says_there_is_none():
                                           r"set's examples of shape \[3, 32, 32\] .*pick a model for this data set"),
     ("transformer", "fashion_mnist", [1, 28, 28], 10, r"the transformer translates \(dataset=multi30k\)"),
     ("resnet18", "multi30k", [], 0, r"model.name=resnet18 does not fit dataset=multi30k"),
+    ("lenet", "synthetic", [6], 0, r"dataset=synthetic is the linear-regression data of the theory experiments "
+                                   r"\(mode=theory\) and of the library"),
 ])
 def test_a_model_that_does_not_fit_the_data_set_is_refused_when_built(model, dataset, shape, classes, message):
     cfg = Config(model=ModelConfig(name=model), dataset=DatasetConfig(name=dataset, input_shape=shape,
