@@ -646,3 +646,22 @@ def test_a_checkpoint_the_mode_would_not_read_is_refused(tmp_path, mode, resume,
     with pytest.raises(ValueError, match=message):
         run_mode(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_what_a_resume_may_change_is_pinned_per_mode(caplog):
+    common = {"resume", "checkpoint", "progress", "device", "data.root", "train.threads", "fl.client_cpus",
+              "fl.client_gpus"}
+    assert set(checkpoint.resume_ignored("federated", "fashion_mnist")) == common | {
+        "fl.rounds", "strategy.round_timeout", "strategy.connect_timeout", "train.num_workers"}
+    assert set(checkpoint.resume_ignored("centralized", "fashion_mnist")) == common | {"train.epochs",
+                                                                                       "train.num_workers"}
+    assert set(checkpoint.resume_ignored("centralized", "imagenet")) == common | {"train.epochs"}  # loader workers
+    saved = to_dict(Config())
+    changed = to_dict(Config())
+    changed["devices"]["name"], changed["device"], changed["train"]["threads"] = "three_tiers", "cpu", 4
+    # "device" is ignored, "devices.name" is not: a prefix names a key and the keys below it, not a longer name
+    assert checkpoint.config_diff(saved, changed) == ["devices.name: 'homogeneous' -> 'three_tiers'"]
+    changed["devices"]["name"] = saved["devices"]["name"]
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.checkpoint"):
+        checkpoint.check_resumable(saved, changed)
+    assert "train.threads" in caplog.text and "digit for digit" in caplog.text

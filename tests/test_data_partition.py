@@ -259,3 +259,21 @@ def test_describe_runs_as_a_module(tmp_path):
                             env={**os.environ, paths.ENV_OFFLINE: "1"})
     assert result.returncode == 0, result.stderr
     assert "mnist: iid, 3 clients, seed 0" in result.stdout and "60 of 60 training examples" in result.stdout
+
+
+def test_split_local_rounds_up_past_floating_point_noise_only():
+    # 0.07 * 100 is 7.000000000000001 in floating point: 7 test examples, not 8; the splits are sorted
+    assert 0.07 * 100 > 7
+    train, test = data.split_local(np.arange(100), 0.07, 0)
+    assert test.size == 7 and train.size == 93 and (np.diff(train) > 0).all() and (np.diff(test) > 0).all()
+
+
+def test_partition_cache_tells_labels_apart_and_hands_out_copies():
+    a = np.array([0] * 4 + [1] * 4)
+    b = a[::-1].copy()  # same size and class counts, other order
+    pa = data.partition(a, "pathological", 2, 0, classes_per_partition=1)
+    pb = data.partition(b, "pathological", 2, 0, classes_per_partition=1)
+    # partition 0 holds class 0: positions 0-3 of a, 4-7 of b (a cache keyed without the labels would give b a's)
+    assert set(pa[0]) == {0, 1, 2, 3} and set(pb[0]) == {4, 5, 6, 7}
+    pa[0][:] = -1  # a caller's edit never reaches the next caller
+    assert (data.partition(a, "pathological", 2, 0, classes_per_partition=1)[0] >= 0).all()

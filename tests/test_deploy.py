@@ -239,3 +239,34 @@ def test_a_model_cut_to_rank_zero_everywhere_is_refused_before_any_search(traine
     lod.truncate(model, {n: 0 for n, _ in lod.layers(model)})
     with pytest.raises(ValueError, match=r"every LoD layer of the model is at rank 0 .*nothing is left to prune"):
         deploy.greedy_curve(model, context())
+
+
+def test_loss_per_param_criterion_divides_by_the_parameters_of_the_removed_columns(trained):
+    model, _ = load_model(trained[0])
+    ctx = context(criterion="loss_per_param", test=False)
+    layer = dict(lod.layers(model))["fc1"]  # 256 -> 120 at rank 120: a column costs 120 + 256 parameters
+    assert deploy._score(1.0, model, layer, layer.rank - 12, ctx) == pytest.approx(1.0 / (12 * (120 + 256)))
+
+
+def test_a_steps_share_is_of_the_layers_starting_rank_not_its_width(trained):
+    model, _ = load_model(trained[0])
+    lod.truncate(model, {"fc1": 60})
+    curve = deploy.greedy_curve(model, context(stop_macs=0.0, test=False))
+    fc1 = [p["ranks"]["fc1"] for p in curve if p["removed"].startswith("fc1->")]
+    assert fc1[0] == 54  # 10% of rank 60, not of fc1's 120 outputs
+
+
+@pytest.mark.parametrize("stop", ["params", "accuracy"])
+def test_the_curve_stops_at_the_parameter_or_accuracy_floor(trained, stop):
+    model, _ = load_model(trained[0])
+    ctx = context(stop_macs=0.0)
+    if stop == "params":
+        ctx.deploy.stop_params = 0.5
+    else:
+        ctx.deploy.min_accuracy = 0.6
+    curve = deploy.greedy_curve(model, ctx)
+    if stop == "params":
+        assert curve[-1]["params_frac"] <= 0.5 < curve[-2]["params_frac"]
+    else:  # the first evaluated point below the floor ends the curve
+        assert curve[-1]["accuracy"] < 0.6 and all(p["accuracy"] >= 0.6 for p in curve[:-1] if not math.isnan(p["accuracy"]))
+        assert curve[-1]["total_rank"] > 0

@@ -117,3 +117,10 @@ def test_derive_seed_depends_on_every_key():
 def test_bad_device_and_strategy_configs_fail_naming_the_key(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_fraction_caps_rounds_up_past_floating_point_noise_only():
+    # 0.55 * 100 is 55.000000000000007 in floating point: 55 columns, not 56; 0.551 * 100 needs 56
+    assert 0.55 * 100 > 55
+    assert tiers.fraction_caps({"a": 100, "b": 0, "c": 3}, 0.55) == {"a": 55, "b": 0, "c": 2}
+    assert tiers.fraction_caps({"a": 100}, 0.551) == {"a": 56}
