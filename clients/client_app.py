@@ -19,6 +19,7 @@ set or model travels with a message; both live in per-process caches (``clients.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -32,6 +33,17 @@ from fedmaestro.config import Config
 from . import local
 
 app = ClientApp()
+
+
+class _NotTheWorkersEnd(logging.Filter):
+    """Drops Flower's WARNING that a simulation worker is "manually terminating": every simulation ends so, and
+    Ray forwards the line of every worker to the console after the run's summary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Manually terminating")
+
+
+logging.getLogger("flwr").addFilter(_NotTheWorkersEnd())
 
 _THREADS: dict[str, int] = {}
 

@@ -739,3 +739,17 @@ def test_a_tiers_batchnorm_statistics_pool_all_of_its_replies(tmp_path):
     assert gm.batchnorm and all(np.array_equal(gm.batchnorm_stats["0"][k], expected[k]) for k in expected)
     only_large = nested.pool_batchnorm(replies[1:], gm.batchnorm)  # the model keeps the full tier's
     assert all(np.array_equal(gm.batchnorm_stats["full"][k], only_large[k]) for k in only_large)
+
+
+def test_the_workers_end_of_run_warning_is_not_shown():
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(handler)
+    try:
+        flwr_logger.warning("Manually terminating %s", "ClientAppActor")  # what every worker logs at the end
+        flwr_logger.warning("something else")
+    finally:
+        flwr_logger.removeHandler(handler)
+    assert seen == ["something else"]
