@@ -156,10 +156,11 @@ def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str 
 
 def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:
     """The keys a resumed run of ``mode`` may change: ``IGNORED_KEYS``, the run's length (``train.epochs``;
-    ``fl.rounds``), the federated server's timeouts, and ``train.num_workers`` where it changes nothing
-    (federated clients read their data without loader workers)."""
+    ``fl.rounds``), the federated server's timeouts and when it evaluates, and ``train.num_workers`` where it
+    changes nothing (federated clients read their data without loader workers)."""
     if mode == "federated":
-        return IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout", "train.num_workers")
+        return IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout",
+                               "strategy.overlap_eval", "train.num_workers")
     return IGNORED_KEYS + ("train.epochs",) + (() if num_workers_matters(dataset) else ("train.num_workers",))
 
 

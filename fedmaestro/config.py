@@ -195,6 +195,9 @@ class StrategyConfig:
     round_timeout: float = 600.0  # seconds a round waits for replies
     eval_tiers: bool = True  # evaluate the global model at every tier's budget
     eval_every: int = 1  # rounds between server-side evaluations (the last round is always evaluated)
+    # evaluate round r's global model while round r+1's clients train: for servers with cores of their own (a
+    # simulation's server shares the clients' cores, which then train slower: docs/federated-results.md)
+    overlap_eval: bool = False
     connect_timeout: float = 120.0  # seconds to wait for fl.num_clients nodes to connect and answer the query
 
     def __post_init__(self):

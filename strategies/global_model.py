@@ -173,23 +173,32 @@ class GlobalModel:
                 "macs_deployed": deployed.macs, "params_rel": deployed.params / self.dense.params,
                 "macs_rel": deployed.macs / self.dense.macs}
 
-    def evaluate_many(self, caps_list: list[dict[str, int] | None],
-                      batchnorm: list[dict[str, np.ndarray] | None] | None = None) -> list[dict]:
-        """``evaluate`` of every caps in ``caps_list`` (with its ``batchnorm`` statistics where given), side by
-        side on the machine's cores.
+    def snapshot(self, caps_list: list[dict[str, int] | None],
+                 batchnorm: list[dict[str, np.ndarray] | None] | None = None) -> list[nn.Module]:
+        """Copies of the global model cut to every caps in ``caps_list`` (None: whole), each with its
+        ``batchnorm`` statistics where given: what ``score`` scores, untouched by later rounds."""
+        stats = list(batchnorm or []) + [None] * (len(caps_list) - len(batchnorm or []))
+        models = []
+        for caps, bn in zip(caps_list, stats):
+            model = self.sub_model(caps)
+            if model is self.model:
+                model = copy.deepcopy(model)
+            models.append(nested.load_batchnorm(model, bn) if bn else model)
+        return models
+
+    def score(self, models: list[nn.Module], accuracy: bool = True) -> list[dict]:
+        """The footprint of every model and, with ``accuracy``, its accuracy and loss on the central test set,
+        side by side on the machine's cores.
 
         The test set is cut into ``EVAL_SHARDS`` fixed shards; every (model, shard) pair is a job for a
         pool of threads (one per core) with one torch thread each, on a model copy of its own. The shards
         and the order of the sums are fixed, so the numbers do not depend on how many cores the server
         has (a conv's sums do depend on its thread count)."""
+        if not accuracy:
+            return [self.footprint(model) for model in models]
         test_set = self.test_loader.dataset
         shards = [data.BatchLoader(test_set, EVAL_BATCH, shuffle=False, indices=idx)
                   for idx in np.array_split(np.arange(len(test_set)), EVAL_SHARDS) if idx.size]
-        models = [self.sub_model(caps) for caps in caps_list]
-        for i, stats in enumerate(batchnorm or []):
-            if stats:
-                models[i] = nested.load_batchnorm(copy.deepcopy(models[i]) if models[i] is self.model else models[i],
-                                                  stats)
         jobs = [(i, shard) for i in range(len(models)) for shard in shards]
         workers = max(1, min(len(jobs), os.cpu_count() or 1))
 
@@ -209,6 +218,12 @@ class GlobalModel:
             row.update(self.footprint(model))
             rows.append(row)
         return rows
+
+    def evaluate_many(self, caps_list: list[dict[str, int] | None],
+                      batchnorm: list[dict[str, np.ndarray] | None] | None = None) -> list[dict]:
+        """``score`` of the global model cut to every caps in ``caps_list`` (with its ``batchnorm`` statistics
+        where given)."""
+        return self.score(self.snapshot(caps_list, batchnorm))
 
     def evaluate(self, caps: dict[str, int] | None = None) -> dict:
         """{accuracy, loss} on the central test set, and the footprint, of the global model cut to ``caps``."""

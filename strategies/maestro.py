@@ -18,8 +18,10 @@ can drive the four hooks too, without checkpoints, faults' ordering or records):
    float sums repeat exactly); every ``shrink_every`` rounds the global model is shrunk. No valid reply:
    the model is left unchanged, with a warning.
 4. evaluation: the global model on the central test set at full rank and at every tier's caps (params
-   and MACs of each); federated evaluation on the clients' local test splits every
-   ``fl.federated_eval_every`` rounds.
+   and MACs of each), on copies taken after aggregation: between rounds, or with
+   ``strategy.overlap_eval`` while the next round's clients train (the record and checkpoint of a round
+   are written when its evaluation ends, before the next round's aggregation); federated evaluation on
+   the clients' local test splits every ``fl.federated_eval_every`` rounds.
 
 Every round appends a record to ``metrics.jsonl`` and writes a checkpoint; ``resume=true`` continues
 from it. Clients hold no state between rounds, so a resumed run ends exactly where an uninterrupted
@@ -33,7 +35,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -409,11 +412,14 @@ class MaestroStrategy(Strategy):
         return replies
 
     def state_dict(self, rnd: int) -> dict:
+        return {**self.model_state(rnd), **self.runlog.state_dict()}
+
+    def model_state(self, rnd: int) -> dict:
+        """The checkpoint's part that is not the records: the config, the round, the model, the byte counts."""
         batchnorm = {key: {name: torch.from_numpy(a) for name, a in stats.items()}
                      for key, stats in self.global_model.batchnorm_stats.items()}
         return {"config": to_dict(self.cfg), "round": rnd, "model": self.global_model.model.state_dict(),
-                "batchnorm_stats": batchnorm, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
-                **self.runlog.state_dict()}
+                "batchnorm_stats": batchnorm, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up}
 
     def load_state_dict(self, state: dict) -> int:
         checkpoint.check_resumable(state["config"], to_dict(self.cfg),
@@ -438,6 +444,11 @@ class MaestroStrategy(Strategy):
     def evaluate_global(self, rnd: int, last: bool = False) -> dict:
         """The record's evaluation part: the global model at full rank and at every tier's caps (accuracy and
         loss every ``strategy.eval_every`` rounds and in the ``last`` round, the footprints every round)."""
+        return self.evaluation(rnd, last)()
+
+    def evaluation(self, rnd: int, last: bool = False) -> Callable[[], dict]:
+        """``evaluate_global`` in two parts: this reads the global model now (copies of it cut to every tier),
+        the function it returns scores the copies, and may run while the next round trains."""
         c, gm = self.cfg, self.global_model
         evaluated = rnd % c.strategy.eval_every == 0 or last
         ranks = gm.ranks()
@@ -445,19 +456,22 @@ class MaestroStrategy(Strategy):
         # the full model, then every tier that cuts it (a tier at full rank has the full model's numbers), each
         # with its own BatchNorm statistics
         cuts = [(i, caps) for i, (_, caps) in enumerate(tier_caps) if caps != ranks]
-        jobs = [None] + [caps for _, caps in cuts]
-        rows = gm.evaluate_many(jobs, [None] + [gm.tier_batchnorm(i) for i, _ in cuts]) if evaluated else \
-            [gm.footprint(gm.sub_model(caps)) for caps in jobs]
-        full, out = rows[0], dict(rows[0])
-        out.update({"ranks": ranks, "total_rank": int(sum(ranks.values()))})
-        if tier_caps:
-            tiers_out, cut = {}, iter(rows[1:])
-            for tier, caps in tier_caps:
-                row = dict(full) if caps == ranks else next(cut)
-                row["rank"] = int(sum(caps.values()))
-                tiers_out[tier.name] = row
-            out["tiers"] = tiers_out
-        return out
+        models = gm.snapshot([None] + [caps for _, caps in cuts], [None] + [gm.tier_batchnorm(i) for i, _ in cuts])
+
+        def scored() -> dict:
+            rows = gm.score(models, accuracy=evaluated)
+            full, out = rows[0], dict(rows[0])
+            out.update({"ranks": ranks, "total_rank": int(sum(ranks.values()))})
+            if tier_caps:
+                tiers_out, cut = {}, iter(rows[1:])
+                for tier, caps in tier_caps:
+                    row = dict(full) if caps == ranks else next(cut)
+                    row["rank"] = int(sum(caps.values()))
+                    tiers_out[tier.name] = row
+                out["tiers"] = tiers_out
+            return out
+
+        return scored
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config: ConfigRecord | None = None,
@@ -486,43 +500,63 @@ class MaestroStrategy(Strategy):
         self.runlog.started()
         result = Result()
         arrays = _to_record(self.global_model.arrays())
-        previous = None  # when the previous round's record was taken: its checkpoint and record count in this one
-        for rnd in range(done + 1, num_rounds + 1):
-            t0 = time.perf_counter()
-            messages = list(self.configure_train(rnd, arrays, train_config, grid))
-            replies = self._exchange(grid, messages, self.round_info["deadline"])
-            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            t1 = time.perf_counter()
-            record = {"round": rnd}
-            fed = self._federated_eval(grid, rnd, arrays, evaluate_config)
-            record.update(self.evaluate_global(rnd, last=rnd == num_rounds))
-            if fed is not None:
-                record.update({"fed_accuracy": fed[P.ACCURACY], "fed_loss": fed[P.LOSS]})
-                result.evaluate_metrics_clientapp[rnd] = fed
-            if train_metrics is not None and "valid-replies" in train_metrics and train_metrics["valid-replies"]:
-                record["train_loss"] = train_metrics[P.TRAIN_LOSS]
-                result.train_metrics_clientapp[rnd] = train_metrics
-            info = self.round_info
-            record.update({
-                "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
-                "clients": {k: info[k] for k in ("sampled", "valid", "dropped", "late", "faults", "per_tier")},
-                "shrunk": info["shrunk"], "lambda_gl": info["lambda_gl"], "sampler": info["sampler"],
-            })
+        # when the previous round's record was taken: its checkpoint and record count in this one
+        previous: float | None = None
+        pending: Future | None = None  # the previous round's evaluation, record and checkpoint
+
+        def close(rnd: int, record: dict, scored: Callable[[], dict], state: dict, timing: dict) -> None:
+            nonlocal previous
             t2 = time.perf_counter()
-            client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \
-                P.TRAIN_SECONDS in train_metrics else 0.0
+            record = {"round": rnd, **scored(), **record}
+            t3 = time.perf_counter()
             # round_s: from the previous round's record to this one's (its checkpoint and records written in
             # between), so that the rounds' seconds add up to the wall time; the first round from its start
-            self.runlog.add(record, {"round_s": t2 - (t0 if previous is None else previous), "train_s": t1 - t0,
-                                     "eval_s": t2 - t1, "client_train_s": client_s})
-            previous = t2
+            self.runlog.add(record, {"round_s": t3 - (timing["t0"] if previous is None else previous),
+                                     "train_s": timing["train_s"], "eval_s": t3 - t2,
+                                     "client_train_s": timing["client_train_s"]})
+            previous = t3
             if self.run_dir is not None:
-                checkpoint.save(self.run_dir / "checkpoint.pt", self.state_dict(rnd))
-            result.arrays = arrays
+                checkpoint.save(self.run_dir / "checkpoint.pt", {**state, **self.runlog.state_dict()})
             result.evaluate_metrics_serverapp[rnd] = MetricRecord(
                 {k: float(record[k]) for k in ("accuracy", "loss") if k in record})
+
+        # an exception in a round waits (the executor's exit) for the previous round's record and checkpoint
+        with ThreadPoolExecutor(1, "fedmaestro-round-eval") as evaluator:
+            for rnd in range(done + 1, num_rounds + 1):
+                t0 = time.perf_counter()
+                messages = list(self.configure_train(rnd, arrays, train_config, grid))
+                replies = self._exchange(grid, messages, self.round_info["deadline"])
+                if pending is not None:  # the previous round is recorded before this one changes the model
+                    pending.result()
+                    pending = None
+                new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                t1 = time.perf_counter()
+                record = {}
+                fed = self._federated_eval(grid, rnd, arrays, evaluate_config)
+                if fed is not None:
+                    record.update({"fed_accuracy": fed[P.ACCURACY], "fed_loss": fed[P.LOSS]})
+                    result.evaluate_metrics_clientapp[rnd] = fed
+                if train_metrics is not None and "valid-replies" in train_metrics and train_metrics["valid-replies"]:
+                    record["train_loss"] = train_metrics[P.TRAIN_LOSS]
+                    result.train_metrics_clientapp[rnd] = train_metrics
+                info = self.round_info
+                record.update({
+                    "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+                    "clients": {k: info[k] for k in ("sampled", "valid", "dropped", "late", "faults", "per_tier")},
+                    "shrunk": info["shrunk"], "lambda_gl": info["lambda_gl"], "sampler": info["sampler"],
+                })
+                client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \
+                    P.TRAIN_SECONDS in train_metrics else 0.0
+                # what the next round changes is taken now: the model's copies and the checkpoint's state
+                job = (rnd, record, self.evaluation(rnd, last=rnd == num_rounds), copy.deepcopy(self.model_state(rnd)),
+                       {"t0": t0, "train_s": t1 - t0, "client_train_s": client_s})
+                if c.strategy.overlap_eval and rnd < num_rounds:
+                    pending = evaluator.submit(close, *job)
+                else:
+                    close(*job)
+                result.arrays = arrays
         self.runlog.finish(self.global_model)
         return result
 

@@ -22,7 +22,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from clients import client_app as real_client
 from clients import local
-from fedmaestro import data, nested, tiers
+from fedmaestro import checkpoint, data, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.train import evaluate
 from strategies import server_app
@@ -753,3 +753,42 @@ def test_the_workers_end_of_run_warning_is_not_shown():
     finally:
         flwr_logger.removeHandler(handler)
     assert seen == ["something else"]
+
+
+class FailingGrid(LocalGrid):
+    """Raises in the exchange of round ``fail_round``'s training, as an interruption would."""
+
+    def __init__(self, *args, fail_round: int, **kw):
+        super().__init__(*args, **kw)
+        self.fail_round = fail_round
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" and m.content.config_records[P.CONFIG][P.ROUND] == self.fail_round
+               for m in messages):
+            raise KeyboardInterrupt
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_evaluating_while_the_next_round_trains_changes_no_record_and_an_interruption_keeps_the_last_round(tmp_path):
+    shrinking = ["fl.rounds=3", "train.eps_ps=0.3"]
+    cfg, between = make_cfg(tmp_path, *shrinking, name="between")
+    assert not cfg.strategy.overlap_eval  # the default
+    run(cfg, between)
+    cfg, overlapped = make_cfg(tmp_path, *shrinking, "strategy.overlap_eval=true", name="overlapped")
+    run(cfg, overlapped)
+    assert timeless(records(overlapped)) == timeless(records(between))
+    assert len({r["total_rank"] for r in records(between)}) > 1  # the model the next round changed was evaluated
+    ckpt_a, ckpt_b = (checkpoint.load(d / "checkpoint.pt") for d in (between, overlapped))
+    assert all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
+    assert timeless(ckpt_a["records"]) == timeless(ckpt_b["records"])
+
+    # round 3 is interrupted while round 2 is being evaluated: round 2's record and checkpoint are written
+    cfg, cut = make_cfg(tmp_path, *shrinking, "strategy.overlap_eval=true", name="cut")
+    with pytest.raises(KeyboardInterrupt):
+        MaestroStrategy(cfg, cut, show_progress=False).start(FailingGrid(real_client.app, 4, fail_round=3))
+    assert timeless(records(cut)) == timeless(records(between))[:2]
+    assert checkpoint.load(cut / "checkpoint.pt")["round"] == 2
+    cfg, cut = make_cfg(tmp_path, *shrinking, "resume=true", name="cut")  # resumed with the other setting
+    run(cfg, cut)
+    assert timeless(records(cut)) == timeless(records(between))
