@@ -652,7 +652,8 @@ def test_what_a_resume_may_change_is_pinned_per_mode(caplog):
     common = {"resume", "checkpoint", "progress", "device", "data.root", "train.threads", "fl.client_cpus",
               "fl.client_gpus"}
     assert set(checkpoint.resume_ignored("federated", "fashion_mnist")) == common | {
-        "fl.rounds", "strategy.round_timeout", "strategy.connect_timeout", "train.num_workers"}
+        "fl.rounds", "strategy.round_timeout", "strategy.connect_timeout", "strategy.overlap_eval",
+        "train.num_workers"}
     assert set(checkpoint.resume_ignored("centralized", "fashion_mnist")) == common | {"train.epochs",
                                                                                        "train.num_workers"}
     assert set(checkpoint.resume_ignored("centralized", "imagenet")) == common | {"train.epochs"}  # loader workers
