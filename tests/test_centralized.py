@@ -666,3 +666,25 @@ def test_what_a_resume_may_change_is_pinned_per_mode(caplog):
     with caplog.at_level(logging.WARNING, logger="fedmaestro.checkpoint"):
         checkpoint.check_resumable(saved, changed)
     assert "train.threads" in caplog.text and "digit for digit" in caplog.text
+
+
+def test_epochs_are_evaluated_every_eval_every_and_at_the_end_each_after_a_recalibration(tmp_path, monkeypatch):
+    calls = []
+    real = centralized.recalibrate_batchnorm
+
+    def spy(model, loader, task, device):
+        calls.append(loader.epoch)
+        return real(model, loader, task, device)
+
+    monkeypatch.setattr(centralized, "recalibrate_batchnorm", spy)
+    trainer = Trainer(tiny(eval_every=2, shrink=False, label_smoothing=0.1), tmp_path, DATASETS)
+    assert trainer.task.label_smoothing == 0.1
+    records = trainer.fit(show_progress=False)
+    assert ["accuracy" in r for r in records] == [False, True, True]  # epoch 2, and the last
+    assert calls == [1, 2]  # before each evaluation, on that epoch's calibration batches
+    calls.clear()
+    # a shrink recalibrates even where the epoch is not evaluated
+    trainer = Trainer(tiny(epochs=2, eval_every=10, eps_ps=10.0), tmp_path / "shrunk", DATASETS)
+    records = trainer.fit(show_progress=False)
+    assert records[0]["total_rank"] < 236 and "accuracy" not in records[0]
+    assert calls[0] == 0

@@ -270,3 +270,31 @@ def test_the_curve_stops_at_the_parameter_or_accuracy_floor(trained, stop):
     else:  # the first evaluated point below the floor ends the curve
         assert curve[-1]["accuracy"] < 0.6 and all(p["accuracy"] >= 0.6 for p in curve[:-1] if not math.isnan(p["accuracy"]))
         assert curve[-1]["total_rank"] > 0
+
+
+def test_a_target_met_exactly_ends_the_curve_and_an_accuracy_at_the_floor_does_not():
+    from types import SimpleNamespace
+    point = {"macs_frac": 0.5, "params_frac": 0.4, "accuracy": 0.8}
+    assert deploy._done(point, SimpleNamespace(deploy=DeployConfig(stop_macs=0.5)))
+    assert deploy._done(point, SimpleNamespace(deploy=DeployConfig(stop_macs=0.0, stop_params=0.4)))
+    assert not deploy._done(point, SimpleNamespace(deploy=DeployConfig(stop_macs=0.0, min_accuracy=0.8)))
+    assert deploy._done({**point, "accuracy": 0.7999}, SimpleNamespace(deploy=DeployConfig(stop_macs=0.0,
+                                                                                         min_accuracy=0.8)))
+    assert not deploy._done({**point, "accuracy": float("nan")},  # a point that was not evaluated
+                            SimpleNamespace(deploy=DeployConfig(stop_macs=0.0, min_accuracy=0.8)))
+
+
+def test_the_batch_loss_uses_the_batchs_statistics_and_leaves_the_running_ones_alone():
+    torch.manual_seed(0)
+    model = lod.factorize(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                              torch.nn.Linear(4 * 26 * 26, 10))).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 1, 28, 28, generator=g) * 3 + 2, torch.randint(0, 10, (16,), generator=g)
+    bn = model[1]
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    loss = deploy.batch_loss(model, (x, y), task_for("fashion_mnist"), CPU)
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var) and not model.training
+    with torch.no_grad():
+        on_the_batch = F.cross_entropy(copy.deepcopy(model).train()(x), y).item()
+        on_the_running = F.cross_entropy(model(x), y).item()
+    assert loss == pytest.approx(on_the_batch, rel=1e-5) and loss != pytest.approx(on_the_running, rel=1e-3)

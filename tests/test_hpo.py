@@ -266,3 +266,12 @@ def test_a_search_resumed_with_another_config_is_refused_before_hydra_writes(tmp
     differ = [line for line in done.stderr.splitlines() if line.startswith("  ") and " -> " in line]
     assert [line.split(":")[0].strip() for line in differ] == ["train.lr"], done.stderr  # lambda_gl is the search's
     assert not (tmp_path / ".hydra").exists()
+
+
+def test_a_model_at_exactly_few_params_is_not_too_sparse():
+    from fedmaestro.config import HPOConfig
+    h = HPOConfig(min_accuracy=0.9, max_params=0.3, few_params=0.02, val_fraction=0.0)
+    assert hpo._check({"accuracy": 0.1, "params_rel": 0.02}, h) is None  # Algorithm 2: stop below few_params
+    assert hpo._check({"accuracy": 0.1, "params_rel": 0.0199}, h) == "too_sparse"
+    assert hpo._check({"accuracy": 0.9, "params_rel": 0.3}, h) == "met"  # both constraints met exactly
+    assert hpo._check({"params_rel": 0.001}, h) is None  # an epoch that was not evaluated decides nothing

@@ -331,3 +331,87 @@ def test_a_step_the_grad_scaler_skips_skips_the_proximal_step_too():
     train_epoch(model, batches(2), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
                 sampler=lod.RankSampler(model, "per_layer", seed=0), scaler=SkippingScaler())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_multistep_warms_up_linearly_then_decays_at_the_milestones():
+    lrs = lr_curve(TrainConfig(lr=0.1, warmup_epochs=4, milestones=[6], gamma=0.1), 8)
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_inverse_sqrt_without_warm_up_decays_from_the_first_epoch():
+    lrs = lr_curve(TrainConfig(lr=1.0, warmup_epochs=0, lr_schedule="inverse_sqrt"), 4)
+    assert lrs == pytest.approx([1.0, 1 / math.sqrt(2), 1 / math.sqrt(3), 0.5])
+
+
+def test_the_lasso_stops_when_the_model_reaches_the_stop_size_exactly():
+    t = TrainConfig(lambda_gl=0.1, lambda_stop_params=0.5, sampler="per_layer")
+    assert train_module.lasso_schedule(t, 0.5) == (0.0, "per_layer")
+    assert train_module.lasso_schedule(t, 0.5001) == (0.1, "per_layer")
+    t.finetune_after_stop = True
+    assert train_module.lasso_schedule(t, 0.5) == (0.0, "fixed")
+
+
+def test_losses_smooth_the_labels_and_skip_padding():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
+    smoothed = train_module.Task("classification", 0.1).loss(logits, labels)
+    assert smoothed == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item())
+    assert smoothed != pytest.approx(F.cross_entropy(logits, labels).item())
+    # translation: the padding positions of the targets count for nothing
+    out, tgt = torch.randn(2, 5, 7, generator=g), torch.randint(1, 7, (2, 5), generator=g)
+    tgt[0, 3:] = train_module.PAD_INDEX
+    keep = tgt != train_module.PAD_INDEX
+    expected = F.cross_entropy(out[keep], tgt[keep])
+    assert train_module.Task("translation").loss(out, tgt).item() == pytest.approx(expected.item())
+
+
+def test_gradients_are_clipped_to_the_configured_norm():
+    data = batches(1)
+    t = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, sampler="none", grad_clip=0.1)
+    model = lenet()
+    raw = lenet()  # the same model, its gradient unclipped
+    loss = F.cross_entropy(raw(data[0][0]), data[0][1])
+    loss.backward()
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in raw.parameters()])) > 0.2  # 0.33
+    before = [p.detach().clone() for p in model.parameters()]
+    train_epoch(model, data, make_optimizer(model, t), t, task_for("fashion_mnist"), CPU)
+    step = torch.linalg.vector_norm(torch.stack([(p - b).norm() for p, b in zip(model.parameters(), before)]))
+    assert step.item() == pytest.approx(0.1, rel=1e-4)  # lr 1: the step is the clipped gradient
+
+
+class _SteppingScaler:
+    """A GradScaler whose step went through: the optimizer steps, the scale stays."""
+
+    def scale(self, loss):
+        return loss
+
+    def unscale_(self, optimizer):
+        pass
+
+    def step(self, optimizer):
+        optimizer.step()
+
+    def update(self):
+        pass
+
+    def get_scale(self):
+        return 2.0 ** 16
+
+
+def test_a_step_the_grad_scaler_takes_is_followed_by_the_proximal_step():
+    model = lenet()
+    t = TrainConfig(lambda_gl=10.0, hgl_mode="proximal", lr=0.1)
+    train_epoch(model, batches(1), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU,
+                sampler=lod.RankSampler(model, "none", seed=0), scaler=_SteppingScaler())
+    assert any(bool((layer.u.detach() == 0).all(dim=0).any()) for _, layer in lod.layers(model))
+
+
+def test_the_proximal_threshold_follows_the_scheduled_learning_rate():
+    model = lenet()
+    t = TrainConfig(lambda_gl=10.0, hgl_mode="proximal", lr=0.1)
+    opt = make_optimizer(model, t)
+    for group in opt.param_groups:  # the schedule's rate this epoch: 0 (no step, so no shrinkage either)
+        group["lr"] = 0.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_epoch(model, batches(2), opt, t, task_for("fashion_mnist"), CPU)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
