@@ -176,10 +176,11 @@ class Killed(Exception):
 
 
 def test_resume_after_an_interruption_reaches_the_same_final_metrics(tmp_path, monkeypatch):
-    cfg = tiny(epochs=4, lambda_gl=3e-3, eps_ps=1e-3)
+    cfg = tiny(epochs=4, lambda_gl=3e-2, eps_ps=3e-2)
     whole = Trainer(cfg, tmp_path / "whole", DATASETS)
     expected = whole.fit(show_progress=False)
-    assert expected[0]["total_rank"] > expected[-1]["total_rank"]  # shrinking happened: resume must resize
+    # shrinking happened before the interruption: resume must resize the model and its cost model
+    assert 236 > expected[0]["total_rank"] > expected[1]["total_rank"] > expected[-1]["total_rank"]
 
     # the second run dies in the middle of epoch 3, after training a few steps of it
     real_train_epoch, calls = centralized.train_epoch, []

@@ -22,7 +22,7 @@ from fedmaestro.config import Config, DataConfig, DatasetConfig, DeployConfig, M
 from fedmaestro.footprint import measure
 from fedmaestro.train import evaluate, task_for
 from fedmaestro import data
-from test_centralized import DATASETS, tiny
+from test_centralized import DATASETS, patterns, tiny
 
 CPU = torch.device("cpu")
 EXAMPLE = (torch.zeros(1, 1, 28, 28),)
@@ -298,3 +298,56 @@ def test_the_batch_loss_uses_the_batchs_statistics_and_leaves_the_running_ones_a
         on_the_batch = F.cross_entropy(copy.deepcopy(model).train()(x), y).item()
         on_the_running = F.cross_entropy(model(x), y).item()
     assert loss == pytest.approx(on_the_batch, rel=1e-5) and loss != pytest.approx(on_the_running, rel=1e-3)
+
+
+def test_a_loss_per_param_search_removes_the_cheapest_increase_per_parameter(trained):
+    model, _ = load_model(trained[0])
+    start = copy.deepcopy(model)
+    ctx = context(stop_macs=0.0, criterion="loss_per_param", test=False)
+    ctx.deploy.stop_params = 0.6
+    curve = deploy.greedy_curve(model, ctx)
+    chunk = {n: max(1, round(0.1 * l.rank)) for n, l in lod.layers(start)}
+    replay = copy.deepcopy(start).eval()
+    for before, after in zip(curve[:4], curve[1:4]):
+        lod.truncate(replay, before["ranks"])
+        with torch.no_grad():
+            base = float(F.cross_entropy(replay(ctx.batch[0]), ctx.batch[1]))
+        per_param = {}
+        for name, layer in lod.layers(replay):
+            layer.active_rank = max(0, layer.rank - chunk[name])
+            with torch.no_grad():
+                increase = float(F.cross_entropy(replay(ctx.batch[0]), ctx.batch[1])) - base
+            layer.active_rank = None
+            per_param[name] = increase / ((layer.rank - max(0, layer.rank - chunk[name])) *
+                                          (layer.out_dim + layer.fan_in))
+        cheapest = min(per_param, key=per_param.get)
+        assert after["removed"].startswith(f"{cheapest}->")
+
+
+def test_every_evaluated_point_is_recalibrated_on_the_same_batches(trained, monkeypatch):
+    model, _ = load_model(trained[0])
+    ctx = context(stop_macs=0.5)
+    ctx.calib_loader = data.BatchLoader(DATASETS[0], 64, shuffle=True, seed=0)
+    ctx.deploy.eval_every = 2
+    epochs = []
+    real = deploy.recalibrate_batchnorm
+
+    def spy(model, loader, task, device):
+        epochs.append(loader.epoch)
+        next(iter(loader))  # a pass moves the loader's epoch on (LeNet has no BatchNorm to read it for)
+        return real(model, loader, task, device)
+
+    monkeypatch.setattr(deploy, "recalibrate_batchnorm", spy)
+    curve = deploy.greedy_curve(model, ctx)
+    evaluated = [p for p in curve if not math.isnan(p["accuracy"])]
+    assert len(curve) > 3 and len(evaluated) < len(curve)
+    assert epochs == [0] * len(evaluated)
+
+
+def test_the_search_reads_its_training_batches_without_augmentation_and_with_the_models_loss(monkeypatch):
+    augmented = patterns(256, 0, augment=True)
+    monkeypatch.setattr(deploy, "load_datasets", lambda cfg: (augmented, DATASETS[1]))
+    model_cfg = tiny(label_smoothing=0.1)
+    ctx = deploy._context(Config(), model_cfg, CPU)
+    assert augmented.train and not ctx.calib_loader.dataset.train  # a copy read without augmentation
+    assert ctx.task.label_smoothing == 0.1

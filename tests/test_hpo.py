@@ -275,3 +275,28 @@ def test_a_model_at_exactly_few_params_is_not_too_sparse():
     assert hpo._check({"accuracy": 0.1, "params_rel": 0.0199}, h) == "too_sparse"
     assert hpo._check({"accuracy": 0.9, "params_rel": 0.3}, h) == "met"  # both constraints met exactly
     assert hpo._check({"params_rel": 0.001}, h) is None  # an epoch that was not evaluated decides nothing
+
+
+def test_a_resumed_lambda_that_had_met_the_constraints_is_chosen_without_training_on(scripted, tmp_path, monkeypatch):
+    class Resumed(ScriptedTrainer):  # its checkpoint holds epochs 1-4: the constraints were met at epoch 4
+        fitted = []
+
+        def resume(self):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.records = [self.record(e) for e in range(1, 5)]
+            return True
+
+        def fit(self, on_epoch=None, show_progress=True):
+            Resumed.fitted.append(self.lam)
+            for epoch in range(len(self.records) + 1, self.cfg.train.epochs + 1):
+                self.records.append(self.record(epoch))
+                if on_epoch is not None and on_epoch(self.records[-1]):
+                    break
+            return self.records
+
+    monkeypatch.setattr(hpo, "Trainer", Resumed)
+    scripted.table = {0.8: (1.0, 0.10)}
+    cfg = search_cfg(min_accuracy=0.5, eval_every=2, epochs=8)
+    cfg.resume = True
+    result = hpo.search(cfg, tmp_path)
+    assert result.chosen.lambda_gl == 0.8 and result.chosen.epochs == 4 and Resumed.fitted == []
