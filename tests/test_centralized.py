@@ -689,3 +689,24 @@ def test_epochs_are_evaluated_every_eval_every_and_at_the_end_each_after_a_recal
     records = trainer.fit(show_progress=False)
     assert records[0]["total_rank"] < 236 and "accuracy" not in records[0]
     assert calls[0] == 0
+
+
+class _Payload:
+    """An object a pickle would rebuild by running this module's code: what weights_only=True refuses."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_Payload._rebuild, ())
+
+    @staticmethod
+    def _rebuild():
+        _Payload.ran = True
+        return "rebuilt"
+
+
+def test_a_file_holding_pickled_objects_is_refused_without_running_them(tmp_path):
+    torch.save({"model": _Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"is not a checkpoint or model file written by fedmaestro"):
+        checkpoint.load(tmp_path / "checkpoint.pt")
+    assert not _Payload.ran
