@@ -174,14 +174,16 @@ class GlobalModel:
                 "macs_rel": deployed.macs / self.dense.macs}
 
     def snapshot(self, caps_list: list[dict[str, int] | None],
-                 batchnorm: list[dict[str, np.ndarray] | None] | None = None) -> list[nn.Module]:
-        """Copies of the global model cut to every caps in ``caps_list`` (None: whole), each with its
-        ``batchnorm`` statistics where given: what ``score`` scores, untouched by later rounds."""
+                 batchnorm: list[dict[str, np.ndarray] | None] | None = None,
+                 detached: bool = False) -> list[nn.Module]:
+        """The global model cut to every caps in ``caps_list`` (None: whole), each with its ``batchnorm``
+        statistics where given: what ``score`` scores. The cuts are copies; the whole model is copied where
+        statistics are loaded into it, or where ``detached`` (untouched by later rounds)."""
         stats = list(batchnorm or []) + [None] * (len(caps_list) - len(batchnorm or []))
         models = []
         for caps, bn in zip(caps_list, stats):
             model = self.sub_model(caps)
-            if model is self.model:
+            if model is self.model and (detached or bn):
                 model = copy.deepcopy(model)
             models.append(nested.load_batchnorm(model, bn) if bn else model)
         return models

@@ -411,11 +411,9 @@ class MaestroStrategy(Strategy):
             replies += list(grid.send_and_receive(faulty, timeout=max(deadline - time.time(), 0.001)))
         return replies
 
-    def state_dict(self, rnd: int) -> dict:
-        return {**self.model_state(rnd), **self.runlog.state_dict()}
-
     def model_state(self, rnd: int) -> dict:
-        """The checkpoint's part that is not the records: the config, the round, the model, the byte counts."""
+        """The checkpoint without its records (``RunLog.state_dict``): the config, the round, the model, the
+        byte counts."""
         batchnorm = {key: {name: torch.from_numpy(a) for name, a in stats.items()}
                      for key, stats in self.global_model.batchnorm_stats.items()}
         return {"config": to_dict(self.cfg), "round": rnd, "model": self.global_model.model.state_dict(),
@@ -441,14 +439,12 @@ class MaestroStrategy(Strategy):
         log.info("resumed from %s after round %d", path, rnd)
         return rnd
 
-    def evaluate_global(self, rnd: int, last: bool = False) -> dict:
+    def evaluation(self, rnd: int, last: bool = False, detached: bool = False) -> Callable[[], dict]:
         """The record's evaluation part: the global model at full rank and at every tier's caps (accuracy and
-        loss every ``strategy.eval_every`` rounds and in the ``last`` round, the footprints every round)."""
-        return self.evaluation(rnd, last)()
+        loss every ``strategy.eval_every`` rounds and in the ``last`` round, the footprints every round).
 
-    def evaluation(self, rnd: int, last: bool = False) -> Callable[[], dict]:
-        """``evaluate_global`` in two parts: this reads the global model now (copies of it cut to every tier),
-        the function it returns scores the copies, and may run while the next round trains."""
+        In two parts: this cuts the global model now, the function it returns scores the cuts; ``detached``:
+        on copies, so that it may run while the next round changes the model."""
         c, gm = self.cfg, self.global_model
         evaluated = rnd % c.strategy.eval_every == 0 or last
         ranks = gm.ranks()
@@ -456,7 +452,8 @@ class MaestroStrategy(Strategy):
         # the full model, then every tier that cuts it (a tier at full rank has the full model's numbers), each
         # with its own BatchNorm statistics
         cuts = [(i, caps) for i, (_, caps) in enumerate(tier_caps) if caps != ranks]
-        models = gm.snapshot([None] + [caps for _, caps in cuts], [None] + [gm.tier_batchnorm(i) for i, _ in cuts])
+        models = gm.snapshot([None] + [caps for _, caps in cuts], [None] + [gm.tier_batchnorm(i) for i, _ in cuts],
+                             detached)
 
         def scored() -> dict:
             rows = gm.score(models, accuracy=evaluated)
@@ -549,10 +546,13 @@ class MaestroStrategy(Strategy):
                 })
                 client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \
                     P.TRAIN_SECONDS in train_metrics else 0.0
-                # what the next round changes is taken now: the model's copies and the checkpoint's state
-                job = (rnd, record, self.evaluation(rnd, last=rnd == num_rounds), copy.deepcopy(self.model_state(rnd)),
+                # overlapped, what the next round changes is copied now: the model's cuts and the checkpoint's state
+                overlap = c.strategy.overlap_eval and rnd < num_rounds
+                state = self.model_state(rnd)
+                job = (rnd, record, self.evaluation(rnd, last=rnd == num_rounds, detached=overlap),
+                       copy.deepcopy(state) if overlap else state,
                        {"t0": t0, "train_s": t1 - t0, "client_train_s": client_s})
-                if c.strategy.overlap_eval and rnd < num_rounds:
+                if overlap:
                     pending = evaluator.submit(close, *job)
                 else:
                     close(*job)
