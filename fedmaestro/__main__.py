@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,7 +64,14 @@ GUARDED_RUNS = ("federated", "centralized", "hpo", "deploy")
 class RunDirGuard(Callback):
     """Before Hydra writes into the run directory (its .hydra/ files describe the run that is there): a new
     run into a directory that holds one is refused, and so is a resume whose config differs from its
-    checkpoint's (before any data loads). Registered in conf/config.yaml."""
+    checkpoint's (before any data loads). Registered in conf/config.yaml.
+
+    In a --multirun it also collects the jobs that failed on a user error or found no model (each printed its
+    one-line error and returned the exit status a single run would have had, so that the sweep went on): the
+    sweep then exits with the highest of them."""
+
+    def __init__(self) -> None:
+        self.failed_jobs: dict[str, int] = {}
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         mode = config.get("mode")
@@ -91,6 +99,16 @@ class RunDirGuard(Callback):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, int):
+            self.failed_jobs[Path(job_return.hydra_cfg.hydra.runtime.output_dir).name] = job_return.return_value
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.failed_jobs:
+            print(f"error: {len(self.failed_jobs)} job(s) of the sweep failed (each said why above): "
+                  f"{', '.join(self.failed_jobs)}", file=sys.stderr)
+            sys.exit(max(self.failed_jobs.values()))
+
 
 def _override(key: str, value: str) -> str:
     """``key=value`` as it can be pasted into a shell, quoted for Hydra where the value holds characters its
@@ -100,9 +118,9 @@ def _override(key: str, value: str) -> str:
     return f"\"{key}='{value}'\""
 
 
-def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> None:
-    """Run ``cfg``'s mode into ``run_dir``; ``sweep``: a job of --multirun (failures raise, for Hydra to record
-    and go on with the next job, instead of ending the process)."""
+def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
+    """Run ``cfg``'s mode into ``run_dir``; ``sweep``: a job of --multirun (a search that found no model returns
+    the exit status 1, for the sweep to go on with its next job, instead of ending the process)."""
     config = resolve(cfg)  # validation: a bad value fails here, before any work
     if config.checkpoint and config.mode == "hpo":
         raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=hpo: a lambda search resumes from its "
@@ -118,19 +136,22 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> None:
     if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model
         message = (f"the lambda search returned no model: {result.reason} (every lambda tried: "
                    f"{run_dir / 'hpo_summary.csv'})")
-        if sweep:
-            raise RuntimeError(message)
+        if sweep:  # the sweep goes on with its next job, and ends with a failure status
+            print(f"error: job {run_dir.name}: {message}", file=sys.stderr)
+            return 1
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> int | None:
+    """Run one job; in a --multirun, a job that fails on a user error returns the exit status (RunDirGuard
+    collects it) instead of raising, so that Hydra prints one line and not a traceback."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        run_mode(cfg, run_dir, sweep=sweep)
+        return run_mode(cfg, run_dir, sweep=sweep)
     except KeyboardInterrupt:  # the whole sweep stops too
         resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
         again = (f"the same command (with --multirun) + resume=true {_override('hydra.sweep.dir', hydra_cfg.sweep.dir)}"
@@ -145,9 +166,11 @@ def _hydra_main(cfg: DictConfig) -> None:
             os._exit(130)
         sys.exit(130)
     except USER_ERRORS as e:
-        # a sweep (--multirun) records the failed job and goes on to the next: Hydra handles it
-        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1" or sweep:
+        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if sweep:  # one line per failed job; the sweep goes on to the next job and ends with a failure status
+            print(f"error: job {run_dir.name}: {e}", file=sys.stderr)
+            return 2
         print(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 

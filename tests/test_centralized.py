@@ -376,6 +376,28 @@ def test_ctrl_c_in_a_sweep_says_how_to_continue_the_sweep_and_that_command_conti
     assert len((job / "metrics.jsonl").read_text().splitlines()) > done
 
 
+def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "fedmaestro", "--multirun", "+experiment=paper/lenet_fmnist_smoke", "data.subset=300",
+               "data.test_subset=100", "train.epochs=1", "progress=false", "train.lambda_gl=-1,1e-3",
+               f"hydra.sweep.dir={sweep_dir}"]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    [bad] = sweep_dir.glob("0_*")
+    [good] = sweep_dir.glob("1_*")
+    assert f"error: job {bad.name}: config: train.lambda_gl=-1.0 is invalid" in done.stderr, done.stderr[-2000:]
+    assert done.stderr.rstrip().endswith(f"error: 1 job(s) of the sweep failed (each said why above): {bad.name}")
+    assert not (bad / "metrics.jsonl").exists() and (good / "metrics.jsonl").is_file()  # the next job ran
+    records = (good / "metrics.jsonl").read_bytes()
+    again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                           timeout=300)
+    # the same sweep again: the job that ran is refused in one line, and its run is kept
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert f"error: job {good.name}: {good} already holds a centralized run" in again.stderr
+    assert (good / "metrics.jsonl").read_bytes() == records
+
+
 def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
