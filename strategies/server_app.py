@@ -12,6 +12,7 @@ Two ways in, one code path (``serve``):
 
 from __future__ import annotations
 
+import logging
 import shlex
 import threading
 from pathlib import Path
@@ -22,11 +23,13 @@ from flwr.serverapp.strategy import Result
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedmaestro import checkpoint
-from fedmaestro.config import Config, resolve
+from fedmaestro.config import Config, resolve, to_dict
 
 from .maestro import MaestroStrategy
 
-__all__ = ["app", "make_app", "serve", "compose", "OVERRIDES_KEY"]
+__all__ = ["app", "make_app", "serve", "compose", "preflight", "OVERRIDES_KEY"]
+
+log = logging.getLogger(__name__)
 
 OVERRIDES_KEY = "overrides"  # [tool.flwr.app.config] key: Hydra overrides, one string
 
@@ -52,6 +55,33 @@ def compose(overrides: list[str]) -> tuple[Config, Path]:
     if cfg.mode != "federated":
         raise ValueError(f"config: mode={cfg.mode!r}, but the ServerApp runs the federated mode; drop the mode override")
     return cfg, run_dir
+
+
+def preflight(cfg: Config, run_dir: Path) -> int:
+    """What would otherwise fail on every client in every round (each reply an error, dropped), or only after
+    Ray's start-up, fails here, once, before any client is asked: the model and the tiers' budgets, the data
+    set, the partitions (as each client builds them) and a resume's config. Returns the rounds a resumed run
+    has done (0 for a new run). Both ways in run it: ``python -m fedmaestro`` before Ray starts, ``flwr run``
+    in the ServerApp before its first round (the server reads the clients' data set from ``data.root``, as the
+    simulation's nodes do)."""
+    from clients import local
+    from fedmaestro import data
+
+    MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
+    local.client_data(cfg)
+    local.forget_data()  # the server process does not train: free the copy (the workers load their own)
+    data.clear_cache()
+    path = checkpoint.resume_path(cfg.checkpoint, run_dir)
+    if not (cfg.resume and path.is_file()):
+        return 0
+    state = checkpoint.load(path)
+    checkpoint.check_resumable(state["config"], to_dict(cfg), checkpoint.resume_ignored("federated", cfg.dataset.name))
+    return int(state["round"])
+
+
+def all_rounds_done(run_dir: Path, cfg: Config, done: int) -> str:
+    return (f"{run_dir}: the run has done all fl.rounds={cfg.fl.rounds} rounds (its checkpoint is at round {done}); "
+            "raise fl.rounds to continue it")
 
 
 IN_MEMORY_POLL_S = 0.01  # the simulation's grid checks for replies this often (Flower's default: 0.1 s)
@@ -105,4 +135,8 @@ def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get(OVERRIDES_KEY, "")))
     cfg, run_dir = compose(overrides)
     checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated")
+    done = preflight(cfg, run_dir)
+    if done >= cfg.fl.rounds:
+        log.warning(all_rounds_done(run_dir, cfg, done))
+        return
     serve(grid, cfg, run_dir)

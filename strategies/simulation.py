@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from fedmaestro.config import Config, to_dict
+from fedmaestro.config import Config
 
-__all__ = ["run", "simulate", "backend_config", "preflight"]
+__all__ = ["run", "simulate", "backend_config"]
 
 # Flower's link-state database set-up logs every alembic plugin at INFO, which Hydra's logging shows
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -64,27 +64,6 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
         flwr_logger.removeFilter(quiet)
 
 
-def preflight(cfg: Config, run_dir: Path) -> int:
-    """What would otherwise fail on every client, or only after Ray's start-up, fails here, once: the
-    model and the tiers' budgets, the data set, the partitions (as each client builds them) and a
-    resume's config. Returns the rounds a resumed run has done (0 for a new run)."""
-    from clients import local
-    from fedmaestro import checkpoint, data
-
-    from .maestro import MaestroStrategy
-
-    MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
-    local.client_data(cfg)
-    local.forget_data()  # the server process does not train: free the copy (the workers load their own)
-    data.clear_cache()
-    path = checkpoint.resume_path(cfg.checkpoint, run_dir)
-    if not (cfg.resume and path.is_file()):
-        return 0
-    state = checkpoint.load(path)
-    checkpoint.check_resumable(state["config"], to_dict(cfg), checkpoint.resume_ignored("federated", cfg.dataset.name))
-    return int(state["round"])
-
-
 def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
     """The federated mode: simulate ``fl.num_clients`` clients; outputs go to ``run_dir``.
 
@@ -92,12 +71,11 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
     launched = time.perf_counter() if launched_at is None else launched_at
     from clients.client_app import app as client_app
 
-    from .server_app import make_app
+    from .server_app import all_rounds_done, make_app, preflight
 
     done = preflight(cfg, Path(run_dir))
     if done >= cfg.fl.rounds:
-        print(f"{run_dir}: the run has done all fl.rounds={cfg.fl.rounds} rounds (its checkpoint is at round {done}); "
-              "raise fl.rounds to continue it")
+        print(all_rounds_done(run_dir, cfg, done))
         return
     interrupted = threading.Event()
     simulate(make_app(cfg, Path(run_dir), launched_at=launched, interrupted=interrupted), client_app,

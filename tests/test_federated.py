@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -557,6 +558,37 @@ def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypat
     monkeypatch.setattr(server_app, "MaestroStrategy", Recorder)
     server_app.serve(grid, None, None)
     assert seen == [server_app.IN_MEMORY_POLL_S] and server_app.IN_MEMORY_POLL_S < 0.1
+
+
+class UntouchedGrid:
+    """A grid the ServerApp must not use: any attribute read fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the ServerApp used the grid ({name}) before its preflight passed")
+
+
+def flwr_run_main(tmp_path, *overrides, name="run"):
+    """The ServerApp that ``flwr run .`` loads, given the run config's Hydra overrides."""
+    context = SimpleNamespace(run_config={server_app.OVERRIDES_KEY: " ".join(
+        TINY + list(overrides) + [f"hydra.run.dir={tmp_path / name}"])})
+    return server_app.app._main(UntouchedGrid(), context)
+
+
+def test_the_flwr_run_serverapp_fails_on_a_bad_partition_before_any_client_is_asked(tmp_path):
+    # without the preflight every client's reply would be an error, dropped, round after round
+    with pytest.raises(ValueError, match="partition: 4 partitions of at least min_partition_size=100000"):
+        flwr_run_main(tmp_path, "partition.min_partition_size=100000")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_flwr_run_serverapp_stops_at_once_when_the_resumed_run_has_done_every_round(tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "devices=homogeneous", "fl.rounds=1")
+    run(cfg, run_dir)
+    with caplog.at_level(logging.WARNING, logger="strategies.server_app"):
+        flwr_run_main(tmp_path, "devices=homogeneous", "fl.rounds=1", "resume=true")
+    assert "the run has done all fl.rounds=1 rounds" in caplog.text
+    with pytest.raises(ValueError, match="train.lr"):  # a resume with another config: refused, before any round
+        flwr_run_main(tmp_path, "devices=homogeneous", "fl.rounds=2", "resume=true", "train.lr=0.5")
 
 
 def test_progress_false_drops_the_round_lines_but_keeps_the_start_up_line_and_summary(tmp_path):
