@@ -99,6 +99,22 @@ class RunDirGuard(Callback):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """A new sweep into a directory whose jobs hold runs is refused before Hydra writes anything there (it
+        rewrites a job's .hydra/ and the sweep's multirun.yaml before any job could refuse)."""
+        mode = config.get("mode")
+        if mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
+        held = [job.name for job in jobs if checkpoint.held_run(job) is not None]
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            again = "" if mode == "deploy" else "continue that sweep with resume=true, or "
+            print(f"error: hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({shown}); {again}give the "
+                  f"new sweep its own directory (hydra.sweep.dir=...)", file=sys.stderr)
+            sys.exit(2)
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, int):
             self.failed_jobs[Path(job_return.hydra_cfg.hydra.runtime.output_dir).name] = job_return.return_value

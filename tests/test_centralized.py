@@ -389,13 +389,16 @@ def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tm
     assert f"error: job {bad.name}: config: train.lambda_gl=-1.0 is invalid" in done.stderr, done.stderr[-2000:]
     assert done.stderr.rstrip().endswith(f"error: 1 job(s) of the sweep failed (each said why above): {bad.name}")
     assert not (bad / "metrics.jsonl").exists() and (good / "metrics.jsonl").is_file()  # the next job ran
-    records = (good / "metrics.jsonl").read_bytes()
+    files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                            timeout=300)
-    # the same sweep again: the job that ran is refused in one line, and its run is kept
+    # the same sweep again is refused in one line before Hydra writes a job's .hydra/ or multirun.yaml
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
-    assert f"error: job {good.name}: {good} already holds a centralized run" in again.stderr
-    assert (good / "metrics.jsonl").read_bytes() == records
+    assert f"error: hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({good.name}); continue that " \
+           f"sweep with resume=true" in again.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+    assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
 
 
 def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
