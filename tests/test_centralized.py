@@ -399,6 +399,13 @@ def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tm
            f"sweep with resume=true" in again.stderr
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
     assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
+    # resume=true with more epochs continues every job in its own directory (train.epochs names no directory)
+    longer = [a.replace("train.epochs=1", "train.epochs=2") for a in command] + ["resume=true"]
+    resumed = subprocess.run(longer, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [bad.name, good.name]
+    assert [json.loads(line)["epoch"] for line in (good / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
