@@ -17,12 +17,14 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from . import checkpoint
-from .config import resolve, to_dict
+from .config import Config, _unknown_keys, resolve, to_dict
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # the Hydra configs: inside the installed package (a wheel maps conf/ to fedmaestro/conf), else the checkout's conf/
@@ -40,8 +42,12 @@ MODE_RUNNERS = {
 
 # What a wrong config, path or checkpoint raises in this project's own checks: printed as one line (the
 # message names the key and the fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback. The same
-# types raised inside a library (torch, numpy, ...) are bugs, and keep their traceback.
+# types raised inside a library (torch, numpy, ...) are bugs, and keep their traceback. A command line that
+# Hydra cannot compose (a mistyped key or option, a value of the wrong type) is a user error too. Both exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+# HYDRA_FULL_ERROR as the user set it: main() sets it for Hydra, which then hands every error to main()
+_show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+_task_started = False  # whether Hydra composed the command line and called the task
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -126,6 +132,28 @@ class RunDirGuard(Callback):
             sys.exit(max(self.failed_jobs.values()))
 
 
+def composition_error(e: Exception) -> str:
+    """The message of an error Hydra raised while composing the command line, in a few lines: which key or
+    option, what is wrong, and (for a key the schema lacks) the closest key that exists."""
+    cause = e.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        unknown = {}
+        node = unknown
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = None
+        [named] = _unknown_keys(unknown, to_dict(Config())) or [key]
+        return f"config: unknown keys (not in the schema, fedmaestro/config.py): {named}"
+    if cause is not None and key:
+        return f"config: {key}: {str(cause).splitlines()[0]}"
+    message = str(e).split("\nConfig search path:")[0].strip()  # a missing option: Hydra lists the ones there are
+    if isinstance(e, OverrideParseException):  # its message does not say which override
+        message = f"{e.override}: {message}"
+    return message.replace("\n\n", "\n")
+
+
 def _override(key: str, value: str) -> str:
     """``key=value`` as it can be pasted into a shell, quoted for Hydra where the value holds characters its
     grammar reads (a sweep job's directory name holds '=' and ',')."""
@@ -163,6 +191,8 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
 def _hydra_main(cfg: DictConfig) -> int | None:
     """Run one job; in a --multirun, a job that fails on a user error returns the exit status (RunDirGuard
     collects it) instead of raising, so that Hydra prints one line and not a traceback."""
+    global _task_started
+    _task_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -182,7 +212,7 @@ def _hydra_main(cfg: DictConfig) -> int | None:
             os._exit(130)
         sys.exit(130)
     except USER_ERRORS as e:
-        if not is_user_error(e) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not is_user_error(e) or _show_tracebacks:
             raise
         if sweep:  # one line per failed job; the sweep goes on to the next job and ends with a failure status
             print(f"error: job {run_dir.name}: {e}", file=sys.stderr)
@@ -196,8 +226,16 @@ def main() -> None:
         print(f"error: fedmaestro's configs are not at {CONF_DIR}: this install has no conf/ tree. Reinstall it "
               f"(`pip install -e .` from a checkout, as `make install` does, or `pip install .`)", file=sys.stderr)
         sys.exit(2)
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    _hydra_main()
+    global _show_tracebacks
+    _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; what a user did wrong is printed here, in one line
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if _task_started or _show_tracebacks:  # raised inside a run: a bug, with its traceback
+            raise
+        print(f"error: {composition_error(e)}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

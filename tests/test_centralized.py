@@ -318,6 +318,37 @@ def test_the_command_line_prints_a_bad_config_as_one_error_line(tmp_path, overri
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    # what Hydra refuses while composing the command line: one error, exit 2 (1 is a search without a model)
+    ("train.lrr=0.1", "error: config: unknown keys (not in the schema, fedmaestro/config.py): train.lrr (did you mean "
+                      "train.lr?)"),
+    ("train.epochs=abc", "error: config: train.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("devices=three_tier", "error: In 'config': Could not find 'devices/three_tier'\nAvailable options in 'devices':"),
+    ("train.lr=[", "error: train.lr=[: no viable alternative at input '['")])
+def test_a_command_line_hydra_cannot_compose_is_one_error_with_exit_status_2(tmp_path, override, message):
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", override,
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith(message), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "search path" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_omegaconf_error_inside_a_run_is_a_bug_and_keeps_its_traceback(tmp_path, monkeypatch):
+    import fedmaestro.__main__ as cli
+    from omegaconf.errors import ConfigKeyError
+
+    def broken(cfg, run_dir, sweep=False):
+        raise ConfigKeyError("a bug in the run")
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # main() sets it for Hydra; monkeypatch puts it back
+    monkeypatch.setattr(cli, "run_mode", broken)
+    monkeypatch.setattr(cli, "_task_started", False)
+    monkeypatch.setattr(sys, "argv", ["fedmaestro", "mode=theory", f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(ConfigKeyError, match="a bug in the run"):  # not "error: ..." and exit 2
+        cli.main()
+
+
 def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or_loading_anything(tmp_path):
     Trainer(tiny(epochs=1), tmp_path, DATASETS).fit(show_progress=False)
     before = sorted(p.name for p in tmp_path.iterdir())
