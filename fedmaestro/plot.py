@@ -49,14 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sweep_dirs.append(d)
     if sweep_dirs:
-        runs = find_runs(*sweep_dirs)
+        reported: list[str] = []  # the jobs left out and the runs unfinished: printed, and noted in sweep.md
+
+        def report(line: str) -> None:
+            print(line)
+            reported.append(line)
+
+        runs = find_runs(*sweep_dirs, report=report)
         if not runs:
-            parser.error(f"no runs (metrics.jsonl + config.json) below {', '.join(map(str, sweep_dirs))} "
-                         f"(mode=theory draws its figures when it runs; a lambda search's runs are its lambda_* "
-                         f"directories)")
+            why = ("every job below left no record (see above)" if reported else
+                   "mode=theory draws its figures when it runs; a lambda search's runs are its lambda_* directories")
+            parser.error(f"no runs (metrics.jsonl + config.json) below {', '.join(map(str, sweep_dirs))} ({why})")
         out = args.out or sweep_dirs[0]
         out.mkdir(parents=True, exist_ok=True)
-        written += plot_sweep(runs, out)
+        written += plot_sweep(runs, out, notes=[line for line in reported if line.startswith("left out")])
         written += [out / "sweep.md", out / "sweep.csv"]
         print((out / "sweep.md").read_text())
     for path in written:

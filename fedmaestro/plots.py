@@ -328,8 +328,9 @@ def _pm(mean: float, std: float, fmt: str, runs: int) -> str:
     return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if runs > 1 else "")
 
 
-def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """``sweep.csv`` (every column) and ``sweep.md`` (Table 11's layout) in ``out_dir``."""
+def write_sweep(rows: list[dict], out_dir: str | Path, notes: list[str] = ()) -> tuple[Path, Path]:
+    """``sweep.csv`` (every column) and ``sweep.md`` (Table 11's layout, then ``notes``: the jobs left out) in
+    ``out_dir``."""
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "sweep.csv", out_dir / "sweep.md"
     # every row's keys (a centralized run and a federated one have different columns), in first-seen order
@@ -362,19 +363,23 @@ def write_sweep(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
         lines.append(line + f" | {n} |")
     if not all(r["finished"] for r in rows):
         lines.append("\n\\* unfinished: stopped before its last epoch (round); the row shows where it stopped.")
+    if notes:
+        lines += ["", "Not in the table:", *(f"- {note}" for note in notes)]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
 
-def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float, float, str]] | None = None) -> list[Path]:
+def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float, float, str]] | None = None,
+               notes: list[str] = ()) -> list[Path]:
     """Fig. 12 (accuracy vs deployed parameters and MACs over a lambda sweep), Fig. 8 and Fig. 9.
 
     ``reference``: optional (params_rel, accuracy, label) points drawn for comparison (e.g. another
-    implementation's published numbers). Returns the PNG paths (and writes sweep.csv / sweep.md).
+    implementation's published numbers); ``notes``: lines for sweep.md (the jobs left out). Returns the PNG
+    paths (and writes sweep.csv / sweep.md).
     """
     out_dir = Path(out_dir)
     rows = sweep_table(runs)
-    write_sweep(rows, out_dir)
+    write_sweep(rows, out_dir, notes)
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     maestro = [r for r in rows if not r["dense"]]

@@ -620,6 +620,18 @@ def test_milestones_past_the_last_epoch_are_reported(tmp_path, capsys):
     assert "train.milestones [2, 5] >= train.epochs=2: those LR decays never happen in this run" in out
 
 
+def test_a_sweep_whose_jobs_all_left_no_record_says_so(tmp_path, capsys):
+    from fedmaestro import plot
+
+    (tmp_path / "sweep" / "0_lam=1e-3" / ".hydra").mkdir(parents=True)  # interrupted before its first epoch
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(tmp_path / "sweep")])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "0_lam=1e-3 holds no records" in captured.out
+    assert "(every job below left no record (see above))" in captured.err and "mode=theory" not in captured.err
+
+
 def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
     from fedmaestro import plot
     from fedmaestro.config import to_dict
@@ -643,7 +655,10 @@ def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
     table = (sweep / "sweep.md").read_text().splitlines()
     assert table[0].endswith("| Rel. MACs / Params. (Train.) | MB down + up | runs |")
     assert table[2] == "| Maestro (λ=0.0001) | 80.00 | 281,640 (1.00x) | 44,426 (1.000x) | - | 6.0 | 1 |"
-    assert table[3].startswith("| Maestro (λ=0.01) * | 70.00 |") and table[-1].startswith("\\* unfinished")
+    assert table[3].startswith("| Maestro (λ=0.01) * | 70.00 |") and table[5].startswith("\\* unfinished")
+    # the job without records is named in the table's file too, not only on the terminal
+    assert table[-2:] == ["Not in the table:", f"- left out: {sweep / '2_lam=-1'} holds no records (the job failed or "
+                                                "was stopped before its first epoch)"]
     assert (sweep / "sweep_total_rank.png").stat().st_size > 0
     search = tmp_path / "hpo" / "lambda_0.1"  # a lambda search stops its runs itself: not "unfinished"
     (search / ".." / ".hydra").mkdir(parents=True)
