@@ -371,6 +371,10 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
     trainer = Trainer(cfg, run_dir)
     if cfg.resume:
         trainer.resume()
+        if trainer.epoch >= cfg.train.epochs:  # nothing to train: the run's files stay as they are
+            print(f"{run_dir}: the run has done all train.epochs={cfg.train.epochs} epochs (its checkpoint is at "
+                  f"epoch {trainer.epoch}); raise train.epochs to continue it")
+            return trainer
     (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
     records = trainer.fit()
     trainer.save_model(run_dir / "model.pt")

@@ -522,7 +522,7 @@ def compose(overrides: list[str]) -> tuple[Config, Path]:
     return resolve(raw), run_dir
 
 
-def test_the_paper_preset_runs_end_to_end_on_fashion_mnist(tmp_path):
+def test_the_paper_preset_runs_end_to_end_on_fashion_mnist(tmp_path, capsys):
     cfg, run_dir = compose(["+experiment=paper/lenet_fmnist", "train.lambda_gl=1e-3", "train.epochs=2",
                             "data.subset=256", "data.test_subset=256", "progress=false",
                             f"hydra.run.dir={tmp_path}"])
@@ -535,6 +535,13 @@ def test_the_paper_preset_runs_end_to_end_on_fashion_mnist(tmp_path):
                  "ranks_per_layer.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert json.loads((run_dir / "config.json").read_text())["train"]["lambda_gl"] == 1e-3
+    # a resume that asks for no more epochs than were done trains nothing and leaves every file as it was
+    files = {p: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    shorter, _ = compose(["+experiment=paper/lenet_fmnist", "train.lambda_gl=1e-3", "train.epochs=1", "resume=true",
+                          "data.subset=256", "data.test_subset=256", "progress=false", f"hydra.run.dir={tmp_path}"])
+    centralized.run(shorter, run_dir)
+    assert {p: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
+    assert "the run has done all train.epochs=1 epochs (its checkpoint is at epoch 2)" in capsys.readouterr().out
 
 
 # the paper's lambda grids (Tables 11-15; LeNet's plus 512e-5, the last point of the released code's curve);
