@@ -35,7 +35,7 @@ from torch import nn
 
 from . import checkpoint, data, lod
 from .config import Config, resolve, to_dict
-from .console import console
+from .console import console, echo
 from .footprint import Footprint, measure
 from .plots import plot_centralized
 from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimizer, make_scheduler,
@@ -125,7 +125,7 @@ class Trainer:
             raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
         late = [m for m in t.milestones if m >= t.epochs]
         if late:
-            console.print(f"[yellow]train.milestones {late} >= train.epochs={t.epochs}: those LR decays never happen "
+            echo(f"[yellow]train.milestones {late} >= train.epochs={t.epochs}: those LR decays never happen "
                           f"in this run")
         self.task = task_for(cfg.dataset.name, t.label_smoothing)
         self.example = example_input(cfg, self.device)
@@ -190,7 +190,7 @@ class Trainer:
             if self.cfg.checkpoint:
                 raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the run directory (or its checkpoint.pt) "
                                         f"run to continue, or drop checkpoint= to start fresh in {self.run_dir}")
-            console.print(f"[yellow]resume=true but {path} does not exist: starting from epoch 0")
+            echo(f"[yellow]resume=true but {path} does not exist: starting from epoch 0")
             return False
         state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors; the model and
         # optimizer states move to their parameters' device as they load
@@ -202,7 +202,7 @@ class Trainer:
             raise ValueError(f"resume: {path} is not a training checkpoint (it has no {missing}); a model file "
                              f"(model.pt) cannot be resumed: give the run's checkpoint.pt")
         self.load_state_dict(state)
-        console.print(f"resumed from {path} at epoch {self.epoch}")
+        echo(f"resumed from {path} at epoch {self.epoch}")
         return True
 
     # ----------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class Trainer:
                 checkpoint.save(self.checkpoint_path, self.state_dict())
                 summary = _summary(record)
                 progress.update(epochs, completed=self.epoch, info=summary)
-                progress.console.print(f"epoch {self.epoch}/{total}  {summary}  {record['train_s']:.1f}s")
+                echo(f"epoch {self.epoch}/{total}  {summary}  {record['train_s']:.1f}s")
                 if on_epoch is not None and on_epoch(record):
                     break
         return self.records
@@ -380,10 +380,10 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
     trainer.save_model(run_dir / "model.pt")
     if records:
         last = records[-1]
-        console.print(f"done: accuracy {last.get('accuracy')}, params {last['params_deployed']:,} "
+        echo(f"done: accuracy {last.get('accuracy')}, params {last['params_deployed']:,} "
                       f"({last['params_rel']:.3f}x dense), MACs {last['macs_deployed']:,} ({last['macs_rel']:.3f}x), "
                       f"training cost {last['train_macs_rel']:.2f}x MACs / {last['train_params_rel']:.2f}x params; "
                       f"run dir {run_dir}")
         for path in plot_centralized(run_dir):
-            console.print(f"plot: {path}")
+            echo(f"plot: {path}")
     return trainer

@@ -46,7 +46,7 @@ from .centralized import (apply_threads, deployed_footprint, dense_footprint, ex
                           load_model, save_model)
 from .checkpoint import config_diff
 from .config import Config, DeployConfig, to_dict
-from .console import console
+from .console import echo
 from .footprint import Footprint, measure
 from .plots import plot_deploy
 from .train import Task, evaluate, kept_dense, recalibrate_batchnorm, resolve_device, task_for
@@ -292,7 +292,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     model, model_cfg = load_model(cfg.checkpoint, device)
     ignored = ignored_settings(cfg, model_cfg)
     if ignored:
-        console.print("[yellow]deploy: the model and data set are the checkpoint's; these settings were not used "
+        echo("[yellow]deploy: the model and data set are the checkpoint's; these settings were not used "
                       "(checkpoint -> given): " + "; ".join(ignored))
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     sources = {"maestro": (model, model_cfg)}
@@ -302,14 +302,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ctx = _context(cfg, model_cfg, device)
     curves, exports = {}, []
     for method, (source, source_cfg) in sources.items():
-        console.print(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in lod.layers(source))} ranks")
+        echo(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in lod.layers(source))} ranks")
         pruned = copy.deepcopy(source)
         curves[method] = greedy_curve(pruned, ctx, method)
         for key, targets in (("macs_frac", cfg.deploy.target_macs), ("params_frac", cfg.deploy.target_params)):
             for target in targets:
                 point = first_at_or_below(curves[method], key, target)
                 if point is None:
-                    console.print(f"[yellow]{method}: the curve stops above {key}={target}; lower deploy.stop_macs")
+                    echo(f"[yellow]{method}: the curve stops above {key}={target}; lower deploy.stop_macs")
                     continue
                 name = f"deploy_{method}_{key.split('_')[0]}{target:g}.pt"
                 summary = export_point(source, point, ctx, source_cfg, run_dir / name)
@@ -321,7 +321,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                "curve_points": {m: len(c) for m, c in curves.items()}}
     (run_dir / "deploy.json").write_text(json.dumps(summary, indent=2))
     _print_exports(exports)
-    console.print(f"curve: {run_dir / 'deploy_curve.csv'}; plot: {plot}")
+    echo(f"curve: {run_dir / 'deploy_curve.csv'}; plot: {plot}")
     return summary
 
 
@@ -332,4 +332,4 @@ def _print_exports(exports: list[dict]) -> None:
     for e in exports:
         table.add_row(e["method"], e["target"], f"{e['accuracy']:.4f}", f"{e['curve_accuracy_at_target']:.4f}",
                       f"{e['params']:,}", f"{e['macs']:,}", f"{e['params_rel']:.3f}", f"{e['macs_rel']:.3f}")
-    console.print(table)
+    echo(table)

@@ -44,7 +44,7 @@ import numpy as np
 from . import data
 from .centralized import Trainer, apply_threads, load_datasets
 from .config import Config, to_dict
-from .console import console
+from .console import echo
 
 __all__ = ["Trial", "HPOResult", "search", "run"]
 
@@ -145,7 +145,7 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
     result = HPOResult(chosen=None, reason="")
     previous: Trial | None = None
     for lam in _lambdas(h.lambda_large, h.lambda_small):
-        console.print(f"[bold]hpo[/]: lambda_gl = {lam:g}")
+        echo(f"[bold]hpo[/]: lambda_gl = {lam:g}")
         trial, decision = _train_one(cfg, lam, run_dir / f"lambda_{lam:.6g}", datasets, validation)
         result.trials.append(trial)
         if decision == "met":
@@ -193,10 +193,10 @@ def _print(result: HPOResult) -> None:
         table.add_row(f"{t.lambda_gl:g}", str(t.epochs), "-" if t.val_accuracy is None else f"{t.val_accuracy:.4f}",
                       "-" if t.accuracy is None else f"{t.accuracy:.4f}",
                       f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}", f"{t.train_macs_rel:.2f}", t.outcome)
-    console.print(table)
-    console.print(f"search cost: {result.cost:.2f}x one dense training; {result.reason}")
+    echo(table)
+    echo(f"search cost: {result.cost:.2f}x one dense training; {result.reason}")
     if result.chosen:
-        console.print(f"returned: lambda {result.chosen.lambda_gl:g}, {result.chosen.run_dir}/model.pt")
+        echo(f"returned: lambda {result.chosen.lambda_gl:g}, {result.chosen.run_dir}/model.pt")
 
 
 def run(cfg: Config, run_dir: Path) -> HPOResult:

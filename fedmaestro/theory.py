@@ -439,7 +439,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     """Run the four experiments with ``cfg.theory`` and ``cfg.seed``; write the plots and theory.json."""
     from rich.table import Table
 
-    from .console import console
+    from .console import echo
 
     torch.set_num_threads(1)  # 6 x 9 matrices: threads only add overhead
     run_dir = Path(run_dir)
@@ -466,6 +466,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                   f"LoD {fmt(order.lod_loss[:3])} vs SVD {fmt(order.svd_loss[:3])}")
     table.add_row("(d) adaptivity, Fig. 7", f"rank {adapt.rank_before_removal} before the removal at step "
                   f"{adapt.remove_at}, {adapt.final_rank} at the end")
-    console.print(table)
-    console.print(f"plots and theory.json in {run_dir}")
+    echo(table)
+    echo(f"plots and theory.json in {run_dir}")
     return result

@@ -20,9 +20,9 @@ from rich.table import Table
 
 from fedmaestro import checkpoint
 from fedmaestro.config import Config, to_dict
-from fedmaestro.console import console
+from fedmaestro.console import echo
 
-__all__ = ["RunLog", "TIME_KEYS", "console"]
+__all__ = ["RunLog", "TIME_KEYS"]
 
 TIME_KEYS = ("wall_s", "timing")
 
@@ -64,7 +64,7 @@ class RunLog:
         """The clients answered the query: start-up (Ray, workers, data loading) ends here."""
         self.startup_s = time.perf_counter() - self.launched_at
         if self.show:
-            console.print(f"start-up {self.startup_s:.1f} s (simulation engine, workers, data); "
+            echo(f"start-up {self.startup_s:.1f} s (simulation engine, workers, data); "
                           f"{self.cfg.fl.num_clients} clients, {self.cfg.fl.clients_per_round} per round")
 
     def add(self, record: dict, timing: dict) -> dict:
@@ -77,7 +77,7 @@ class RunLog:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.show_rounds:
-            console.print(self.progress_line(record))
+            echo(self.progress_line(record))
         return record
 
     def progress_line(self, r: dict) -> str:
@@ -120,9 +120,9 @@ class RunLog:
                 from fedmaestro.plots import plot_federated
                 plot_federated(self.run_dir)
             except Exception as e:  # noqa: BLE001  (plots are a convenience: a failure must not lose the run)
-                console.print(f"[yellow]plots not written: {e}")
+                echo(f"[yellow]plots not written: {e}")
         if self.show:
-            console.print(self.table(s))
+            echo(self.table(s))
         return s
 
     def table(self, s: dict) -> Table:

@@ -420,6 +420,9 @@ def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tm
     assert f"error: job {bad.name}: config: train.lambda_gl=-1.0 is invalid" in done.stderr, done.stderr[-2000:]
     assert done.stderr.rstrip().endswith(f"error: 1 job(s) of the sweep failed (each said why above): {bad.name}")
     assert not (bad / "metrics.jsonl").exists() and (good / "metrics.jsonl").is_file()  # the next job ran
+    # what the job printed is in its log file too, once on the terminal
+    assert "][fedmaestro.run_log][INFO] - epoch 1/1  loss" in (good / "fedmaestro.log").read_text()
+    assert done.stdout.count("epoch 1/1  loss") == 1, done.stdout[-2000:]
     files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
