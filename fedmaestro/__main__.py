@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from . import checkpoint
-from .config import Config, _unknown_keys, resolve, to_dict
+from .config import resolve, to_dict, unknown_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # the Hydra configs: inside the installed package (a wheel maps conf/ to fedmaestro/conf), else the checkout's conf/
@@ -138,14 +138,7 @@ def composition_error(e: Exception) -> str:
     cause = e.__cause__
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        unknown = {}
-        node = unknown
-        *parents, leaf = str(key).split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = None
-        [named] = _unknown_keys(unknown, to_dict(Config())) or [key]
-        return f"config: unknown keys (not in the schema, fedmaestro/config.py): {named}"
+        return f"config: unknown keys (not in the schema, fedmaestro/config.py): {unknown_key(str(key))}"
     if cause is not None and key:
         return f"config: {key}: {str(cause).splitlines()[0]}"
     message = str(e).split("\nConfig search path:")[0].strip()  # a missing option: Hydra lists the ones there are

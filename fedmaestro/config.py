@@ -375,6 +375,17 @@ def _unknown_keys(given: Any, known: Any, path: str = "") -> list[str]:
     return []
 
 
+def unknown_key(dotted: str) -> str:
+    """``dotted`` (a key the schema lacks, e.g. ``train.epoch``) with the closest key that exists, if any."""
+    given: dict = {}
+    node = given
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = None
+    return (_unknown_keys(given, to_dict(Config())) or [dotted])[0]
+
+
 def _interpolations(node: Any, path: str = "") -> list[str]:
     """``key=value`` of every string under ``node`` that OmegaConf would interpolate (contains ``${``)."""
     if isinstance(node, dict):
