@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from . import checkpoint
+from .console import log_to_run_files
 from .config import resolve, to_dict, unknown_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -47,7 +49,6 @@ MODE_RUNNERS = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 # HYDRA_FULL_ERROR as the user set it: main() sets it for Hydra, which then hands every error to main()
 _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
-_task_started = False  # whether Hydra composed the command line and called the task
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -108,9 +109,11 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """A new sweep into a directory whose jobs hold runs is refused before Hydra writes anything there (it
         rewrites a job's .hydra/ and the sweep's multirun.yaml before any job could refuse)."""
+        swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+                 if o.is_sweep_override()}
         mode = config.get("mode")
-        if mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
-            return
+        if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
+            return  # a swept mode or resume: each job checks its own directory (run_mode)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
         held = [job.name for job in jobs if checkpoint.held_run(job) is not None]
@@ -121,7 +124,11 @@ class RunDirGuard(Callback):
                   f"new sweep its own directory (hydra.sweep.dir=...)", file=sys.stderr)
             sys.exit(2)
 
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        log_to_run_files(config.hydra.runtime.output_dir)  # what the job prints goes into its fedmaestro.log too
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        log_to_run_files(None)
         if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, int):
             self.failed_jobs[Path(job_return.hydra_cfg.hydra.runtime.output_dir).name] = job_return.return_value
 
@@ -184,8 +191,6 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
 def _hydra_main(cfg: DictConfig) -> int | None:
     """Run one job; in a --multirun, a job that fails on a user error returns the exit status (RunDirGuard
     collects it) instead of raising, so that Hydra prints one line and not a traceback."""
-    global _task_started
-    _task_started = True
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -220,15 +225,33 @@ def main() -> None:
               f"(`pip install -e .` from a checkout, as `make install` does, or `pip install .`)", file=sys.stderr)
         sys.exit(2)
     global _show_tracebacks
-    _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    given = os.environ.get("HYDRA_FULL_ERROR")
+    _show_tracebacks = given == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises; what a user did wrong is printed here, in one line
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as e:
-        if _task_started or _show_tracebacks:  # raised inside a run: a bug, with its traceback
+        if _show_tracebacks or _raised_in_a_run(e):  # a bug, with its traceback
             raise
         print(f"error: {composition_error(e)}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if given is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = given
+
+
+def _raised_in_a_run(e: BaseException) -> bool:
+    """Whether ``e`` passed through a job (the task function), rather than Hydra's composition of the command
+    line (which a sweep also does between batches of jobs)."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "_hydra_main" and code.co_filename == __file__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 if __name__ == "__main__":

@@ -369,13 +369,14 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
         raise ValueError(f"mode=centralized: train.epochs={cfg.train.epochs} trains nothing; set train.epochs >= 1")
     apply_threads(cfg)
     trainer = Trainer(cfg, run_dir)
-    if cfg.resume:
-        trainer.resume()
-        if trainer.epoch >= cfg.train.epochs:  # nothing to train: the run's files stay as they are
-            print(f"{run_dir}: the run has done all train.epochs={cfg.train.epochs} epochs (its checkpoint is at "
-                  f"epoch {trainer.epoch}); raise train.epochs to continue it")
+    done = cfg.resume and trainer.resume() and trainer.epoch >= cfg.train.epochs
+    if done:  # nothing to train: the run's config stays as it is
+        echo(f"{run_dir}: the run has done all train.epochs={cfg.train.epochs} epochs (its checkpoint is at "
+             f"epoch {trainer.epoch}); raise train.epochs to continue it")
+        if (run_dir / "model.pt").is_file():  # (an interruption after the last checkpoint may have left none)
             return trainer
-    (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
+    if not done or not (run_dir / "config.json").is_file():
+        (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
     records = trainer.fit()
     trainer.save_model(run_dir / "model.pt")
     if records:

@@ -4,18 +4,20 @@ In a terminal rich fits the terminal; into a log file or a pipe it would wrap at
 breaks progress lines and cuts table columns, so there it is 160 columns wide.
 
 ``echo`` prints to the console and writes the same text, without markup, into the run directory's log
-(``fedmaestro.log``): conf/config.yaml routes the ``fedmaestro.run_log`` logger to Hydra's file handler
-alone. Outside a Hydra run that logger has no handler and ``echo`` only prints.
+(``fedmaestro.log``): for the length of a Hydra job the ``fedmaestro.run_log`` logger gets the job's
+log file handlers (``log_to_run_files``), and only those. Outside a Hydra run it has no handler and
+``echo`` only prints.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 from rich.console import Console
 
-__all__ = ["console", "echo"]
+__all__ = ["console", "echo", "log_to_run_files"]
 
 console = Console()
 if not console.is_terminal:
@@ -23,6 +25,19 @@ if not console.is_terminal:
 
 run_log = logging.getLogger("fedmaestro.run_log")
 run_log.propagate = False  # the console shows it already
+
+
+def log_to_run_files(run_dir: str | Path | None) -> None:
+    """Route ``run_log`` to the file handlers of the root logger that write below ``run_dir`` (what Hydra's
+    job logging set up: none with ``hydra/job_logging=disabled`` or ``stdout``); None: to nothing."""
+    run_log.handlers.clear()
+    if run_dir is None:
+        return
+    run_dir = Path(run_dir).resolve()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and run_dir in Path(handler.baseFilename).resolve().parents:
+            run_log.addHandler(handler)
+    run_log.setLevel(logging.INFO)
 
 
 def echo(*objects, **kwargs) -> None:

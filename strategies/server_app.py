@@ -57,18 +57,25 @@ def compose(overrides: list[str]) -> tuple[Config, Path]:
     return cfg, run_dir
 
 
-def preflight(cfg: Config, run_dir: Path) -> int:
+def preflight(cfg: Config, run_dir: Path, server_has_data: bool = True) -> int:
     """What would otherwise fail on every client in every round (each reply an error, dropped), or only after
     Ray's start-up, fails here, once, before any client is asked: the model and the tiers' budgets, the data
     set, the partitions (as each client builds them) and a resume's config. Returns the rounds a resumed run
     has done (0 for a new run). Both ways in run it: ``python -m fedmaestro`` before Ray starts, ``flwr run``
-    in the ServerApp before its first round (the server reads the clients' data set from ``data.root``, as the
-    simulation's nodes do)."""
+    in the ServerApp before its first round. ``server_has_data=False`` (``flwr run``, where the server may
+    hold only the test set): a training set the server cannot find is a warning, not an error (the clients
+    read theirs), and the partitions go unchecked."""
     from clients import local
     from fedmaestro import data
 
     MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
-    local.client_data(cfg)
+    try:
+        local.client_data(cfg)
+    except FileNotFoundError as e:
+        if server_has_data:
+            raise
+        log.warning("preflight: the server has no copy of the clients' training set (%s); their partitions are "
+                    "not checked before round 1", e)
     local.forget_data()  # the server process does not train: free the copy (the workers load their own)
     data.clear_cache()
     path = checkpoint.resume_path(cfg.checkpoint, run_dir)
@@ -135,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get(OVERRIDES_KEY, "")))
     cfg, run_dir = compose(overrides)
     checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated")
-    done = preflight(cfg, run_dir)
+    done = preflight(cfg, run_dir, server_has_data=False)
     if done >= cfg.fl.rounds:
         log.warning(all_rounds_done(run_dir, cfg, done))
         return

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fedmaestro.config import Config
+from fedmaestro.console import echo
 
 __all__ = ["run", "simulate", "backend_config"]
 
@@ -75,7 +76,7 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
 
     done = preflight(cfg, Path(run_dir))
     if done >= cfg.fl.rounds:
-        print(all_rounds_done(run_dir, cfg, done))
+        echo(all_rounds_done(run_dir, cfg, done))
         return
     interrupted = threading.Event()
     simulate(make_app(cfg, Path(run_dir), launched_at=launched, interrupted=interrupted), client_app,

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -334,6 +335,36 @@ def test_a_command_line_hydra_cannot_compose_is_one_error_with_exit_status_2(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_with_hydra_logging_switched_off_still_runs_and_prints_its_errors_in_one_line(tmp_path):
+    for job_logging in ("disabled", "stdout"):  # no file handler for fedmaestro.log to route to
+        done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", f"hydra/job_logging={job_logging}",
+                               "train.lr=-1", f"hydra.run.dir={tmp_path / job_logging}"],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith("error: config: train.lr=-1.0 is invalid"), done.stderr
+
+
+def test_a_new_sweep_into_a_sweep_with_runs_is_refused_unless_resume_or_mode_is_swept(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from fedmaestro.__main__ import RunDirGuard
+
+    job = tmp_path / "0_train.lambda_gl=0.001"
+    Trainer(tiny(epochs=1), job, DATASETS).fit(show_progress=False)
+
+    def sweep(*task):
+        return OmegaConf.create({"mode": "centralized", "resume": False,
+                                 "hydra": {"sweep": {"dir": str(tmp_path)}, "overrides": {"task": list(task)}}})
+
+    with pytest.raises(SystemExit) as exit_info:
+        RunDirGuard().on_multirun_start(sweep("train.lambda_gl=1e-3,2e-3"))
+    assert exit_info.value.code == 2
+    assert f"holds the runs of an earlier sweep ({job.name}); continue that sweep with resume=true" in \
+        capsys.readouterr().err
+    # the config Hydra hands over holds a swept key's default: each job checks its own directory instead
+    RunDirGuard().on_multirun_start(sweep("train.lambda_gl=1e-3", "resume=true,false"))
+    RunDirGuard().on_multirun_start(sweep("mode=centralized,hpo"))
+
+
 def test_an_omegaconf_error_inside_a_run_is_a_bug_and_keeps_its_traceback(tmp_path, monkeypatch):
     import fedmaestro.__main__ as cli
     from omegaconf.errors import ConfigKeyError
@@ -343,10 +374,10 @@ def test_an_omegaconf_error_inside_a_run_is_a_bug_and_keeps_its_traceback(tmp_pa
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # main() sets it for Hydra; monkeypatch puts it back
     monkeypatch.setattr(cli, "run_mode", broken)
-    monkeypatch.setattr(cli, "_task_started", False)
     monkeypatch.setattr(sys, "argv", ["fedmaestro", "mode=theory", f"hydra.run.dir={tmp_path}"])
     with pytest.raises(ConfigKeyError, match="a bug in the run"):  # not "error: ..." and exit 2
         cli.main()
+    assert os.environ["HYDRA_FULL_ERROR"] == "0"  # put back as it was
 
 
 def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or_loading_anything(tmp_path):
@@ -545,6 +576,15 @@ def test_the_paper_preset_runs_end_to_end_on_fashion_mnist(tmp_path, capsys):
     centralized.run(shorter, run_dir)
     assert {p: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
     assert "the run has done all train.epochs=1 epochs (its checkpoint is at epoch 2)" in capsys.readouterr().out
+    # interrupted after its last checkpoint, before model.pt was written: the resume writes it (and the plots)
+    (run_dir / "model.pt").unlink()
+    centralized.run(shorter, run_dir)
+    model, _ = load_model(run_dir)
+    (run_dir / "model.pt").rename(run_dir / "resumed.pt")
+    (run_dir / "model.pt").write_bytes(files[run_dir / "model.pt"])
+    for (name, a), (_, b) in zip(model.state_dict().items(), load_model(run_dir)[0].state_dict().items()):
+        assert torch.equal(a, b), name  # the model the uninterrupted run wrote
+    assert (run_dir / "config.json").read_bytes() == files[run_dir / "config.json"]  # still the 2-epoch run's
 
 
 # the paper's lambda grids (Tables 11-15; LeNet's plus 512e-5, the last point of the released code's curve);

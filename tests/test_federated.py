@@ -581,6 +581,16 @@ def test_the_flwr_run_serverapp_fails_on_a_bad_partition_before_any_client_is_as
     assert not (tmp_path / "run").exists()
 
 
+def test_under_flwr_run_a_server_without_the_training_set_warns_and_leaves_the_partitions_to_the_clients(
+        tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "dataset=mnist", f"data.root={tmp_path / 'empty'}")
+    with pytest.raises(FileNotFoundError, match="mnist: train files not found"):  # python -m fedmaestro: an error
+        server_app.preflight(cfg, run_dir)
+    with caplog.at_level(logging.WARNING, logger="strategies.server_app"):
+        assert server_app.preflight(cfg, run_dir, server_has_data=False) == 0
+    assert "preflight: the server has no copy of the clients' training set (mnist: train files not found" in caplog.text
+
+
 def test_the_flwr_run_serverapp_stops_at_once_when_the_resumed_run_has_done_every_round(tmp_path, caplog):
     cfg, run_dir = make_cfg(tmp_path, "devices=homogeneous", "fl.rounds=1")
     run(cfg, run_dir)
