@@ -484,6 +484,24 @@ def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
     assert OverridesParser.create().parse_override(pasted).value() == job
 
 
+def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from fedmaestro import checkpoint
+
+    checkpoint.save(tmp_path / "checkpoint.pt", {"epoch": 1, "weights": torch.arange(4.0)})
+    real_save = torch.save
+
+    def killed_while_writing(state, f):
+        real_save(state, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:50])  # half a file, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "checkpoint.pt", {"epoch": 2, "weights": torch.zeros(4)})
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
+
+
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):
     trainer = Trainer(tiny(epochs=2, lambda_gl=3e-3, eps_ps=1e-3), tmp_path, DATASETS)
     trainer.fit(show_progress=False)
