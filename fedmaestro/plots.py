@@ -238,6 +238,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def preset_of(run_dir: Path) -> str | None:
+    """The preset (``+experiment=<name>``) a run was started with, from its Hydra job's overrides.yaml (a
+    lambda search's runs: their search's), or None. The config does not hold it: the preset is a group."""
+    for job in (run_dir, run_dir.parent):
+        overrides = job / ".hydra" / "overrides.yaml"
+        if overrides.is_file():
+            for line in overrides.read_text().splitlines():
+                key, _, value = line.strip().lstrip("- ").strip("'\"").partition("=")
+                if key.lstrip("+~") == "experiment" and value:
+                    return value
+            return None
+    return None
+
+
 def find_runs(*roots: str | Path, report=print) -> list[Run]:
     """Every finished-or-not run (metrics.jsonl + config.json) at or below ``roots``, centralized or federated.
 
@@ -254,7 +268,11 @@ def find_runs(*roots: str | Path, report=print) -> list[Run]:
             records = read_records(metrics.parent)
             if config.is_file() and records:
                 cfg = with_defaults(json.loads(config.read_text()))
-                runs.append(Run(metrics.parent, cfg, records, _flatten(cfg)))
+                flat = _flatten(cfg)
+                preset = preset_of(metrics.parent)
+                if preset is not None:
+                    flat["experiment"] = preset
+                runs.append(Run(metrics.parent, cfg, records, flat))
         for job in sorted(p.parent for p in root.rglob(".hydra")):
             if not any((job / name).is_file() for name in ("metrics.jsonl", "deploy.json", "theory.json", "hpo.json")) \
                     and not any(job.glob("lambda_*/metrics.jsonl")):  # a lambda search's runs are in lambda_*
@@ -281,6 +299,9 @@ def _label(run: Run, keys: list[str]) -> str:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; NaN where a value is missing (NaN: statistics.stdev fails on it)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -297,7 +318,14 @@ def sweep_table(runs: list[Run]) -> list[dict]:
     keys = _varying_keys(runs)
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[_label(run, keys)].append(run)
+        if "experiment" in keys:  # a sweep over presets: each row is named by its preset, and what varies within it
+            preset = run.flat.get("experiment")
+            within = _varying_keys([r for r in runs if r.flat.get("experiment") == preset])
+            label = str(preset) + ("" if not within else
+                                   " (" + ", ".join(f"{k.split('.')[-1]}={run.flat.get(k)}" for k in within) + ")")
+        else:
+            label = _label(run, keys)
+        groups[label].append(run)
     dense_wall = [r.last["wall_s"] / max(r.last[r.unit], 1) for r in runs if r.dense]
     rows = []
     for label, members in groups.items():

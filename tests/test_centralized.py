@@ -688,6 +688,33 @@ def test_milestones_past_the_last_epoch_are_reported(tmp_path, capsys):
     assert "train.milestones [2, 5] >= train.epochs=2: those LR decays never happen in this run" in out
 
 
+def test_a_sweep_over_presets_names_each_row_by_its_preset(tmp_path, capsys):
+    from fedmaestro import plot
+    from fedmaestro.config import to_dict
+
+    sweep = tmp_path / "sweep"
+    jobs = [("fl_fedavg", 0, dict(factorize=False)), ("fl_fedavg", 1, dict(factorize=False)),
+            ("fl_fjord", 0, dict(lambda_gl=0.0)), ("fl_maestro", 0, dict(lambda_gl=3e-3)),
+            ("fl_maestro", 1, dict(lambda_gl=3e-3))]
+    for i, (preset, seed, what) in enumerate(jobs):
+        cfg = tiny(lambda_gl=what.get("lambda_gl", 0.0))
+        cfg.mode, cfg.seed, cfg.model.factorize = "federated", seed, what.get("factorize", True)
+        job = sweep / f"{i}_seed={seed}"  # the preset is left out of job directory names
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- +experiment={preset}\n")
+        (job / "config.json").write_text(json.dumps(to_dict(cfg)))
+        (job / "metrics.jsonl").write_text(json.dumps({
+            "round": 3, "accuracy": 0.5 + 0.1 * i, "loss": 1.0, "params_deployed": 100, "params_rel": 1.0,
+            "macs_deployed": 1000, "macs_rel": 1.0, "total_rank": 10, "ranks": {"fc1": 10}, "wall_s": 1.0,
+            "bytes_down": 1_000_000, "bytes_up": 1_000_000}) + "\n")
+    assert plot.main([str(sweep)]) == 0
+    variants = [line.split(" | ")[0].lstrip("| ").rstrip(" *") for line in (sweep / "sweep.md").read_text().splitlines()[2:]
+                if line.startswith("| ")]
+    assert variants == ["fl_fedavg", "fl_fjord", "fl_maestro"]  # seeds averaged within each preset
+    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
+    assert [int(r["runs"]) for r in rows] == [2, 1, 2]
+
+
 def test_a_sweep_whose_jobs_all_left_no_record_says_so(tmp_path, capsys):
     from fedmaestro import plot
 
