@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from . import checkpoint
-from .console import log_to_run_files
+from .console import echo, log_to_run_files
 from .config import resolve, to_dict, unknown_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -175,6 +175,8 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
         checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
                                     "hydra.sweep.dir" if sweep else "hydra.run.dir")
+        if sweep and config.resume and config.mode != "deploy" and checkpoint.held_run(run_dir) is None:
+            _warn_of_other_runs(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
     if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model
@@ -185,6 +187,20 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
             return 1
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def _warn_of_other_runs(run_dir: Path) -> None:
+    """A resumed sweep's job without a run of its own, beside jobs with one: a new value of the sweep, or the
+    same job under another directory name (the names changed on 2026-12-02)."""
+    others = [p.name for p in sorted(run_dir.parent.iterdir()) if p.is_dir() and p != run_dir
+              and checkpoint.held_run(p) is not None]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        echo(f"resume=true: {run_dir.name} holds no run, but other jobs of this sweep do ({shown}); this job starts "
+             f"fresh. If one of them is this job under another name (sweeps started before 2026-12-02 named "
+             f"train.epochs and fl.rounds in their directories), stop and resume with "
+             f"'hydra.job.config.override_dirname.exclude_keys=[resume,progress,device,experiment]' added",
+             style="yellow", markup=False)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")

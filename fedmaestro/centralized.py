@@ -125,8 +125,8 @@ class Trainer:
             raise ValueError(f"the training set of {cfg.dataset.name!r} is empty; check data.subset / data.root")
         late = [m for m in t.milestones if m >= t.epochs]
         if late:
-            echo(f"[yellow]train.milestones {late} >= train.epochs={t.epochs}: those LR decays never happen "
-                          f"in this run")
+            echo(f"train.milestones {late} >= train.epochs={t.epochs}: those LR decays never happen in this run",
+                 style="yellow", markup=False)
         self.task = task_for(cfg.dataset.name, t.label_smoothing)
         self.example = example_input(cfg, self.device)
         self.dense = dense_footprint(cfg)
@@ -190,7 +190,7 @@ class Trainer:
             if self.cfg.checkpoint:
                 raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the run directory (or its checkpoint.pt) "
                                         f"run to continue, or drop checkpoint= to start fresh in {self.run_dir}")
-            echo(f"[yellow]resume=true but {path} does not exist: starting from epoch 0")
+            echo(f"resume=true but {path} does not exist: starting from epoch 0", style="yellow", markup=False)
             return False
         state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors; the model and
         # optimizer states move to their parameters' device as they load
@@ -202,7 +202,7 @@ class Trainer:
             raise ValueError(f"resume: {path} is not a training checkpoint (it has no {missing}); a model file "
                              f"(model.pt) cannot be resumed: give the run's checkpoint.pt")
         self.load_state_dict(state)
-        echo(f"resumed from {path} at epoch {self.epoch}")
+        echo(f"resumed from {path} at epoch {self.epoch}", markup=False)
         return True
 
     # ----------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
     done = cfg.resume and trainer.resume() and trainer.epoch >= cfg.train.epochs
     if done:  # nothing to train: the run's config stays as it is
         echo(f"{run_dir}: the run has done all train.epochs={cfg.train.epochs} epochs (its checkpoint is at "
-             f"epoch {trainer.epoch}); raise train.epochs to continue it")
+             f"epoch {trainer.epoch}); raise train.epochs to continue it", markup=False)
         if (run_dir / "model.pt").is_file():  # (an interruption after the last checkpoint may have left none)
             return trainer
     if not done or not (run_dir / "config.json").is_file():
@@ -384,7 +384,7 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
         echo(f"done: accuracy {last.get('accuracy')}, params {last['params_deployed']:,} "
                       f"({last['params_rel']:.3f}x dense), MACs {last['macs_deployed']:,} ({last['macs_rel']:.3f}x), "
                       f"training cost {last['train_macs_rel']:.2f}x MACs / {last['train_params_rel']:.2f}x params; "
-                      f"run dir {run_dir}")
+                      f"run dir {run_dir}", markup=False)
         for path in plot_centralized(run_dir):
-            echo(f"plot: {path}")
+            echo(f"plot: {path}", markup=False)
     return trainer

@@ -41,7 +41,9 @@ def log_to_run_files(run_dir: str | Path | None) -> None:
 
 
 def echo(*objects, **kwargs) -> None:
-    """``console.print``, and the same as plain text into the run's log file where one is set up."""
+    """``console.print``, and the same as plain text into the run's log file where one is set up. A line that
+    holds a path or a value a user gave is printed with ``markup=False`` (and a ``style``): rich would read
+    ``[conv1,conv2]`` in a sweep job's directory name as markup and drop it."""
     console.print(*objects, **kwargs)
     if run_log.handlers:
         plain = Console(file=io.StringIO(), width=160, no_color=True, highlight=False)

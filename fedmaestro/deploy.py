@@ -292,8 +292,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     model, model_cfg = load_model(cfg.checkpoint, device)
     ignored = ignored_settings(cfg, model_cfg)
     if ignored:
-        echo("[yellow]deploy: the model and data set are the checkpoint's; these settings were not used "
-                      "(checkpoint -> given): " + "; ".join(ignored))
+        echo("deploy: the model and data set are the checkpoint's; these settings were not used (checkpoint -> "
+             "given): " + "; ".join(ignored), style="yellow", markup=False)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     sources = {"maestro": (model, model_cfg)}
     if cfg.deploy.svd_baseline:
@@ -321,7 +321,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                "curve_points": {m: len(c) for m, c in curves.items()}}
     (run_dir / "deploy.json").write_text(json.dumps(summary, indent=2))
     _print_exports(exports)
-    echo(f"curve: {run_dir / 'deploy_curve.csv'}; plot: {plot}")
+    echo(f"curve: {run_dir / 'deploy_curve.csv'}; plot: {plot}", markup=False)
     return summary
 
 

@@ -194,9 +194,9 @@ def _print(result: HPOResult) -> None:
                       "-" if t.accuracy is None else f"{t.accuracy:.4f}",
                       f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}", f"{t.train_macs_rel:.2f}", t.outcome)
     echo(table)
-    echo(f"search cost: {result.cost:.2f}x one dense training; {result.reason}")
+    echo(f"search cost: {result.cost:.2f}x one dense training; {result.reason}", markup=False)
     if result.chosen:
-        echo(f"returned: lambda {result.chosen.lambda_gl:g}, {result.chosen.run_dir}/model.pt")
+        echo(f"returned: lambda {result.chosen.lambda_gl:g}, {result.chosen.run_dir}/model.pt", markup=False)
 
 
 def run(cfg: Config, run_dir: Path) -> HPOResult:

@@ -467,5 +467,5 @@ def run(cfg: Config, run_dir: Path) -> dict:
     table.add_row("(d) adaptivity, Fig. 7", f"rank {adapt.rank_before_removal} before the removal at step "
                   f"{adapt.remove_at}, {adapt.final_rank} at the end")
     echo(table)
-    echo(f"plots and theory.json in {run_dir}")
+    echo(f"plots and theory.json in {run_dir}", markup=False)
     return result

@@ -120,7 +120,7 @@ class RunLog:
                 from fedmaestro.plots import plot_federated
                 plot_federated(self.run_dir)
             except Exception as e:  # noqa: BLE001  (plots are a convenience: a failure must not lose the run)
-                echo(f"[yellow]plots not written: {e}")
+                echo(f"plots not written: {e}", style="yellow", markup=False)
         if self.show:
             echo(self.table(s))
         return s

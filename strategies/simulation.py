@@ -76,7 +76,7 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
 
     done = preflight(cfg, Path(run_dir))
     if done >= cfg.fl.rounds:
-        echo(all_rounds_done(run_dir, cfg, done))
+        echo(all_rounds_done(run_dir, cfg, done), markup=False)
         return
     interrupted = threading.Event()
     simulate(make_app(cfg, Path(run_dir), launched_at=launched, interrupted=interrupted), client_app,

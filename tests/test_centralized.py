@@ -335,6 +335,28 @@ def test_a_command_line_hydra_cannot_compose_is_one_error_with_exit_status_2(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resumed_sweep_job_without_a_run_beside_jobs_with_one_says_how_an_older_sweep_resumes(
+        tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
+    from fedmaestro.__main__ import run_mode
+
+    Trainer(tiny(epochs=1), tmp_path / "0_train.epochs=1,train.lambda_gl=0.001", DATASETS).fit(show_progress=False)
+    started = []
+    monkeypatch.setattr(centralized, "run", lambda cfg, run_dir: started.append(run_dir))
+    job = tmp_path / "0_train.lambda_gl=0.001"  # the same job, named as sweeps are named since 2026-12-02
+    run_mode(OmegaConf.structured(tiny(epochs=2)), job, sweep=True)  # not resumed: no notice
+    assert "holds no run" not in capsys.readouterr().out
+    resumed = tiny(epochs=2)
+    resumed.resume = True
+    run_mode(OmegaConf.structured(resumed), job, sweep=True)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "resume=true: 0_train.lambda_gl=0.001 holds no run, but other jobs of this sweep do " \
+           "(0_train.epochs=1,train.lambda_gl=0.001); this job starts fresh" in out
+    assert "'hydra.job.config.override_dirname.exclude_keys=[resume,progress,device,experiment]' added" in out
+    assert started == [job, job]
+
+
 def test_a_run_with_hydra_logging_switched_off_still_runs_and_prints_its_errors_in_one_line(tmp_path):
     for job_logging in ("disabled", "stdout"):  # no file handler for fedmaestro.log to route to
         done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", f"hydra/job_logging={job_logging}",
@@ -603,6 +625,17 @@ def test_the_paper_preset_runs_end_to_end_on_fashion_mnist(tmp_path, capsys):
     for (name, a), (_, b) in zip(model.state_dict().items(), load_model(run_dir)[0].state_dict().items()):
         assert torch.equal(a, b), name  # the model the uninterrupted run wrote
     assert (run_dir / "config.json").read_bytes() == files[run_dir / "config.json"]  # still the 2-epoch run's
+
+
+def test_printed_paths_keep_a_sweep_job_directory_name_with_a_list_in_it(tmp_path, capsys):
+    # a sweep over 'model.skip=[conv1,conv2]' names its job directories so; rich would read the list as markup
+    cfg, _ = compose(["+experiment=paper/lenet_fmnist", "train.epochs=1", "data.subset=256", "data.test_subset=256",
+                      "progress=false", f"hydra.run.dir={tmp_path}"])
+    run_dir = tmp_path / "0_model.skip=[conv1,conv2]"
+    run_dir.mkdir()
+    centralized.run(cfg, run_dir)
+    out = capsys.readouterr().out.replace("\n", "")
+    assert f"run dir {run_dir}" in out and f"plot: {run_dir / 'training.png'}" in out
 
 
 # the paper's lambda grids (Tables 11-15; LeNet's plus 512e-5, the last point of the released code's curve);
