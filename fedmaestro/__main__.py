@@ -71,7 +71,8 @@ GUARDED_RUNS = ("federated", "centralized", "hpo", "deploy")
 class RunDirGuard(Callback):
     """Before Hydra writes into the run directory (its .hydra/ files describe the run that is there): a new
     run into a directory that holds one is refused, and so is a resume whose config differs from its
-    checkpoint's (before any data loads). Registered in conf/config.yaml.
+    checkpoint's (before any data loads). Registered in conf/config.yaml. For the length of each job it routes
+    what the job prints (``console.echo``) into the job's log file too.
 
     In a --multirun it also collects the jobs that failed on a user error or found no model (each printed its
     one-line error and returned the exit status a single run would have had, so that the sweep went on): the
