@@ -42,12 +42,17 @@ def compose(overrides: list[str]) -> tuple[Config, Path]:
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
 
-    from fedmaestro.__main__ import CONF_DIR
+    from fedmaestro.__main__ import CONF_DIR, composition_error
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        raw = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            raw = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:  # as the command line words it: the key and the fix
+        raise ValueError(composition_error(e)) from e
     run_dir = Path(str(OmegaConf.select(raw, "hydra.run.dir")))
     with open_dict(raw):
         del raw["hydra"]

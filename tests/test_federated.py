@@ -581,6 +581,15 @@ def test_the_flwr_run_serverapp_fails_on_a_bad_partition_before_any_client_is_as
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=1", r"config: unknown keys \(not in the schema, fedmaestro/config.py\): train.epoch \(did you mean "
+                      r"train.epochs\?\)"),
+    ("devices=three_tier", r"Could not find 'devices/three_tier'\nAvailable options in 'devices':\n\tfive_tiers")])
+def test_flwr_run_overrides_hydra_cannot_compose_are_refused_as_the_command_line_words_them(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose([override])
+
+
 def test_under_flwr_run_a_server_without_the_training_set_warns_and_leaves_the_partitions_to_the_clients(
         tmp_path, caplog):
     cfg, run_dir = make_cfg(tmp_path, "dataset=mnist", f"data.root={tmp_path / 'empty'}")
