@@ -286,7 +286,12 @@ def find_runs(*roots: str | Path, report=print) -> list[Run]:
 
 def _varying_keys(runs: list[Run]) -> list[str]:
     keys = sorted(set().union(*(r.flat for r in runs)))
-    return [k for k in keys if not k.startswith(IGNORED_IN_LABELS) and len({json.dumps(r.flat.get(k)) for r in runs}) > 1]
+    return [k for k in keys if not _ignored_in_labels(k) and len({json.dumps(r.flat.get(k)) for r in runs}) > 1]
+
+
+def _ignored_in_labels(key: str) -> bool:
+    """``key`` is one of IGNORED_IN_LABELS or below one (``device`` is, ``devices.tiers.0.budget`` is not)."""
+    return any(key == ignored or key.startswith(ignored + ".") for ignored in IGNORED_IN_LABELS)
 
 
 def _label(run: Run, keys: list[str]) -> str:

@@ -138,8 +138,20 @@ class MaestroStrategy(Strategy):
                  + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
                  c.strategy.shrink_every, c.train.eps_ps)
         for t, n in zip(c.devices.tiers, counts):
-            log.info("  tier %s: %d clients, budget %g%s%s", t.name, n, t.budget,
-                     f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "")
+            log.info("  tier %s: %d clients, budget %g%s%s%s", t.name, n, t.budget,
+                     f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "",
+                     f", drop-out {t.dropout:g}, straggler {t.straggler:g}" if t.dropout or t.straggler else "")
+        empty = [t.name for t, n in zip(c.devices.tiers, counts) if n == 0]
+        if empty:
+            whole = [t.name for t, n in zip(c.devices.tiers, counts) if n and t.budget == 1.0]
+            log.warning("tiers %s get no client of fl.num_clients=%d (shares %s)%s; raise fl.num_clients or those "
+                        "tiers' shares", empty, c.fl.num_clients, [t.share for t in c.devices.tiers],
+                        "" if whole else ": no client holds the whole model, so the columns above the other tiers' "
+                        "caps are never trained, and the full-rank model is not what any device runs")
+        if any(t.dropout or t.straggler for t in c.devices.tiers):
+            log.warning("devices %s inject faults: a round with a drop-out or a straggler waits "
+                        "strategy.round_timeout=%gs for it; set it a little above a healthy round's length",
+                        c.devices.name, c.strategy.round_timeout)
 
     # --- identity --------------------------------------------------------------------------------
     def identify(self, grid: Grid) -> dict[int, int]:
@@ -305,7 +317,9 @@ class MaestroStrategy(Strategy):
                 valid.append(out)
         late = sorted(s.partition_id for node, s in self.sent.items() if node not in seen)
         if late:
-            log.warning("round %d: no answer before the round's timeout from clients %s", server_round, late)
+            injected = {p: f for p, f in self.round_info.get("faults", {}).items() if int(p) in late}
+            log.warning("round %d: no answer before the round's timeout from clients %s%s", server_round, late,
+                        f" (injected faults: {injected})" if injected else "")
         valid.sort(key=lambda v: v[0].partition_id)
         info = self.round_info
         info.update({"valid": [v[0].partition_id for v in valid], "dropped": dropped, "late": late})

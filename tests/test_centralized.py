@@ -748,6 +748,22 @@ def test_a_sweep_over_presets_names_each_row_by_its_preset(tmp_path, capsys):
     assert [int(r["runs"]) for r in rows] == [2, 1, 2]
 
 
+def test_a_sweep_over_a_device_key_keeps_its_rows_apart():
+    from fedmaestro.plots import Run, _flatten, sweep_table
+    from fedmaestro.config import to_dict
+
+    runs = []
+    for budget in (0.25, 0.5):
+        cfg = to_dict(tiny())
+        cfg["devices"]["tiers"][0]["budget"] = budget
+        record = {"round": 1, "accuracy": budget, "params_deployed": 100, "params_rel": 1.0, "macs_deployed": 1000,
+                  "macs_rel": 1.0, "total_rank": 10, "wall_s": 1.0, "bytes_down": 1, "bytes_up": 1}
+        runs.append(Run(Path(f"/x/{budget}"), cfg, [record], _flatten(cfg)))
+    rows = sweep_table(runs)  # "device" is left out of labels, "devices.tiers" is not
+    assert [r["runs"] for r in rows] == [1, 1] and sorted(r["acc"] for r in rows) == [0.25, 0.5]
+    assert len({r["variant"] for r in rows}) == 2 and all("tiers=" in r["variant"] for r in rows)
+
+
 def test_a_sweep_whose_jobs_all_left_no_record_says_so(tmp_path, capsys):
     from fedmaestro import plot
 

@@ -110,6 +110,18 @@ def test_runs_repeat_exactly_and_ignore_flower_node_ids(tmp_path):
     assert timeless(records(c)) != timeless(ra)  # the seed matters
 
 
+def test_a_tier_without_clients_is_warned_of_and_worst_where_no_client_holds_the_whole_model(tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=2", "fl.clients_per_round=2")  # three tiers, two clients
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+        strategy.summary()
+    empty = [t.name for i, t in enumerate(cfg.devices.tiers) if i not in strategy.tier_of]
+    assert len(empty) == 1
+    message = next(m for m in caplog.messages if "get no client" in m)
+    assert message.startswith(f"tiers {empty} get no client of fl.num_clients=2")
+    assert ("no client holds the whole model" in message) == (empty == ["large"])
+
+
 # --- validation and faults ----------------------------------------------------------------------------------
 def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> ClientApp:
     """The real ClientApp, with the replies of some partition ids corrupted."""
@@ -284,7 +296,11 @@ def test_dropouts_and_stragglers_miss_the_deadline_and_the_round_goes_on(tmp_pat
     assert r["clients"]["late"] == flaky and sorted(map(int, r["clients"]["faults"])) == flaky
     assert set(r["clients"]["faults"].values()) <= {"dropout", "straggler"}
     assert r["clients"]["valid"] == [p for p in range(4) if p not in flaky] and r["clients"]["dropped"] == {}
-    assert any("no answer before the round's timeout" in m for m in caplog.messages)
+    assert any(f"no answer before the round's timeout from clients {flaky} (injected faults: "
+               f"{r['clients']['faults']})" in m for m in caplog.messages)
+    # the start says that a faulty round waits for the timeout
+    assert any("inject faults: a round with a drop-out or a straggler waits strategy.round_timeout=2s" in m
+               for m in caplog.messages)
     # the faulty clients were sent their messages (bytes down) after the healthy ones
     order = [grid.nodes[m.metadata.dst_node_id] for m in train_messages(grid, 1)]
     assert order[-len(flaky):] == flaky
