@@ -82,6 +82,10 @@ class RunDirGuard(Callback):
         self.failed_jobs: dict[str, int] = {}
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not str(config.hydra.run.dir or "").strip():  # Hydra would write into the working directory
+            print("error: hydra.run.dir is empty (an unset shell variable?); give the run a directory, "
+                  "hydra.run.dir=<dir>, or drop the override for outputs/<mode>/<time>", file=sys.stderr)
+            sys.exit(2)
         mode = config.get("mode")
         if mode not in GUARDED_RUNS:
             return

@@ -216,7 +216,7 @@ class FLConfig:
     local_epochs: int = 1
     client_cpus: float = 1.0  # Ray resources per client; torch threads per client = max(1, int(client_cpus))
     client_gpus: float = 0.0
-    federated_eval_every: int = 0  # rounds between federated evaluations on local test splits; 0 = never
+    federated_eval_every: int = 0  # rounds between federated evaluations on local test splits (and the last); 0 = never
 
     def __post_init__(self):
         _check("fl.num_clients", self.num_clients, self.num_clients > 0, "must be > 0")

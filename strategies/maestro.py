@@ -355,8 +355,8 @@ class MaestroStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         every = self.cfg.fl.federated_eval_every
-        if not every or server_round % every:
-            return []
+        if not every or (server_round % every and server_round != self.runlog.num_rounds):
+            return []  # every ``every`` rounds and in the last one, as the server's own evaluation
         current = _record_arrays(arrays)
         layout = self.global_model.layout
         tier_caps = self.caps_of_tiers()

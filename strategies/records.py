@@ -107,6 +107,7 @@ class RunLog:
             "wall_s": self.wall, "startup_s": self.startup_s,
             "steady_round_s": sum(steady) / len(steady) if steady else None,
             "tiers": last.get("tiers", {}),
+            **{k: last[k] for k in ("fed_accuracy", "fed_loss") if k in last},  # federated evaluation's, if on
         }
 
     def finish(self, global_model) -> dict:

@@ -357,6 +357,14 @@ def test_a_resumed_sweep_job_without_a_run_beside_jobs_with_one_says_how_an_olde
     assert started == [job, job]
 
 
+def test_an_empty_run_directory_is_refused_before_anything_is_written(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", "resume=true", "hydra.run.dir="],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 2 and done.stderr.startswith("error: hydra.run.dir is empty"), done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # nothing in the working directory
+
+
 def test_a_run_with_hydra_logging_switched_off_still_runs_and_prints_its_errors_in_one_line(tmp_path):
     for job_logging in ("disabled", "stdout"):  # no file handler for fedmaestro.log to route to
         done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", f"hydra/job_logging={job_logging}",

@@ -110,6 +110,15 @@ def test_runs_repeat_exactly_and_ignore_flower_node_ids(tmp_path):
     assert timeless(records(c)) != timeless(ra)  # the seed matters
 
 
+def test_federated_evaluation_runs_every_n_rounds_and_in_the_last_one(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "fl.federated_eval_every=2", "data.local_test_fraction=0.2",
+                            "devices=homogeneous")
+    run(cfg, run_dir)
+    assert ["fed_accuracy" in r for r in records(run_dir)] == [False, True, True]  # round 3: the last
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["fed_accuracy"] == records(run_dir)[-1]["fed_accuracy"]
+
+
 def test_a_tier_without_clients_is_warned_of_and_worst_where_no_client_holds_the_whole_model(tmp_path, caplog):
     cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=2", "fl.clients_per_round=2")  # three tiers, two clients
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
