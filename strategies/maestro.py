@@ -130,13 +130,18 @@ class MaestroStrategy(Strategy):
             log.warning("train.milestones %s >= fl.rounds=%d (in federated mode they count rounds): those LR decays "
                         "never happen in this run", late, c.fl.rounds)
         counts = np.bincount(self.tier_of, minlength=len(c.devices.tiers))
-        log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
-                 "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
-                 c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
-                 "" if c.train.lambda_stop_params is None else
-                 f" until the params fall to {c.train.lambda_stop_params:g}x dense"
-                 + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
-                 c.strategy.shrink_every, c.train.eps_ps)
+        if not self.global_model.factorized:
+            log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), a dense model "
+                     "(model.factorize=false): no rank sampling, lasso or shrinking", c.fl.rounds,
+                     c.fl.clients_per_round, c.fl.num_clients, c.fl.local_epochs)
+        else:
+            log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
+                     "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
+                     c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
+                     "" if c.train.lambda_stop_params is None else
+                     f" until the params fall to {c.train.lambda_stop_params:g}x dense"
+                     + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
+                     c.strategy.shrink_every, c.train.eps_ps)
         for t, n in zip(c.devices.tiers, counts):
             log.info("  tier %s: %d clients, budget %g%s%s%s", t.name, n, t.budget,
                      f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "",
@@ -250,7 +255,9 @@ class MaestroStrategy(Strategy):
         global model's deployed params fall to ``train.lambda_stop_params`` x dense, then lambda 0 (and sampler
         ``fixed`` with ``train.finetune_after_stop``); derived from the model alone, so a resumed run agrees."""
         t, gm = self.cfg.train, self.global_model
-        if not gm.factorized or t.lambda_stop_params is None:
+        if not gm.factorized:  # a dense model: no groups for the lasso, no ranks to sample
+            return 0.0, t.sampler
+        if t.lambda_stop_params is None:
             return float(t.lambda_gl), t.sampler
         lam, sampler = lasso_schedule(t, gm.footprint(gm.model)["params_rel"])
         return float(lam), sampler

@@ -421,6 +421,7 @@ def test_dense_fedavg_is_the_example_weighted_mean(tmp_path):
         np.testing.assert_array_equal(after[name], mean.astype(np.float32))
     r = records(run_dir)[0]
     assert r["params"] == r["params_deployed"] == 44_426 and r["total_rank"] == 0
+    assert r["lambda_gl"] == 0.0 and cfg.train.lambda_gl > 0  # no lasso on a dense model, whatever the config says
 
 
 def test_mac_budget_is_solved_into_caps(tmp_path):
