@@ -120,10 +120,8 @@ class RunDirGuard(Callback):
         if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
             return  # a swept mode or resume: each job checks its own directory (run_mode)
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
-        held = [job.name for job in jobs if checkpoint.held_run(job) is not None]
-        if held:
-            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        shown = _jobs_with_runs(sweep_dir)
+        if shown:
             again = "" if mode == "deploy" else "continue that sweep with resume=true, or "
             print(f"error: hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({shown}); {again}give the "
                   f"new sweep its own directory (hydra.sweep.dir=...)", file=sys.stderr)
@@ -194,13 +192,18 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
         sys.exit(1)
 
 
+def _jobs_with_runs(sweep_dir: Path) -> str:
+    """The job directories of ``sweep_dir`` that hold a run, named (the first three) for a message; "" if none."""
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
+    held = [job.name for job in jobs if checkpoint.held_run(job) is not None]
+    return ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+
+
 def _warn_of_other_runs(run_dir: Path) -> None:
     """A resumed sweep's job without a run of its own, beside jobs with one: a new value of the sweep, or the
     same job under another directory name (the names changed on 2026-12-02)."""
-    others = [p.name for p in sorted(run_dir.parent.iterdir()) if p.is_dir() and p != run_dir
-              and checkpoint.held_run(p) is not None]
-    if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    shown = _jobs_with_runs(run_dir.parent)  # run_dir holds none: they are the others
+    if shown:
         echo(f"resume=true: {run_dir.name} holds no run, but other jobs of this sweep do ({shown}); this job starts "
              f"fresh. If one of them is this job under another name (sweeps started before 2026-12-02 named "
              f"train.epochs and fl.rounds in their directories), stop and resume with "

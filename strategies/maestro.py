@@ -148,7 +148,7 @@ class MaestroStrategy(Strategy):
                      f", drop-out {t.dropout:g}, straggler {t.straggler:g}" if t.dropout or t.straggler else "")
         empty = [t.name for t, n in zip(c.devices.tiers, counts) if n == 0]
         if empty:
-            whole = [t.name for t, n in zip(c.devices.tiers, counts) if n and t.budget == 1.0]
+            whole = any(n and t.budget == 1.0 for t, n in zip(c.devices.tiers, counts))
             log.warning("tiers %s get no client of fl.num_clients=%d (shares %s)%s; raise fl.num_clients or those "
                         "tiers' shares", empty, c.fl.num_clients, [t.share for t in c.devices.tiers],
                         "" if whole else ": no client holds the whole model, so the columns above the other tiers' "

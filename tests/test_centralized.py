@@ -308,13 +308,20 @@ def test_a_bad_device_or_test_subset_is_refused_naming_the_key(make, match):
         make()
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m fedmaestro <args>`` as a user runs it (from the checkout unless ``cwd``); its output."""
+    return subprocess.run([sys.executable, "-m", "fedmaestro", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
 @pytest.mark.parametrize("override, message", [
     ("+train.lrr=0.1", "unknown keys (not in the schema, fedmaestro/config.py): train.lrr (did you mean train.lr?)"),
     ("device=gpu", "device='gpu' is invalid: must be auto, cpu, cuda, cuda:N or mps")])
 def test_the_command_line_prints_a_bad_config_as_one_error_line(tmp_path, override, message):
-    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", override,
-                           f"hydra.run.dir={tmp_path}"], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300)
+    done = cli("mode=centralized", override, f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2 and f"error: config: {message}" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
 
@@ -327,9 +334,7 @@ def test_the_command_line_prints_a_bad_config_as_one_error_line(tmp_path, overri
     ("devices=three_tier", "error: In 'config': Could not find 'devices/three_tier'\nAvailable options in 'devices':"),
     ("train.lr=[", "error: train.lr=[: no viable alternative at input '['")])
 def test_a_command_line_hydra_cannot_compose_is_one_error_with_exit_status_2(tmp_path, override, message):
-    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", override,
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300)
+    done = cli("mode=centralized", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert done.returncode == 2 and done.stderr.startswith(message), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "search path" not in done.stderr
     assert not (tmp_path / "run").exists()
@@ -358,18 +363,16 @@ def test_a_resumed_sweep_job_without_a_run_beside_jobs_with_one_says_how_an_olde
 
 
 def test_an_empty_run_directory_is_refused_before_anything_is_written(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", "resume=true", "hydra.run.dir="],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    done = cli("mode=centralized", "resume=true", "hydra.run.dir=", cwd=tmp_path,
+               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stderr.startswith("error: hydra.run.dir is empty"), done.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # nothing in the working directory
 
 
 def test_a_run_with_hydra_logging_switched_off_still_runs_and_prints_its_errors_in_one_line(tmp_path):
     for job_logging in ("disabled", "stdout"):  # no file handler for fedmaestro.log to route to
-        done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", f"hydra/job_logging={job_logging}",
-                               "train.lr=-1", f"hydra.run.dir={tmp_path / job_logging}"],
-                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        done = cli("mode=centralized", f"hydra/job_logging={job_logging}", "train.lr=-1",
+                   f"hydra.run.dir={tmp_path / job_logging}")
         assert done.returncode == 2 and done.stderr.startswith("error: config: train.lr=-1.0 is invalid"), done.stderr
 
 
@@ -413,9 +416,7 @@ def test_an_omegaconf_error_inside_a_run_is_a_bug_and_keeps_its_traceback(tmp_pa
 def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or_loading_anything(tmp_path):
     Trainer(tiny(epochs=1), tmp_path, DATASETS).fit(show_progress=False)
     before = sorted(p.name for p in tmp_path.iterdir())
-    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", "resume=true", "model=vgg19",
-                           f"hydra.run.dir={tmp_path}"], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300)
+    done = cli("mode=centralized", "resume=true", "model=vgg19", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2 and "error: resume: the checkpoint was written with a different config" in done.stderr
     assert "model.name: 'lenet' -> 'vgg19'" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # Hydra wrote nothing (no .hydra/, no log)
@@ -470,11 +471,9 @@ def test_ctrl_c_in_a_sweep_says_how_to_continue_the_sweep_and_that_command_conti
 
 def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, "-m", "fedmaestro", "--multirun", "+experiment=paper/lenet_fmnist_smoke", "data.subset=300",
-               "data.test_subset=100", "train.epochs=1", "progress=false", "train.lambda_gl=-1,1e-3",
-               f"hydra.sweep.dir={sweep_dir}"]
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=300)
+    command = ["--multirun", "+experiment=paper/lenet_fmnist_smoke", "data.subset=300", "data.test_subset=100",
+               "train.epochs=1", "progress=false", "train.lambda_gl=-1,1e-3", f"hydra.sweep.dir={sweep_dir}"]
+    done = cli(*command)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     [bad] = sweep_dir.glob("0_*")
     [good] = sweep_dir.glob("1_*")
@@ -486,8 +485,7 @@ def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tm
     assert done.stdout.count("epoch 1/1  loss") == 1, done.stdout[-2000:]
     files = sorted(p for p in sweep_dir.rglob("*") if p.is_file())
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
-    again = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                           timeout=300)
+    again = cli(*command)
     # the same sweep again is refused in one line before Hydra writes a job's .hydra/ or multirun.yaml
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
     assert f"error: hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({good.name}); continue that " \
@@ -496,8 +494,7 @@ def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tm
     assert sorted(p for p in sweep_dir.rglob("*") if p.is_file()) == files
     # resume=true with more epochs continues every job in its own directory (train.epochs names no directory)
     longer = [a.replace("train.epochs=1", "train.epochs=2") for a in command] + ["resume=true"]
-    resumed = subprocess.run(longer, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                             timeout=300)
+    resumed = cli(*longer)
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [bad.name, good.name]
     assert [json.loads(line)["epoch"] for line in (good / "metrics.jsonl").read_text().splitlines()] == [1, 2]
