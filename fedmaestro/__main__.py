@@ -180,6 +180,11 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
                                     "hydra.sweep.dir" if sweep else "hydra.run.dir")
         if sweep and config.resume and config.mode != "deploy" and checkpoint.held_run(run_dir) is None:
             _warn_of_other_runs(run_dir)
+    if config.mode in ("centralized", "hpo", "federated"):
+        from .train import amp_unused
+        notice = amp_unused(config.train.amp, config.device)
+        if notice:
+            echo(notice, style="yellow", markup=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
     if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model

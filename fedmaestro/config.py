@@ -57,7 +57,9 @@ class DataConfig:
     root: Optional[str] = None  # where data sets live (torchvision layouts); None = the defaults
     subset: Optional[int] = None  # first N training samples (smoke runs; evenly spaced ones for ImageNet)
     test_subset: Optional[int] = None  # first N test samples (likewise)
-    local_test_fraction: float = 0.1  # federated: share of each client's partition held out
+    # federated: share of each client's partition held out as its local test split (fl.federated_eval_every);
+    # held out whether or not federated evaluation runs, so that turning it on leaves the training data as it was
+    local_test_fraction: float = 0.1
 
     def __post_init__(self):
         _check("data.subset", self.subset, self.subset is None or self.subset > 0, "must be a positive int or null")
@@ -105,8 +107,11 @@ class TrainConfig:
     eps_ps: float = 1e-5  # progressive shrinking threshold (train.shrink=false turns shrinking off)
     shrink: bool = True
     sampler: str = "per_layer"
-    full_pass: bool = False  # extra full-rank pass with self-distillation ("w/ full-training")
-    distill_weight: float = 1.0
+    # extra full-rank pass with self-distillation ("w/ full-training"): every step also trains the model at its
+    # caps and distills it into the sampled sub-model; only where ranks are sampled (a factorized model, sampler
+    # per_layer / across_layers, not after finetune_after_stop's switch), where else the two are the same network
+    full_pass: bool = False
+    distill_weight: float = 1.0  # the distillation term's weight in full_pass
     amp: bool = False  # CUDA autocast with a GradScaler (centralized and federated clients)
     eval_every: int = 1
     num_workers: int = 0
@@ -155,8 +160,10 @@ class TierConfig:
     budget: float = 1.0  # fraction p of every layer's current rank: caps k_i = ceil(p r_i)
     max_macs: Optional[float] = None  # and/or: a cap on MACs, as a fraction of the dense model's (solved into caps)
     max_params: Optional[float] = None  # and/or: a cap on parameters, as a fraction of the dense model's
-    dropout: float = 0.0  # probability that a client of this tier does not answer a round
-    straggler: float = 0.0  # probability that it answers after the round's timeout (strategy.round_timeout)
+    # fault injection, per round and client: the server hears nothing from the client before the round's
+    # timeout (strategy.round_timeout) and goes on without it; the records count the two kinds apart
+    dropout: float = 0.0  # probability that a client of this tier does not answer a round (the device is gone)
+    straggler: float = 0.0  # probability that it answers after the round's timeout (its update comes too late)
 
     def __post_init__(self):
         _check(f"devices.tiers[{self.name}].budget", self.budget, 0 < self.budget <= 1, "must be in (0, 1]")
@@ -215,7 +222,7 @@ class FLConfig:
     clients_per_round: int = 10
     local_epochs: int = 1
     client_cpus: float = 1.0  # Ray resources per client; torch threads per client = max(1, int(client_cpus))
-    client_gpus: float = 0.0
+    client_gpus: float = 0.0  # Ray's GPU share per client (0.25: at most 4 at once on a GPU); `device` picks the device
     federated_eval_every: int = 0  # rounds between federated evaluations on local test splits (and the last); 0 = never
 
     def __post_init__(self):

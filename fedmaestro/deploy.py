@@ -131,6 +131,17 @@ def _done(point: dict, ctx: GreedyContext) -> bool:
     return d.min_accuracy is not None and not math.isnan(point["accuracy"]) and point["accuracy"] < d.min_accuracy
 
 
+def stopped_by(last: dict, d) -> str:
+    """What ended a curve at its ``last`` point, and the setting that would take it further."""
+    if d.min_accuracy is not None and not math.isnan(last.get("accuracy", math.nan)) and last["accuracy"] < d.min_accuracy:
+        return f"accuracy {last['accuracy']:.4f} < deploy.min_accuracy={d.min_accuracy:g}; lower deploy.min_accuracy"
+    if d.stop_params is not None and last["params_frac"] <= d.stop_params:
+        return f"params_frac {last['params_frac']:.3f} <= deploy.stop_params={d.stop_params:g}; lower deploy.stop_params"
+    if last["macs_frac"] <= d.stop_macs:
+        return f"macs_frac {last['macs_frac']:.3f} <= deploy.stop_macs={d.stop_macs:g}; lower deploy.stop_macs"
+    return "no rank left to remove"
+
+
 @torch.no_grad()
 def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") -> list[dict]:
     """Prune ``model`` in place by the greedy search; returns the curve, one point per step (start first)."""
@@ -309,7 +320,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             for target in targets:
                 point = first_at_or_below(curves[method], key, target)
                 if point is None:
-                    echo(f"[yellow]{method}: the curve stops above {key}={target}; lower deploy.stop_macs")
+                    echo(f"{method}: the curve stops above {key}={target:g} ({stopped_by(curves[method][-1], cfg.deploy)})",
+                         style="yellow", markup=False)
                     continue
                 name = f"deploy_{method}_{key.split('_')[0]}{target:g}.pt"
                 summary = export_point(source, point, ctx, source_cfg, run_dir / name)

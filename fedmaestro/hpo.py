@@ -3,7 +3,8 @@
 ``python -m fedmaestro mode=hpo hpo.min_accuracy=0.87 hpo.max_params=0.3 [train.* ...]``
 
 For lambda = ``hpo.lambda_large``, /2, /4, ... while lambda > ``hpo.lambda_small``: train a fresh
-model (same seed, ``train.*`` recipe) in ``<run dir>/lambda_<value>``. At every evaluation epoch
+model (same seed, ``train.*`` recipe, except that the grid sets ``lambda_gl`` and ``hpo.eval_every`` replaces
+``train.eval_every``) in ``<run dir>/lambda_<value>``. At every evaluation epoch
 (every ``hpo.eval_every`` epochs, and the last one) measure accuracy and the deployed parameter
 count (layers merged to dense where cheaper, relative to the dense model):
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +45,12 @@ import numpy as np
 
 from . import data
 from .centralized import Trainer, apply_threads, load_datasets
-from .config import Config, to_dict
+from .config import Config, TrainConfig, to_dict
 from .console import echo
 
 __all__ = ["Trial", "HPOResult", "search", "run"]
+
+log = logging.getLogger("fedmaestro.hpo")
 
 
 @dataclass
@@ -142,6 +146,11 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
         datasets = datasets if datasets is not None else load_datasets(cfg)
         _, validation = data.split_local(np.arange(len(datasets[0])), h.val_fraction, cfg.seed)
     checked = "validation" if validation is not None else "test"
+    echo(f"hpo: lambda_gl from hpo.lambda_large={h.lambda_large:g}, halved while above hpo.lambda_small="
+         f"{h.lambda_small:g} (train.lambda_gl is not used); {checked} accuracy checked every "
+         f"hpo.eval_every={h.eval_every} epoch(s) and after the last", markup=False)
+    if cfg.train.eval_every != TrainConfig().eval_every:
+        log.warning("train.eval_every=%d is not used by mode=hpo; set hpo.eval_every", cfg.train.eval_every)
     result = HPOResult(chosen=None, reason="")
     previous: Trial | None = None
     for lam in _lambdas(h.lambda_large, h.lambda_small):

@@ -47,6 +47,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def amp_unused(amp: bool, device_name: str) -> str | None:
+    """The notice for ``train.amp=true`` on a device where it does nothing (autocast here is CUDA's), else None."""
+    if amp and resolve_device(device_name).type != "cuda":
+        return (f"train.amp=true: mixed precision is for CUDA; device={device_name} trains on the CPU, in float32 "
+                "(train.amp=false says so)")
+    return None
+
+
 @dataclass(frozen=True)
 class Task:
     """How a batch turns into a loss and a score: classification or translation."""

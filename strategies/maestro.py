@@ -121,10 +121,11 @@ class MaestroStrategy(Strategy):
     def summary(self) -> None:
         c = self.cfg
         defaults = TrainConfig()
-        for key, instead in (("epochs", "fl.rounds and fl.local_epochs"), ("eval_every", "strategy.eval_every"),
-                             ("threads", "fl.client_cpus")):
+        for key, instead in (("epochs", "set fl.rounds and fl.local_epochs"), ("eval_every", "set strategy.eval_every"),
+                             ("threads", "set fl.client_cpus"),
+                             ("num_workers", "each client reads its partition in its own process")):
             if getattr(c.train, key) != getattr(defaults, key):
-                log.warning("train.%s=%r is not used by the federated mode; set %s", key, getattr(c.train, key), instead)
+                log.warning("train.%s=%r is not used by the federated mode; %s", key, getattr(c.train, key), instead)
         late = [m for m in c.train.milestones if m >= c.fl.rounds]
         if late:
             log.warning("train.milestones %s >= fl.rounds=%d (in federated mode they count rounds): those LR decays "

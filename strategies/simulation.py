@@ -6,7 +6,10 @@ this function changes). The apps are the ones ``flwr run .`` loads, so a run mov
 deployment engine or a Ray cluster without code changes.
 
 Client resources come from ``fl.client_cpus`` / ``fl.client_gpus``: Ray starts
-floor(CPUs / client_cpus) workers, each serving one client at a time.
+floor(CPUs / client_cpus) workers (and at most floor(GPUs / client_gpus) where client_gpus > 0), each
+serving one client at a time. Which device a client trains on is ``device``'s choice, not Ray's: with
+``client_gpus=0`` and ``device=auto`` on a CUDA machine the clients share the GPU, as many at once as
+the CPUs allow.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pathlib import Path
 from fedmaestro.config import Config
 from fedmaestro.console import echo
 
-__all__ = ["run", "simulate", "backend_config"]
+__all__ = ["run", "simulate", "backend_config", "check_resources"]
+
+log = logging.getLogger("fedmaestro.simulation")
 
 # Flower's link-state database set-up logs every alembic plugin at INFO, which Hydra's logging shows
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -30,6 +35,28 @@ def backend_config(cfg: Config) -> dict:
     resources = {"num_cpus": float(cfg.fl.client_cpus), "num_gpus": float(cfg.fl.client_gpus)}
     return {"client_resources": resources,
             "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}}
+
+
+def check_resources(cfg: Config, cpus: int | None = None, gpus: int | None = None) -> None:
+    """Refuses client resources this machine cannot give even one client (Ray would start no worker and
+    Flower end the run with "ActorPool is empty"); warns of GPUs reserved for clients that train on the CPU.
+    ``cpus`` / ``gpus``: the machine's (default: the CPUs this process may use, the CUDA devices torch sees)."""
+    import torch
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if cfg.fl.client_cpus > cpus:
+        raise ValueError(f"fl.client_cpus={cfg.fl.client_cpus:g}: this machine has {cpus} CPU(s), so no client could "
+                         f"start; set fl.client_cpus={cpus} or less")
+    if cfg.fl.client_gpus > 0 and gpus == 0:
+        raise ValueError(f"fl.client_gpus={cfg.fl.client_gpus:g}: this machine has no CUDA device, so no client could "
+                         "start; set fl.client_gpus=0")
+    if cfg.fl.client_gpus > gpus:
+        raise ValueError(f"fl.client_gpus={cfg.fl.client_gpus:g}: this machine has {gpus} CUDA device(s), so no client "
+                         f"could start; set fl.client_gpus={gpus} or less (a fraction shares one device)")
+    if cfg.fl.client_gpus > 0 and cfg.device == "cpu":
+        log.warning("fl.client_gpus=%g reserves GPU share for every client, but device=cpu trains them on the CPU: "
+                    "the reservation only limits how many run at once; set device=auto or fl.client_gpus=0",
+                    cfg.fl.client_gpus)
 
 
 class _NotThisDeprecation(logging.Filter):
@@ -74,6 +101,7 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
 
     from .server_app import all_rounds_done, make_app, preflight
 
+    check_resources(cfg)
     done = preflight(cfg, Path(run_dir))
     if done >= cfg.fl.rounds:
         echo(all_rounds_done(run_dir, cfg, done), markup=False)

@@ -937,3 +937,15 @@ def test_a_file_holding_pickled_objects_is_refused_without_running_them(tmp_path
     with pytest.raises(ValueError, match=r"is not a checkpoint or model file written by fedmaestro"):
         checkpoint.load(tmp_path / "checkpoint.pt")
     assert not _Payload.ran
+
+
+def test_train_threads_sets_the_processes_torch_threads_and_null_leaves_them():
+    before = torch.get_num_threads()
+    try:
+        centralized.apply_threads(tiny(threads=1))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        centralized.apply_threads(tiny(threads=None))  # null: torch's default, untouched
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -174,13 +175,17 @@ def test_deploy_names_the_model_settings_it_does_not_use():
     assert deploy.ignored_settings(Config(mode="deploy"), trained_as) == []
 
 
-def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained, tmp_path):
+def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained, tmp_path, capsys):
     cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(trained[0]),
                  data=DataConfig(subset=512, test_subset=256),
-                 deploy=DeployConfig(batch_size=256, target_macs=[1.0, 0.5], target_params=[0.3], stop_macs=0.05,
+                 deploy=DeployConfig(batch_size=256, target_macs=[1.0, 0.5], target_params=[0.3, 0.1], stop_macs=0.05,
                                      stop_params=0.25,
                                      eval_every=7, svd_baseline=str(trained[1] / "model.pt")))
     summary = deploy.run(cfg, tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    for method in ("maestro", "svd"):  # 0.1 lies beyond the curves' end: named, with the setting that ended them
+        assert re.search(method + r": the curve stops above params_frac=0.1 \(params_frac 0\.2\d+ <= "
+                         r"deploy.stop_params=0.25; lower deploy.stop_params\)", out), out
     with (tmp_path / "deploy_curve.csv").open() as f:
         rows = list(csv.DictReader(f))
     methods = {r["method"] for r in rows}
@@ -270,6 +275,15 @@ def test_the_curve_stops_at_the_parameter_or_accuracy_floor(trained, stop):
     else:  # the first evaluated point below the floor ends the curve
         assert curve[-1]["accuracy"] < 0.6 and all(p["accuracy"] >= 0.6 for p in curve[:-1] if not math.isnan(p["accuracy"]))
         assert curve[-1]["total_rank"] > 0
+
+
+def test_a_curve_that_ends_above_a_target_names_the_setting_that_ended_it():
+    d = DeployConfig(stop_macs=0.1, stop_params=0.2, min_accuracy=0.5)
+    point = {"macs_frac": 0.3, "params_frac": 0.3, "accuracy": 0.7}
+    assert "deploy.min_accuracy=0.5; lower deploy.min_accuracy" in deploy.stopped_by({**point, "accuracy": 0.4}, d)
+    assert "deploy.stop_params=0.2; lower deploy.stop_params" in deploy.stopped_by({**point, "params_frac": 0.2}, d)
+    assert "deploy.stop_macs=0.1; lower deploy.stop_macs" in deploy.stopped_by({**point, "macs_frac": 0.1}, d)
+    assert deploy.stopped_by(point, d) == "no rank left to remove"
 
 
 def test_a_target_met_exactly_ends_the_curve_and_an_accuracy_at_the_floor_does_not():

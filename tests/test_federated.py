@@ -460,11 +460,14 @@ def test_the_largest_budget_must_be_one():
 
 
 def test_centralized_only_training_keys_are_named_when_set_in_federated_mode(tmp_path, caplog):
-    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "train.epochs=5", "train.milestones=[3]")
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "train.epochs=5", "train.milestones=[3]", "train.threads=2",
+                            "train.num_workers=2")
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
         run(cfg, run_dir)
     assert any("train.epochs=5 is not used by the federated mode; set fl.rounds and fl.local_epochs" in m
                for m in caplog.messages)
+    assert any("train.threads=2 is not used by the federated mode; set fl.client_cpus" in m for m in caplog.messages)
+    assert any("train.num_workers=2 is not used by the federated mode" in m for m in caplog.messages)
     assert any("train.milestones [3] >= fl.rounds=1 (in federated mode they count rounds)" in m for m in caplog.messages)
 
 
@@ -869,3 +872,48 @@ def test_evaluating_while_the_next_round_trains_changes_no_record_and_an_interru
     cfg, cut = make_cfg(tmp_path, *shrinking, "resume=true", name="cut")  # resumed with the other setting
     run(cfg, cut)
     assert timeless(records(cut)) == timeless(records(between))
+
+
+def test_client_resources_no_machine_can_give_are_refused_before_ray_starts(tmp_path, caplog):
+    from strategies.simulation import backend_config, check_resources
+    cfg, _ = make_cfg(tmp_path, "fl.client_cpus=2", "fl.client_gpus=0.25")
+    assert backend_config(cfg)["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.25}
+    check_resources(cfg, cpus=2, gpus=1)  # fits: 1 client at a time on the CPUs, 4 on the GPU
+    with pytest.raises(ValueError, match=r"fl.client_cpus=2: this machine has 1 CPU\(s\), so no client could start; "
+                                         r"set fl.client_cpus=1 or less"):
+        check_resources(cfg, cpus=1, gpus=1)
+    with pytest.raises(ValueError, match=r"fl.client_gpus=0.25: this machine has no CUDA device.*set fl.client_gpus=0"):
+        check_resources(cfg, cpus=2, gpus=0)
+    cfg, _ = make_cfg(tmp_path, "fl.client_gpus=2")
+    with pytest.raises(ValueError, match=r"fl.client_gpus=2: this machine has 1 CUDA device\(s\).*fl.client_gpus=1 or less"):
+        check_resources(cfg, cpus=2, gpus=1)
+    cfg, _ = make_cfg(tmp_path, "fl.client_gpus=0.5", "device=cpu")
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.simulation"):
+        check_resources(cfg, cpus=2, gpus=1)
+    assert any("device=cpu trains them on the CPU" in m for m in caplog.messages)
+
+
+def test_strategy_eval_tiers_false_evaluates_the_full_model_only(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "fl.rounds=1", "strategy.eval_tiers=false")
+    run(cfg, run_dir)
+    (rec,) = records(run_dir)
+    assert "tiers" not in rec and 0 <= rec["accuracy"] <= 1 and rec["total_rank"] > 0
+
+
+def test_fl_local_epochs_reaches_the_clients_through_the_train_message(tmp_path):
+    steps = {}
+    for epochs in (1, 2):
+        replies = []
+
+        def app(msg, context):
+            reply = real_client.app(msg, context)
+            if msg.metadata.message_type == "train":
+                replies.append(reply)
+            return reply
+
+        cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", f"fl.local_epochs={epochs}", name=f"e{epochs}")
+        _, grid = run(cfg, run_dir, app=app)
+        assert {int(m.content.config_records[P.CONFIG][P.LOCAL_EPOCHS]) for m in train_messages(grid, 1)} == {epochs}
+        steps[epochs] = {int(r.content.metric_records[P.METRICS][P.PARTITION_ID]):
+                         int(r.content.metric_records[P.METRICS][P.STEPS]) for r in replies}
+    assert steps[1] and steps[2] == {pid: 2 * s for pid, s in steps[1].items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,18 @@ def test_summary_table_lists_every_lambda_and_its_cost(scripted, tmp_path, capsy
     assert summary["chosen"]["lambda_gl"] == 0.4
     out = capsys.readouterr().out
     assert "Lambda search" in out and "search cost: 1.50x" in out and "returned: lambda 0.4" in out
+    assert ("lambda_gl from hpo.lambda_large=0.8, halved while above hpo.lambda_small=0.05 (train.lambda_gl is not "
+            "used); test accuracy checked every hpo.eval_every=2 epoch(s)") in " ".join(out.split())
+
+
+def test_train_eval_every_is_named_as_unused_and_every_lambda_checks_at_hpo_eval_every(scripted, tmp_path, caplog):
+    scripted.table = {0.8: (0.60, 0.05), 0.4: (0.90, 0.10)}
+    cfg = search_cfg(eval_every=3)
+    cfg.train.eval_every, cfg.train.lambda_gl = 5, 0.123
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.hpo"):
+        result = hpo.search(cfg, tmp_path)
+    assert any("train.eval_every=5 is not used by mode=hpo; set hpo.eval_every" in m for m in caplog.messages)
+    assert scripted.built == [0.8, 0.4] and result.chosen.epochs == 6  # 0.9 * e / 6 >= 0.75 at e = 5: checked at 6
 
 
 def test_accuracy_is_checked_on_held_out_training_examples_not_on_the_test_set(scripted, tmp_path):

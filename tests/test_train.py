@@ -415,3 +415,10 @@ def test_the_proximal_threshold_follows_the_scheduled_learning_rate():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_epoch(model, batches(2), opt, t, task_for("fashion_mnist"), CPU)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_amp_on_a_device_without_cuda_is_named_as_doing_nothing():
+    from fedmaestro.train import amp_unused
+    assert "train.amp=true: mixed precision is for CUDA; device=cpu trains on the CPU, in float32" in amp_unused(True, "cpu")
+    assert amp_unused(False, "cpu") is None
+    assert (amp_unused(True, "auto") is None) == torch.cuda.is_available()

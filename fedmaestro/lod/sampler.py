@@ -4,7 +4,8 @@ per_layer     Algorithm 1: one (layer, rank) pair per step, every other layer at
               are drawn without replacement over all sum_i cap_i pairs and reshuffled each cycle.
 across_layers every layer draws its own b uniformly in 1..cap_i.
 fixed         every layer at its cap (the HeteroFL-style baseline).
-none          no sampling: every layer at its cap (full rank when no caps are given).
+none          no sampling: the same as ``fixed`` (every layer at its cap, full rank when no caps are given),
+              the name for a run that samples nothing (dense FedAvg, a factorized model at full rank).
 """
 
 from __future__ import annotations
