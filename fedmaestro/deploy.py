@@ -36,8 +36,10 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -46,7 +48,7 @@ from .centralized import (apply_threads, deployed_footprint, dense_footprint, ex
                           load_model, save_model)
 from .checkpoint import config_diff
 from .config import Config, DeployConfig, to_dict
-from .console import echo
+from .console import console, echo
 from .footprint import Footprint, measure
 from .plots import plot_deploy
 from .train import Task, evaluate, kept_dense, recalibrate_batchnorm, resolve_device, task_for
@@ -143,8 +145,13 @@ def stopped_by(last: dict, d) -> str:
 
 
 @torch.no_grad()
-def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") -> list[dict]:
-    """Prune ``model`` in place by the greedy search; returns the curve, one point per step (start first)."""
+def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro",
+                 on_candidate: Callable[[int, int], None] | None = None,
+                 on_point: Callable[[dict], None] | None = None) -> list[dict]:
+    """Prune ``model`` in place by the greedy search; returns the curve, one point per step (start first).
+
+    A step scores one candidate per layer (a forward pass each): ``on_candidate(done, of)`` after each,
+    ``on_point(point)`` after every point of the curve, for progress."""
     layers = lod.layers(model)
     if not layers:
         raise ValueError("deploy: the model has no LoD layers to prune; give a factorized model "
@@ -156,12 +163,13 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") 
     chunk = {name: max(1, round(ctx.deploy.step * layer.rank)) for name, layer in layers}
     loss = batch_loss(model, ctx.batch, ctx.task, ctx.device)
     curve = [_point(model, ctx, start, method, 0, "", loss, True)]
+    if on_point is not None:
+        on_point(curve[-1])
     step = 0
     while not _done(curve[-1], ctx):
         best = None
-        for name, layer in layers:
-            if layer.rank == 0:
-                continue
+        live = [(name, layer) for name, layer in layers if layer.rank > 0]
+        for done, (name, layer) in enumerate(live, 1):
             new_rank = max(0, layer.rank - chunk[name])
             layer.active_rank = new_rank
             try:
@@ -171,6 +179,8 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") 
                 layer.active_rank = None
             if best is None or score < best[0]:
                 best = (score, name, new_rank, candidate)
+            if on_candidate is not None:
+                on_candidate(done, len(live))
         if best is None:  # every layer is at rank 0
             break
         _, name, new_rank, loss = best
@@ -178,7 +188,41 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro") 
         step += 1
         curve.append(_point(model, ctx, start, method, step, f"{name}->{new_rank}", loss,
                             step % ctx.deploy.eval_every == 0))
+        if on_point is not None:
+            on_point(curve[-1])
     return curve
+
+
+def _stops(d: DeployConfig) -> str:
+    stops = [f"deploy.stop_macs={d.stop_macs:g}"]
+    if d.stop_params is not None:
+        stops.append(f"deploy.stop_params={d.stop_params:g}")
+    if d.min_accuracy is not None:
+        stops.append(f"accuracy below deploy.min_accuracy={d.min_accuracy:g}")
+    return " or ".join(stops)
+
+
+def _greedy_with_progress(model: nn.Module, ctx: GreedyContext, method: str, show: bool) -> list[dict]:
+    """``greedy_curve`` with a progress bar (MACs removed of what the stop removes; the step's candidates)
+    and a line at every evaluated point."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not show) as progress:
+        macs = progress.add_task(f"{method} MACs", total=1.0 - ctx.deploy.stop_macs, info="")
+        candidates = progress.add_task("candidates", total=1, info="")
+
+        def on_point(point: dict) -> None:
+            progress.update(macs, completed=min(1.0 - point["macs_frac"], 1.0 - ctx.deploy.stop_macs),
+                            info=f"step {point['step']}, macs_frac {point['macs_frac']:.3f}, params_frac "
+                                 f"{point['params_frac']:.3f}, batch loss {point['batch_loss']:.4f}")
+            if not math.isnan(point["accuracy"]):
+                echo(f"{method} step {point['step']}: macs_frac {point['macs_frac']:.3f}, params_frac "
+                     f"{point['params_frac']:.3f}, batch loss {point['batch_loss']:.4f}, test accuracy "
+                     f"{point['accuracy']:.4f}", markup=False)
+
+        return greedy_curve(model, ctx, method, on_point=on_point,
+                            on_candidate=lambda done, of: progress.update(candidates, completed=done, total=of,
+                                                                          info=f"{done}/{of}"))
 
 
 def _score(increase: float, model: nn.Module, layer, new_rank: int, ctx: GreedyContext) -> float:
@@ -313,9 +357,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ctx = _context(cfg, model_cfg, device)
     curves, exports = {}, []
     for method, (source, source_cfg) in sources.items():
-        echo(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in lod.layers(source))} ranks")
+        layers = lod.layers(source)
+        echo(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in layers)} ranks; a step tries "
+             f"{len(layers)} candidates (a forward pass of deploy.batch_size={cfg.deploy.batch_size} each) and "
+             f"the curve ends at {_stops(cfg.deploy)}")
         pruned = copy.deepcopy(source)
-        curves[method] = greedy_curve(pruned, ctx, method)
+        curves[method] = _greedy_with_progress(pruned, ctx, method, cfg.progress)
         for key, targets in (("macs_frac", cfg.deploy.target_macs), ("params_frac", cfg.deploy.target_params)):
             for target in targets:
                 point = first_at_or_below(curves[method], key, target)

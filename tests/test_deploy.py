@@ -66,7 +66,12 @@ def test_every_step_applies_the_candidate_with_the_smallest_loss(trained):
     model, _ = load_model(trained[0])
     start = copy.deepcopy(model)
     ctx = context(stop_macs=0.3, test=False)
-    curve = deploy.greedy_curve(model, ctx)
+    points, candidates = [], []
+    curve = deploy.greedy_curve(model, ctx, on_point=points.append,
+                                on_candidate=lambda done, of: candidates.append((done, of)))
+    assert points == curve  # progress: every point as it is made, and every candidate of every step
+    live = [sum(r > 0 for r in p["ranks"].values()) for p in curve[:-1]]
+    assert candidates == [(i, n) for n in live for i in range(1, n + 1)]
     assert len(curve) > 5 and curve[0]["step"] == 0 and curve[0]["ranks"] == {n: l.rank for n, l in lod.layers(start)}
     chunk = {n: max(1, round(0.1 * l.rank)) for n, l in lod.layers(start)}
     replay = copy.deepcopy(start)
