@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -217,6 +218,9 @@ class GlobalModel:
             examples, scored = sum(p["num_examples"] for p in mine), sum(p["scored"] for p in mine)
             row = {"accuracy": sum(p["correct"] for p in mine) / max(scored, 1),
                    "loss": sum(p["loss"] * p["num_examples"] for p in mine) / max(examples, 1)}
+            if "perplexity" in mine[0]:  # translation: exp of the mean NLL per target token, over the shards' tokens
+                nll = sum(math.log(p["perplexity"]) * p["scored"] for p in mine if p["scored"])
+                row["perplexity"] = math.exp(nll / scored) if scored else math.nan
             row.update(self.footprint(model))
             rows.append(row)
         return rows

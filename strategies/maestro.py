@@ -46,7 +46,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedmaestro import checkpoint, nested, tiers
+from fedmaestro import checkpoint, data, nested, tiers
+from fedmaestro.centralized import with_data_facts
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, TrainConfig, to_dict
 from fedmaestro.train import lasso_schedule, lr_factor
@@ -97,6 +98,12 @@ class MaestroStrategy(Strategy):
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, test_set=None, show_progress: bool = True,
                  launched_at: float | None = None):
         self.cfg = copy.deepcopy(cfg)  # never the caller's object
+        if self.cfg.model.name == "transformer" and "vocab_size" not in self.cfg.model.kwargs:
+            # the vocabulary's size comes from the data set, as in centralized mode; the clients get it with the
+            # run config (else the model would have the paper's 9,521 embeddings whatever the data's vocabulary)
+            if test_set is None:
+                test_set = data.load(self.cfg.dataset.name, root=self.cfg.data.root, train=False)
+            self.cfg = with_data_facts(self.cfg, test_set)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.global_model = GlobalModel(self.cfg, test_set)
         tier_cfgs = self.cfg.devices.tiers

@@ -641,6 +641,8 @@ def test_printed_paths_keep_a_sweep_job_directory_name_with_a_list_in_it(tmp_pat
     centralized.run(cfg, run_dir)
     out = capsys.readouterr().out.replace("\n", "")
     assert f"run dir {run_dir}" in out and f"plot: {run_dir / 'training.png'}" in out
+    accuracy = read_jsonl(run_dir / "metrics.jsonl")[-1]["accuracy"]
+    assert f"done: accuracy {accuracy:.4f}, params" in out  # rounded, as in the epoch lines
 
 
 # the paper's lambda grids (Tables 11-15; LeNet's plus 512e-5, the last point of the released code's curve);

@@ -917,3 +917,23 @@ def test_fl_local_epochs_reaches_the_clients_through_the_train_message(tmp_path)
         steps[epochs] = {int(r.content.metric_records[P.METRICS][P.PARTITION_ID]):
                          int(r.content.metric_records[P.METRICS][P.STEPS]) for r in replies}
     assert steps[1] and steps[2] == {pid: 2 * s for pid, s in steps[1].items()}
+
+
+def test_a_federated_transformer_takes_its_vocabulary_size_from_the_data_set(tmp_path):
+    from test_data import make_multi30k
+    make_multi30k(tmp_path / "data" / "multi30k")
+    vocab = data.load("multi30k", tmp_path / "data", train=True).vocab
+    cfg, run_dir = compose(["model=transformer", "dataset=multi30k", f"data.root={tmp_path / 'data'}",
+                            "+model.kwargs={d_model: 16, heads: 2, ffn: 32, layers: 1}", "partition=iid",
+                            "fl.num_clients=2", "fl.clients_per_round=2", "fl.rounds=1", "train.batch_size=2",
+                            "data.local_test_fraction=0", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    strategy, grid = run(cfg, tmp_path / "run")
+    assert strategy.cfg.model.kwargs["vocab_size"] == len(vocab) < 9521  # the data's, not the paper's 9,521
+    sent = json.loads(str(grid.messages_seen[0].content.config_records[P.CONFIG][P.RUN_CONFIG]))
+    assert sent["model"]["kwargs"]["vocab_size"] == len(vocab)  # the clients build the same model
+    (rec,) = records(tmp_path / "run")
+    assert rec["clients"]["valid"] == [0, 1] and rec["params"] == strategy.global_model.footprint(
+        strategy.global_model.model)["params"]
+    gm = strategy.global_model  # perplexity, the paper's Transformer metric, over the whole test set's tokens
+    whole = evaluate(gm.model, data.BatchLoader(gm.test_loader.dataset, 2, shuffle=False), gm.task, gm.device)
+    assert rec["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
