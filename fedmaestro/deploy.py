@@ -385,6 +385,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
 
 def _print_exports(exports: list[dict]) -> None:
+    if not exports:
+        echo("no model exported: no target was reached (see the lines above), or none was given "
+             "(deploy.target_macs, deploy.target_params)", style="yellow")
+        return
     table = Table(title="Exported models (greedy deployment)")
     for column in ("method", "target", "accuracy", "curve acc. at target", "params", "MACs", "params x", "MACs x"):
         table.add_column(column)

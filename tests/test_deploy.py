@@ -291,6 +291,12 @@ def test_a_curve_that_ends_above_a_target_names_the_setting_that_ended_it():
     assert deploy.stopped_by(point, d) == "no rank left to remove"
 
 
+def test_a_deployment_that_exports_nothing_says_so_instead_of_an_empty_table(capsys):
+    deploy._print_exports([])
+    out = capsys.readouterr().out
+    assert "no model exported: no target was reached" in out and "Exported models" not in out
+
+
 def test_a_target_met_exactly_ends_the_curve_and_an_accuracy_at_the_floor_does_not():
     from types import SimpleNamespace
     point = {"macs_frac": 0.5, "params_frac": 0.4, "accuracy": 0.8}
