@@ -42,7 +42,7 @@ from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimi
                     recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
-           "load_model", "save_model", "with_data_facts", "apply_threads", "TIME_FIELDS"]
+           "load_model", "save_model", "needs_data_facts", "with_data_facts", "apply_threads", "TIME_FIELDS"]
 
 
 TIME_FIELDS = ("train_s", "wall_s")  # the record fields that differ between identical runs
@@ -82,10 +82,15 @@ def load_datasets(cfg: Config):
     return train_set, test_set
 
 
+def needs_data_facts(cfg: Config) -> bool:
+    """Whether ``cfg``'s model takes a size from the data set (``with_data_facts``) that the config does not give."""
+    return cfg.model.name == "transformer" and "vocab_size" not in cfg.model.kwargs
+
+
 def with_data_facts(cfg: Config, train_set) -> Config:
     """``cfg`` with what the model needs from the data set: the Transformer's vocabulary size."""
     vocab = getattr(train_set, "vocab", None)
-    if cfg.model.name == "transformer" and vocab is not None and "vocab_size" not in cfg.model.kwargs:
+    if needs_data_facts(cfg) and vocab is not None:
         cfg = copy.deepcopy(cfg)
         cfg.model.kwargs["vocab_size"] = len(vocab)
     return cfg

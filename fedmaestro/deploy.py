@@ -124,24 +124,24 @@ def _test_accuracy(model: nn.Module, ctx: GreedyContext) -> float:
     return evaluate(model, ctx.test_loader, ctx.task, ctx.device)["accuracy"]
 
 
-def _done(point: dict, ctx: GreedyContext) -> bool:
-    d = ctx.deploy
-    if point["macs_frac"] <= d.stop_macs:
-        return True
+def _stop_rule(point: dict, d: DeployConfig) -> str | None:
+    """The stop rule that ``point`` meets, with the setting that would take the curve further; None: go on."""
+    if d.min_accuracy is not None and not math.isnan(point.get("accuracy", math.nan)) and point["accuracy"] < d.min_accuracy:
+        return f"accuracy {point['accuracy']:.4f} < deploy.min_accuracy={d.min_accuracy:g}; lower deploy.min_accuracy"
     if d.stop_params is not None and point["params_frac"] <= d.stop_params:
-        return True
-    return d.min_accuracy is not None and not math.isnan(point["accuracy"]) and point["accuracy"] < d.min_accuracy
+        return f"params_frac {point['params_frac']:.3f} <= deploy.stop_params={d.stop_params:g}; lower deploy.stop_params"
+    if point["macs_frac"] <= d.stop_macs:
+        return f"macs_frac {point['macs_frac']:.3f} <= deploy.stop_macs={d.stop_macs:g}; lower deploy.stop_macs"
+    return None
 
 
-def stopped_by(last: dict, d) -> str:
+def _done(point: dict, ctx: GreedyContext) -> bool:
+    return _stop_rule(point, ctx.deploy) is not None
+
+
+def stopped_by(last: dict, d: DeployConfig) -> str:
     """What ended a curve at its ``last`` point, and the setting that would take it further."""
-    if d.min_accuracy is not None and not math.isnan(last.get("accuracy", math.nan)) and last["accuracy"] < d.min_accuracy:
-        return f"accuracy {last['accuracy']:.4f} < deploy.min_accuracy={d.min_accuracy:g}; lower deploy.min_accuracy"
-    if d.stop_params is not None and last["params_frac"] <= d.stop_params:
-        return f"params_frac {last['params_frac']:.3f} <= deploy.stop_params={d.stop_params:g}; lower deploy.stop_params"
-    if last["macs_frac"] <= d.stop_macs:
-        return f"macs_frac {last['macs_frac']:.3f} <= deploy.stop_macs={d.stop_macs:g}; lower deploy.stop_macs"
-    return "no rank left to remove"
+    return _stop_rule(last, d) or "no rank left to remove"
 
 
 @torch.no_grad()

@@ -344,7 +344,8 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict
     """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples",
     "scored", "correct"} (scored: the predictions accuracy counts, examples or target tokens; correct: how many
     of them are right). Translation adds "perplexity" (the paper's Transformer metric, Tables 3 and 14):
-    exp of the mean negative log-likelihood per target token, padding excluded, without label smoothing."""
+    exp of the mean negative log-likelihood per target token, padding excluded, without label smoothing, and
+    "nll", that likelihood summed over the scored tokens (evaluations of parts of a test set add up)."""
     model.eval()
     total_loss, correct, counted, examples, nll = 0.0, 0.0, 0, 0, 0.0
     with lod.full_rank(model):
@@ -360,6 +361,7 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict
     out = {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples,
            "scored": counted, "correct": int(correct)}
     if task.kind == "translation":
+        out["nll"] = nll
         out["perplexity"] = math.exp(nll / counted) if counted else math.nan
     return out
 

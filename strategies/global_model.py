@@ -218,9 +218,8 @@ class GlobalModel:
             examples, scored = sum(p["num_examples"] for p in mine), sum(p["scored"] for p in mine)
             row = {"accuracy": sum(p["correct"] for p in mine) / max(scored, 1),
                    "loss": sum(p["loss"] * p["num_examples"] for p in mine) / max(examples, 1)}
-            if "perplexity" in mine[0]:  # translation: exp of the mean NLL per target token, over the shards' tokens
-                nll = sum(math.log(p["perplexity"]) * p["scored"] for p in mine if p["scored"])
-                row["perplexity"] = math.exp(nll / scored) if scored else math.nan
+            if "nll" in mine[0]:  # translation: exp of the mean NLL per target token, over the shards' tokens
+                row["perplexity"] = math.exp(sum(p["nll"] for p in mine) / scored) if scored else math.nan
             row.update(self.footprint(model))
             rows.append(row)
         return rows

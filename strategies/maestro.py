@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedmaestro import checkpoint, data, nested, tiers
-from fedmaestro.centralized import with_data_facts
+from fedmaestro.centralized import needs_data_facts, with_data_facts
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, TrainConfig, to_dict
 from fedmaestro.train import lasso_schedule, lr_factor
@@ -98,7 +98,7 @@ class MaestroStrategy(Strategy):
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, test_set=None, show_progress: bool = True,
                  launched_at: float | None = None):
         self.cfg = copy.deepcopy(cfg)  # never the caller's object
-        if self.cfg.model.name == "transformer" and "vocab_size" not in self.cfg.model.kwargs:
+        if needs_data_facts(self.cfg):
             # the vocabulary's size comes from the data set, as in centralized mode; the clients get it with the
             # run config (else the model would have the paper's 9,521 embeddings whatever the data's vocabulary)
             if test_set is None:
