@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from fedmaestro import data, lod, nested, tiers
+from fedmaestro.centralized import check_vocabulary
 from fedmaestro.config import Config, resolve
 from fedmaestro.train import (build_model, evaluate, make_optimizer, recalibrate_batchnorm, resolve_device,
                               task_for, train_epoch)
@@ -75,6 +76,7 @@ def client_data(cfg: Config) -> ClientData:
         if len(_DATA) >= 2:
             _DATA.pop(next(iter(_DATA)))
         _DATA[key] = ClientData(train_set, eval_set, splits)
+    check_vocabulary(cfg, _DATA[key].train_set)  # the server's token ids mean the same words here
     return _DATA[key]
 
 

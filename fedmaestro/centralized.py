@@ -42,7 +42,7 @@ from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimi
                     recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
-           "load_model", "save_model", "needs_data_facts", "with_data_facts", "apply_threads", "TIME_FIELDS"]
+           "load_model", "save_model", "needs_data_facts", "with_data_facts", "check_vocabulary", "apply_threads", "TIME_FIELDS"]
 
 
 TIME_FIELDS = ("train_s", "wall_s")  # the record fields that differ between identical runs
@@ -83,17 +83,49 @@ def load_datasets(cfg: Config):
 
 
 def needs_data_facts(cfg: Config) -> bool:
-    """Whether ``cfg``'s model takes a size from the data set (``with_data_facts``) that the config does not give."""
-    return cfg.model.name == "transformer" and "vocab_size" not in cfg.model.kwargs
+    """Whether ``cfg`` lacks something a run takes from its data set (``with_data_facts``): a translation data
+    set's vocabulary fingerprint, the Transformer's vocabulary size."""
+    if task_for(cfg.dataset.name).kind != "translation":
+        return False
+    return cfg.dataset.vocabulary is None or (cfg.model.name == "transformer" and "vocab_size" not in cfg.model.kwargs)
 
 
-def with_data_facts(cfg: Config, train_set) -> Config:
-    """``cfg`` with what the model needs from the data set: the Transformer's vocabulary size."""
-    vocab = getattr(train_set, "vocab", None)
-    if needs_data_facts(cfg) and vocab is not None:
-        cfg = copy.deepcopy(cfg)
-        cfg.model.kwargs["vocab_size"] = len(vocab)
+def with_data_facts(cfg: Config, dataset) -> Config:
+    """``cfg`` with what a run takes from its data set: the fingerprint of its vocabulary
+    (``dataset.vocabulary``) and the Transformer's vocabulary size. A config that already names another
+    vocabulary (a checkpoint's, a server's) is refused: the same token ids would mean other words."""
+    vocab = getattr(dataset, "vocab", None)
+    if vocab is None:
+        return cfg
+    check_vocabulary(cfg, dataset)
+    cfg = copy.deepcopy(cfg)
+    cfg.dataset.vocabulary = vocab.fingerprint
+    if cfg.model.name == "transformer":
+        cfg.model.kwargs.setdefault("vocab_size", len(vocab))
     return cfg
+
+
+def check_vocabulary(cfg: Config, dataset) -> None:
+    """Raise if ``dataset``'s vocabulary is not the one ``cfg`` was built on (``dataset.vocabulary``), or has
+    more tokens than the Transformer's embedding (``model.kwargs.vocab_size``)."""
+    vocab = getattr(dataset, "vocab", None)
+    if vocab is None:
+        return
+    where = f"the {cfg.dataset.name} files under data.root={cfg.data.root}"
+    if cfg.dataset.vocabulary not in (None, vocab.fingerprint):
+        raise ValueError(f"{where} have another vocabulary ({len(vocab):,} tokens, fingerprint {vocab.fingerprint}) "
+                         f"than the one the model was built on (fingerprint {cfg.dataset.vocabulary}"
+                         f"{_size_of(cfg)}): the same token ids would mean other words. Give data.root the copy of "
+                         f"the data set it was trained on")
+    size = cfg.model.kwargs.get("vocab_size") if cfg.model.name == "transformer" else None
+    if size is not None and size < len(vocab):
+        raise ValueError(f"model.kwargs.vocab_size={size} is smaller than the vocabulary of {where} ({len(vocab):,} "
+                         f"tokens); drop model.kwargs.vocab_size (the run takes it from the data set)")
+
+
+def _size_of(cfg: Config) -> str:
+    size = cfg.model.kwargs.get("vocab_size") if cfg.model.name == "transformer" else None
+    return "" if size is None else f", {size:,} tokens"
 
 
 def apply_threads(cfg: Config) -> None:

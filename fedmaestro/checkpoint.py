@@ -80,20 +80,36 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-DATA_FACTS = ("vocab_size",)  # model.kwargs a run fills in from its data set (centralized.with_data_facts)
+# keys a run fills in from its data set (centralized.with_data_facts): the command line that resumes a run never
+# names them, and a checkpoint written before a key was added lacks it
+DATA_FACTS = ("model.kwargs.vocab_size", "dataset.vocabulary")
+
+
+def _get(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _fill_in(d: dict, key: str, value: Any) -> None:
+    """Set ``key`` (dotted) in ``d`` to ``value`` where ``d`` leaves it unset (absent or None)."""
+    if value is None or _get(d, key) is not None:
+        return
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    d[last] = value
 
 
 def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_KEYS) -> list[str]:
     """Lines ``key: saved -> current`` for every config key that differs (ignoring ``ignored``); a key the
     schema gained after ``saved`` was written counts at its default (``config.with_defaults``), and a
-    ``DATA_FACTS`` key the run filled in from its data counts as given, where ``current`` leaves it unset
-    (the command line that resumes a Transformer run never names its vocabulary size)."""
-    saved = with_defaults(saved)
-    given = current.get("model", {}).get("kwargs", {})
-    unset = {k: v for k, v in saved.get("model", {}).get("kwargs", {}).items() if k in DATA_FACTS and k not in given}
-    if unset:
-        current = copy.deepcopy(current)
-        current.setdefault("model", {}).setdefault("kwargs", {}).update(unset)
+    ``DATA_FACTS`` key set on one side only counts as the same on both (a Transformer run filled in its
+    vocabulary size from its data; the command line that resumes it does not name it)."""
+    saved, current = with_defaults(saved), copy.deepcopy(current)
+    for key in DATA_FACTS:
+        _fill_in(current, key, _get(saved, key))
+        _fill_in(saved, key, _get(current, key))
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
@@ -103,6 +119,10 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
     """Raise if the config a checkpoint was written with differs from ``current`` outside ``ignored`` (the
     error lists the keys); warn if a key of ``ROUNDING_KEYS`` differs."""
     diff = config_diff(saved, current, ignored)
+    data_facts = [line for line in diff if line.split(":", 1)[0] in DATA_FACTS]
+    if any(line.startswith("dataset.vocabulary:") for line in diff):
+        raise ValueError("resume: the data set is not the one the checkpoint was trained on (checkpoint -> now: "
+                         + "; ".join(data_facts) + "); give data.root the copy of the data set it was trained on")
     if diff:
         raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
                          "(checkpoint -> now):\n  " + "\n  ".join(diff) +

@@ -50,6 +50,9 @@ class DatasetConfig:
     name: str = "fashion_mnist"
     input_shape: list[int] = field(default_factory=lambda: [1, 28, 28])  # one example, for footprints
     num_classes: int = 10
+    # filled in by the run, never given: the fingerprint of a text data set's vocabulary (``Vocab.fingerprint``),
+    # so that a resume, a deployment or a client on a data copy whose token ids mean other words is refused
+    vocabulary: Optional[str] = None
 
 
 @dataclass

@@ -45,7 +45,7 @@ from torch import nn
 
 from . import data, lod
 from .centralized import (apply_threads, deployed_footprint, dense_footprint, example_input, load_datasets,
-                          load_model, save_model)
+                          check_vocabulary, load_model, save_model)
 from .checkpoint import config_diff
 from .config import Config, DeployConfig, to_dict
 from .console import console, echo
@@ -291,7 +291,7 @@ def check_baseline(model_cfg: Config, baseline_cfg: Config, path: str | Path) ->
     checkpoint's batch and measured against its dense model."""
     # model.skip / skip_last: the layers the baseline's SVD leaves dense, as the checkpoint left them
     keys = ("model.name", "model.kwargs", "model.skip", "model.skip_last", "dataset.name", "dataset.input_shape",
-            "dataset.num_classes")
+            "dataset.num_classes", "dataset.vocabulary")
     theirs, ours = to_dict(baseline_cfg), to_dict(model_cfg)
 
     def get(d, key):
@@ -299,7 +299,9 @@ def check_baseline(model_cfg: Config, baseline_cfg: Config, path: str | Path) ->
             d = d[part]
         return d
 
-    differ = [f"{k}: {get(ours, k)!r} vs {get(theirs, k)!r}" for k in keys if get(ours, k) != get(theirs, k)]
+    unknown = ("dataset.vocabulary",)  # None in a file written before runs kept it: nothing to compare
+    differ = [f"{k}: {get(ours, k)!r} vs {get(theirs, k)!r}" for k in keys if get(ours, k) != get(theirs, k)
+              and not (k in unknown and None in (get(ours, k), get(theirs, k)))]
     if differ:
         raise ValueError(f"deploy.svd_baseline={path} is not the checkpoint's model on its data set "
                          f"(checkpoint vs baseline: {'; '.join(differ)}); give a dense model trained with the "
@@ -311,6 +313,7 @@ def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyCont
     data_cfg = copy.deepcopy(model_cfg)
     data_cfg.data, data_cfg.seed = copy.deepcopy(cfg.data), cfg.seed
     train_set, test_set = load_datasets(data_cfg)
+    check_vocabulary(data_cfg, train_set)
     train_set = data.unaugmented(train_set)  # the loss batch and the recalibration batches without augmentation
     batch = next(iter(data.BatchLoader(train_set, cfg.deploy.batch_size, shuffle=True, seed=cfg.seed)))
     task = task_for(model_cfg.dataset.name, model_cfg.train.label_smoothing)

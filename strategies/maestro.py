@@ -99,8 +99,8 @@ class MaestroStrategy(Strategy):
                  launched_at: float | None = None):
         self.cfg = copy.deepcopy(cfg)  # never the caller's object
         if needs_data_facts(self.cfg):
-            # the vocabulary's size comes from the data set, as in centralized mode; the clients get it with the
-            # run config (else the model would have the paper's 9,521 embeddings whatever the data's vocabulary)
+            # the vocabulary's fingerprint and size come from the data set, as in centralized mode; the clients get
+            # them with the run config, build the same embedding and refuse a data copy with another vocabulary
             if test_set is None:
                 test_set = data.load(self.cfg.dataset.name, root=self.cfg.data.root, train=False)
             self.cfg = with_data_facts(self.cfg, test_set)

@@ -259,6 +259,71 @@ def test_a_vocabulary_size_filled_in_from_the_data_does_not_block_a_resume():
     assert checkpoint.config_diff(saved, other) == ["train.lr: 0.05 -> 0.5"]
     other["model"]["kwargs"] = {"vocab_size": 100}
     assert "model.kwargs.vocab_size: 9000 -> 100" in checkpoint.config_diff(saved, other)
+    with pytest.raises(ValueError, match="different config"):  # given on the command line: not the data's doing
+        checkpoint.check_resumable(saved, other)
+    # the vocabulary's fingerprint: unknown on one side (a file written before runs kept it; a command line) is no
+    # difference; two fingerprints that differ are another data set, and the refusal says so
+    fingerprinted = to_dict(tiny())
+    fingerprinted["dataset"]["vocabulary"] = "aaaa"
+    assert checkpoint.config_diff(saved, fingerprinted) == checkpoint.config_diff(fingerprinted, to_dict(tiny())) == []
+    elsewhere = to_dict(tiny())
+    elsewhere["dataset"]["vocabulary"] = "bbbb"
+    with pytest.raises(ValueError, match=r"data set is not the one the checkpoint was trained on .*"
+                                         r"dataset.vocabulary: 'aaaa' -> 'bbbb'.*give data.root"):
+        checkpoint.check_resumable(fingerprinted, elsewhere)
+
+
+def multi30k_copies(root: Path) -> tuple[Path, Path]:
+    """Two Multi30k folders whose vocabularies have the same size and other words ('man' -> 'boy')."""
+    from test_data import MULTI30K, make_multi30k
+    ours = make_multi30k(root / "ours" / "multi30k").parent
+    other = make_multi30k(root / "other" / "multi30k").parent
+    for path in (other / "multi30k").iterdir():
+        path.write_text(path.read_text(encoding="utf-8").replace("man", "boy"), encoding="utf-8")
+    assert MULTI30K  # the files make_multi30k writes
+    return ours, other
+
+
+def test_a_transformer_keeps_its_vocabulary_and_refuses_a_data_copy_whose_ids_mean_other_words(tmp_path):
+    """A Transformer run records its data set's vocabulary fingerprint (and size) in every config it writes; a
+    resume or deployment on a Multi30k copy with another vocabulary of the same size is refused (it used to run
+    on remapped token ids without a word), and one with more tokens than the embedding holds too."""
+    from fedmaestro import deploy
+    from fedmaestro.config import DeployConfig
+    ours, other = multi30k_copies(tmp_path)
+    vocab, theirs = (data.load("multi30k", root, train=True).vocab for root in (ours, other))
+    assert len(vocab) == len(theirs) and vocab.fingerprint != theirs.fingerprint
+    cfg = Config(mode="centralized", device="cpu", progress=False, seed=0,
+                 model=ModelConfig(name="transformer", kwargs=dict(d_model=16, heads=2, ffn=32, layers=1)),
+                 dataset=DatasetConfig(name="multi30k", input_shape=[], num_classes=0),
+                 data=DataConfig(root=str(ours)), train=TrainConfig(epochs=1, batch_size=2, optimizer="adam", lr=1e-3))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    centralized.run(cfg, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["dataset"]["vocabulary"] == vocab.fingerprint and saved["model"]["kwargs"]["vocab_size"] == len(vocab)
+    assert load_model(run_dir)[1].dataset.vocabulary == vocab.fingerprint
+    # the same data resumes; another copy does not, before anything is loaded into the model
+    again = Config(**{**cfg.__dict__, "resume": True, "train": TrainConfig(epochs=2, batch_size=2, optimizer="adam",
+                                                                           lr=1e-3)})
+    assert Trainer(again, run_dir).resume()
+    moved = Config(**{**again.__dict__, "data": DataConfig(root=str(other))})
+    with pytest.raises(ValueError, match=r"data set is not the one the checkpoint was trained on .*"
+                                         rf"dataset.vocabulary: '{vocab.fingerprint}' -> '{theirs.fingerprint}'"):
+        Trainer(moved, run_dir).resume()
+    # deploy on the other copy: refused, naming both fingerprints; on its own copy it runs
+    dcfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(run_dir), data=DataConfig(root=str(other)),
+                  deploy=DeployConfig(batch_size=4, target_macs=[], stop_macs=0.9))
+    (tmp_path / "deploy").mkdir()
+    with pytest.raises(ValueError, match=rf"under data.root={other} have another vocabulary \({len(theirs)} tokens, "
+                                         rf"fingerprint {theirs.fingerprint}\) than the one the model was built on "
+                                         rf"\(fingerprint {vocab.fingerprint}, {len(vocab)} tokens\)"):
+        deploy.run(dcfg, tmp_path / "deploy")
+    # a data set with more tokens than the embedding: named, not an IndexError deep in F.embedding
+    small = Config(**{**cfg.__dict__, "model": ModelConfig(name="transformer", kwargs=dict(
+        d_model=16, heads=2, ffn=32, layers=1, vocab_size=len(vocab) - 1))})
+    with pytest.raises(ValueError, match=rf"model.kwargs.vocab_size={len(vocab) - 1} is smaller than the vocabulary"):
+        Trainer(small, tmp_path / "small")
 
 
 def test_resume_from_a_model_file_says_it_needs_the_checkpoint(tmp_path):

@@ -10,6 +10,7 @@ seconds each; the ResNet-18 ones are marked slow.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from types import SimpleNamespace
@@ -931,9 +932,27 @@ def test_a_federated_transformer_takes_its_vocabulary_size_from_the_data_set(tmp
     assert strategy.cfg.model.kwargs["vocab_size"] == len(vocab) < 9521  # the data's, not the paper's 9,521
     sent = json.loads(str(grid.messages_seen[0].content.config_records[P.CONFIG][P.RUN_CONFIG]))
     assert sent["model"]["kwargs"]["vocab_size"] == len(vocab)  # the clients build the same model
+    assert sent["dataset"]["vocabulary"] == vocab.fingerprint  # ... and check that their data means the same words
     (rec,) = records(tmp_path / "run")
     assert rec["clients"]["valid"] == [0, 1] and rec["params"] == strategy.global_model.footprint(
         strategy.global_model.model)["params"]
     gm = strategy.global_model  # perplexity, the paper's Transformer metric, over the whole test set's tokens
     whole = evaluate(gm.model, data.BatchLoader(gm.test_loader.dataset, 2, shuffle=False), gm.task, gm.device)
     assert rec["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-5)
+
+
+def test_a_client_whose_data_copy_has_another_vocabulary_refuses_to_train(tmp_path):
+    """Under Flower's deployment engine every client reads its own copy of the data: one whose vocabulary maps the
+    server's token ids to other words raises (its reply is dropped and logged) instead of training on them."""
+    from test_centralized import multi30k_copies
+    ours, other = multi30k_copies(tmp_path)
+    cfg, _ = compose(["model=transformer", "dataset=multi30k", f"data.root={ours}", "partition=iid",
+                      "fl.num_clients=2", "fl.clients_per_round=2", "progress=false",
+                      f"hydra.run.dir={tmp_path / 'run'}"])
+    server_cfg = MaestroStrategy(cfg, tmp_path / "run", show_progress=False).cfg
+    assert local.client_data(server_cfg).splits  # the server's own copy: fine
+    elsewhere = copy.deepcopy(server_cfg)
+    elsewhere.data.root = str(other)
+    with pytest.raises(ValueError, match=rf"under data.root={other} have another vocabulary .* than the one the "
+                                         rf"model was built on \(fingerprint {server_cfg.dataset.vocabulary}"):
+        local.client_data(elsewhere)

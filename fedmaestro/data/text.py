@@ -23,10 +23,11 @@ split is loaded. Every sentence is encoded as ``<bos> tokens <eos>``; unknown to
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 import zlib
 from collections import Counter
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -71,6 +72,12 @@ class Vocab:
 
     def __len__(self) -> int:
         return len(self.itos)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the tokens in id order: two vocabularies with the same fingerprint map every id to
+        the same token (checkpoints keep it as ``dataset.vocabulary``)."""
+        return hashlib.sha256("\n".join(self.itos).encode()).hexdigest()[:16]
 
     def __getitem__(self, token: str) -> int:
         return self.stoi.get(token, UNK)
