@@ -181,9 +181,8 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
         if sweep and config.resume and config.mode != "deploy" and checkpoint.held_run(run_dir) is None:
             _warn_of_other_runs(run_dir)
     if config.mode in ("centralized", "hpo", "federated"):
-        from .train import amp_unused
-        notice = amp_unused(config.train.amp, config.device)
-        if notice:
+        from .train import unused_settings
+        for notice in unused_settings(config.train, config.device):
             echo(notice, style="yellow", markup=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)

@@ -350,7 +350,7 @@ def _summary(record: dict) -> str:
     acc, ppl = record.get("accuracy"), record.get("perplexity")
     return (f"loss {record['train_loss']:.4f}  acc {'-' if acc is None else f'{acc:.4f}'}  "
             + ("" if ppl is None else f"ppl {ppl:.2f}  ")
-            + f"rank {record['total_rank']}  params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  "
+            + (f"rank {record['total_rank']}  " if record["ranks"] else "dense  ") + f"params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  "
             f"MACs {record['macs_rel']:.3f}x")
 
 

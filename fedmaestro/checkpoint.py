@@ -32,6 +32,9 @@ IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "trai
 # Of those, the ones that change float rounding (other kernels, other thread counts): such a resume goes
 # on, with a warning that its numbers will not match an uninterrupted run's digit for digit.
 ROUNDING_KEYS = ("device", "train.threads", "fl.client_cpus", "fl.client_gpus")
+# Why a key that looks like one of how fast a run goes must stay as it was (said when a resume changes it)
+WHY_KEPT = {"train.num_workers": "ImageNet's random crops come from torch's RNG without loader workers and from "
+                                 "each worker's seed with them: another count trains on other crops"}
 
 
 def num_workers_matters(dataset: str) -> bool:
@@ -124,8 +127,10 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
         raise ValueError("resume: the data set is not the one the checkpoint was trained on (checkpoint -> now: "
                          + "; ".join(data_facts) + "); give data.root the copy of the data set it was trained on")
     if diff:
+        lines = [f"{line} ({WHY_KEPT[line.split(':', 1)[0]]})" if line.split(":", 1)[0] in WHY_KEPT else line
+                 for line in diff]
         raise ValueError("resume: the checkpoint was written with a different config; keys that differ "
-                         "(checkpoint -> now):\n  " + "\n  ".join(diff) +
+                         "(checkpoint -> now):\n  " + "\n  ".join(lines) +
                          "\nRun with the checkpoint's config, or start a new run directory.")
     rounding = [line for line in config_diff(saved, current, ()) if line.split(":", 1)[0] in ROUNDING_KEYS]
     if rounding:

@@ -315,7 +315,8 @@ def sweep_table(runs: list[Run]) -> list[dict]:
 
     ``acc``, ``macs``, ``params`` (deployed, merged where cheaper), their ratios to the dense model,
     the training cost ``train_macs_rel`` / ``train_params_rel`` and, where a dense run is among
-    ``runs``, the training wall time relative to it (``time_rel``). Sorted: dense first, then by
+    ``runs``, the training wall time relative to it (``time_rel``; to a dense run of the same model, data set
+    and mode). Sorted: dense first, then by
     lambda.
     """
     if not runs:
@@ -331,7 +332,10 @@ def sweep_table(runs: list[Run]) -> list[dict]:
         else:
             label = _label(run, keys)
         groups[label].append(run)
-    dense_wall = [r.last["wall_s"] / max(r.last[r.unit], 1) for r in runs if r.dense]
+    dense_wall: dict[tuple, list[float]] = defaultdict(list)  # per model, data set and mode: times compare like runs
+    for r in runs:
+        if r.dense:
+            dense_wall[_task(r)].append(r.last["wall_s"] / max(r.last[r.unit], 1))
     rows = []
     for label, members in groups.items():
         lasts = [m.last for m in members]
@@ -348,13 +352,18 @@ def sweep_table(runs: list[Run]) -> list[dict]:
             row["ppl"], row["ppl_std"] = _mean_std([float(r["perplexity"]) for r in lasts])
         if all("bytes_down" in r for r in lasts):
             row["mb"], row["mb_std"] = _mean_std([(r["bytes_down"] + r["bytes_up"]) / 1e6 for r in lasts])
-        if dense_wall:
+        if dense_wall.get(_task(members[0])):
             row["time_rel"] = statistics.fmean(r["wall_s"] / max(m.last[m.unit], 1) for m, r in zip(members, lasts)) \
-                / statistics.fmean(dense_wall)
+                / statistics.fmean(dense_wall[_task(members[0])])
         row["paths"] = [str(m.path) for m in members]
         rows.append(row)
     rows.sort(key=lambda r: (not r["dense"], r["lambda_gl"], r["variant"]))
     return rows
+
+
+def _task(run: Run) -> tuple:
+    """What a run's wall time per epoch (round) is compared across: its model, data set and mode."""
+    return run.flat.get("model.name"), run.flat.get("dataset.name"), run.flat.get("mode")
 
 
 def _pm(mean: float, std: float, fmt: str, runs: int) -> str:

@@ -47,12 +47,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def amp_unused(amp: bool, device_name: str) -> str | None:
-    """The notice for ``train.amp=true`` on a device where it does nothing (autocast here is CUDA's), else None."""
-    if amp and resolve_device(device_name).type != "cuda":
-        return (f"train.amp=true: mixed precision is for CUDA; device={device_name} trains on the CPU, in float32 "
-                "(train.amp=false says so)")
-    return None
+def unused_settings(train: TrainConfig, device_name: str) -> list[str]:
+    """Notices for ``train`` settings that have no effect: ``train.amp=true`` where autocast (CUDA's) does
+    nothing, an SGD momentum given to Adam, Adam's betas given to SGD, a decay factor without milestones to
+    apply it at. (Only values that differ from the defaults are named: the defaults are always there.)"""
+    defaults, notices = TrainConfig(), []
+    if train.amp and resolve_device(device_name).type != "cuda":
+        notices.append(f"train.amp=true: mixed precision is for CUDA; device={device_name} trains on the CPU, in "
+                       f"float32 (train.amp=false says so)")
+    if train.optimizer == "adam" and train.momentum != defaults.momentum:
+        notices.append(f"train.momentum={train.momentum:g} is SGD's; Adam uses train.betas={list(train.betas)}")
+    if train.optimizer == "sgd" and list(train.betas) != defaults.betas:
+        notices.append(f"train.betas={list(train.betas)} are Adam's; SGD uses train.momentum={train.momentum:g}")
+    if train.gamma != defaults.gamma and not train.milestones:
+        notices.append(f"train.gamma={train.gamma:g} multiplies the LR at train.milestones, and there are none "
+                       f"(lr_schedule={train.lr_schedule})")
+    return notices
 
 
 @dataclass(frozen=True)

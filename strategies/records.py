@@ -90,7 +90,8 @@ class RunLog:
         if not clients["valid"]:
             ok += " [bold yellow](no valid reply: model unchanged)[/bold yellow]"
         tiers = "  ".join(f"{name} {t['accuracy']:.3f}" for name, t in r.get("tiers", {}).items() if "accuracy" in t)
-        return (f"round {r['round']:>3}/{self.num_rounds}  {acc}  rank {r['total_rank']:>4}  "
+        rank = f"rank {r['total_rank']:>4}" if r["ranks"] else "dense    "
+        return (f"round {r['round']:>3}/{self.num_rounds}  {acc}  {rank}  "
                 f"params {r['params_deployed']:>7,} ({r['params_rel']:.2f}x)  MB {mb:7.2f}  {ok}  "
                 f"{r['timing']['round_s']:.1f} s" + (f"  | {tiers}" if tiers and len(r["tiers"]) > 1 else ""))
 
@@ -133,12 +134,14 @@ class RunLog:
         for col in ("model", "accuracy", "loss", "params (deployed)", "x dense", "MACs (deployed)", "x dense", "rank"):
             table.add_column(col, justify="left" if col == "model" else "right")
 
+        factorized = bool(self.records and self.records[-1]["ranks"])
+
         def row(name, r):
             acc = r.get("accuracy")
             table.add_row(name, "-" if acc is None else f"{acc:.4f}",
                           "-" if r.get("loss") is None else f"{r['loss']:.4f}", f"{r.get('params_deployed', 0):,}",
                           f"{r.get('params_rel', 0):.3f}", f"{r.get('macs_deployed', 0):,}", f"{r.get('macs_rel', 0):.3f}",
-                          str(r.get("total_rank", r.get("rank", "-"))))
+                          str(r.get("total_rank", r.get("rank", "-"))) if factorized else "dense")
 
         row("global (full rank)", s)
         for name, t in s["tiers"].items():

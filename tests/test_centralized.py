@@ -167,6 +167,8 @@ def test_dense_baseline_trains_through_the_same_loop(tmp_path):
     assert last["ranks"] == {} and last["total_rank"] == 0
     assert last["params"] == last["params_deployed"] == DENSE_LENET_PARAMS and last["params_rel"] == 1.0
     assert last["train_macs_rel"] == pytest.approx(1.0) and last["train_loss"] < records[0]["train_loss"]
+    assert "  dense  params 44,426 (1.000x)" in centralized._summary(last)  # its epoch line: no "rank 0"
+    assert "  rank 5  " in centralized._summary({**last, "ranks": {"a": 2, "b": 3}, "total_rank": 5})
     cfg.train.lambda_gl = 1e-3
     with pytest.raises(ValueError, match="train.lambda_gl"):
         Trainer(cfg, tmp_path / "bad", DATASETS)
@@ -836,6 +838,23 @@ def test_a_sweep_over_a_device_key_keeps_its_rows_apart():
     assert len({r["variant"] for r in rows}) == 2 and all("tiers=" in r["variant"] for r in rows)
 
 
+def test_a_sweep_of_two_models_compares_each_ones_time_with_its_own_dense_run():
+    from fedmaestro.plots import Run, _flatten, sweep_table
+    from fedmaestro.config import to_dict
+
+    runs = []
+    for model, factorize, wall in (("lenet", False, 10.0), ("lenet", True, 15.0), ("resnet18", True, 600.0)):
+        cfg = to_dict(tiny())
+        cfg["model"]["name"], cfg["model"]["factorize"] = model, factorize
+        record = {"epoch": 2, "accuracy": 0.5, "params_deployed": 100, "params_rel": 1.0, "macs_deployed": 1000,
+                  "macs_rel": 1.0, "total_rank": 10, "wall_s": wall, "train_macs_rel": 1.0, "train_params_rel": 1.0}
+        runs.append(Run(Path(f"/x/{model}{factorize}"), cfg, [record], _flatten(cfg)))
+    rows = {(r["variant"], r["dense"]): r for r in sweep_table(runs)}
+    times = {key: row.get("time_rel") for key, row in rows.items()}
+    assert sorted(v for v in times.values() if v is not None) == [1.0, 1.5]  # LeNet's dense and Maestro runs
+    assert [key for key, v in times.items() if v is None] == [k for k in times if "resnet18" in k[0]]  # not 60x
+
+
 def test_a_sweep_whose_jobs_all_left_no_record_says_so(tmp_path, capsys):
     from fedmaestro import plot
 
@@ -952,6 +971,11 @@ def test_what_a_resume_may_change_is_pinned_per_mode(caplog):
     assert set(checkpoint.resume_ignored("centralized", "fashion_mnist")) == common | {"train.epochs",
                                                                                        "train.num_workers"}
     assert set(checkpoint.resume_ignored("centralized", "imagenet")) == common | {"train.epochs"}  # loader workers
+    workers = to_dict(Config())
+    workers["train"]["num_workers"] = 8
+    with pytest.raises(ValueError, match=r"train.num_workers: 0 -> 8 \(ImageNet's random crops come from torch's RNG "
+                                         r"without loader workers and from each worker's seed with them"):
+        checkpoint.check_resumable(to_dict(Config()), workers, checkpoint.resume_ignored("centralized", "imagenet"))
     saved = to_dict(Config())
     changed = to_dict(Config())
     changed["devices"]["name"], changed["device"], changed["train"]["threads"] = "three_tiers", "cpu", 4

@@ -422,6 +422,9 @@ def test_dense_fedavg_is_the_example_weighted_mean(tmp_path):
         np.testing.assert_array_equal(after[name], mean.astype(np.float32))
     r = records(run_dir)[0]
     assert r["params"] == r["params_deployed"] == 44_426 and r["total_rank"] == 0
+    assert "  dense      params  44,426" in strategy.runlog.progress_line(r)  # its round line: no "rank 0"
+    table = strategy.runlog.table(strategy.runlog.summary())
+    assert {cell for c in table.columns if c.header == "rank" for cell in c._cells} == {"dense"}
     assert r["lambda_gl"] == 0.0 and cfg.train.lambda_gl > 0  # no lasso on a dense model, whatever the config says
 
 

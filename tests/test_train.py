@@ -417,8 +417,20 @@ def test_the_proximal_threshold_follows_the_scheduled_learning_rate():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_amp_on_a_device_without_cuda_is_named_as_doing_nothing():
-    from fedmaestro.train import amp_unused
-    assert "train.amp=true: mixed precision is for CUDA; device=cpu trains on the CPU, in float32" in amp_unused(True, "cpu")
-    assert amp_unused(False, "cpu") is None
-    assert (amp_unused(True, "auto") is None) == torch.cuda.is_available()
+def test_settings_without_effect_are_named():
+    from fedmaestro.train import unused_settings
+    (notice,) = unused_settings(TrainConfig(amp=True), "cpu")
+    assert "train.amp=true: mixed precision is for CUDA; device=cpu trains on the CPU, in float32" in notice
+    assert unused_settings(TrainConfig(), "cpu") == []
+    assert (unused_settings(TrainConfig(amp=True), "auto") == []) == torch.cuda.is_available()
+    assert unused_settings(TrainConfig(optimizer="adam", momentum=0.5), "cpu") == [
+        "train.momentum=0.5 is SGD's; Adam uses train.betas=[0.9, 0.98]"]
+    assert unused_settings(TrainConfig(betas=[0.8, 0.9]), "cpu") == [
+        "train.betas=[0.8, 0.9] are Adam's; SGD uses train.momentum=0.9"]
+    assert unused_settings(TrainConfig(optimizer="adam", lr_schedule="inverse_sqrt", gamma=0.5), "cpu") == [
+        "train.gamma=0.5 multiplies the LR at train.milestones, and there are none (lr_schedule=inverse_sqrt)"]
+    # the paper's recipes set only what their optimizer and schedule read
+    assert unused_settings(TrainConfig(optimizer="adam", betas=[0.9, 0.98], lr_schedule="inverse_sqrt"), "cpu") == []
+    assert unused_settings(TrainConfig(momentum=0.9, gamma=0.2, milestones=[30, 60]), "cpu") == []
+
+
