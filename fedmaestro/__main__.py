@@ -172,6 +172,9 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
     if config.checkpoint and config.mode == "hpo":
         raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=hpo: a lambda search resumes from its "
                          f"run directory (resume=true hydra.run.dir=<the search's directory>); drop checkpoint=")
+    if config.checkpoint and config.mode == "theory":
+        raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=theory: its experiments train small "
+                         f"linear maps from scratch (theory.*, seed); drop checkpoint=")
     if config.checkpoint and config.mode in ("centralized", "federated") and not config.resume:
         raise ValueError(f"checkpoint={config.checkpoint} is read only with resume=true (the run goes on from it) "
                          f"or by mode=deploy; add resume=true, or drop checkpoint=")
@@ -184,6 +187,9 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
         from .train import unused_settings
         for notice in unused_settings(config.train, config.device):
             echo(notice, style="yellow", markup=False)
+    if config.mode == "theory" and (config.device not in ("auto", "cpu") or config.train.threads):
+        echo("mode=theory trains 6 x 9 linear maps on one CPU thread; device and train.threads are not used",
+             style="yellow", markup=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     result = importlib.import_module(MODE_RUNNERS[config.mode]).run(config, run_dir)
     if config.mode == "hpo" and result.chosen is None:  # scripts must tell a failed search from a found model

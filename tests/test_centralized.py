@@ -950,6 +950,7 @@ def test_sweep_table_of_translation_runs_shows_perplexity(tmp_path):
     ("centralized", False, r"checkpoint=/x/checkpoint.pt is read only with resume=true .*or drop checkpoint="),
     ("federated", False, r"is read only with resume=true"),
     ("hpo", True, r"is not read by mode=hpo: a lambda search resumes from its run directory"),
+    ("theory", False, r"is not read by mode=theory: its experiments train small linear maps from scratch"),
 ])
 def test_a_checkpoint_the_mode_would_not_read_is_refused(tmp_path, mode, resume, message):
     from omegaconf import OmegaConf

@@ -135,7 +135,7 @@ def test_cli_theory_mode_writes_the_plots(tmp_path):
     # Wiring only (the claims are tested above): a short run through the real command line.
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedmaestro", "mode=theory", f"hydra.run.dir={run_dir}", "theory.steps=200",
-           "theory.shrink_every=20"]
+           "theory.shrink_every=20", "train.threads=2"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in PNGS:
@@ -146,3 +146,4 @@ def test_cli_theory_mode_writes_the_plots(tmp_path):
     assert len(result["svd"]["relative_distance_per_k"]) == 6
     assert result["config"]["steps"] == 200
     assert "LoD on linear maps" in done.stdout
+    assert "device and train.threads are not used" in done.stdout  # train.threads=2: named, not silently ignored
