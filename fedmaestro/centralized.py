@@ -42,7 +42,8 @@ from .train import (RankCost, build_model, evaluate, lasso_schedule, make_optimi
                     recalibrate_batchnorm, resolve_device, seed_everything, task_for, train_epoch)
 
 __all__ = ["Trainer", "run", "example_input", "deployed_footprint", "dense_footprint", "load_datasets",
-           "load_model", "save_model", "needs_data_facts", "with_data_facts", "check_vocabulary", "apply_threads", "TIME_FIELDS"]
+           "load_model", "save_model", "needs_data_facts", "with_data_facts", "check_vocabulary", "apply_threads",
+           "TIME_FIELDS"]
 
 
 TIME_FIELDS = ("train_s", "wall_s")  # the record fields that differ between identical runs
@@ -350,8 +351,8 @@ def _summary(record: dict) -> str:
     acc, ppl = record.get("accuracy"), record.get("perplexity")
     return (f"loss {record['train_loss']:.4f}  acc {'-' if acc is None else f'{acc:.4f}'}  "
             + ("" if ppl is None else f"ppl {ppl:.2f}  ")
-            + (f"rank {record['total_rank']}  " if record["ranks"] else "dense  ") + f"params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  "
-            f"MACs {record['macs_rel']:.3f}x")
+            + (f"rank {record['total_rank']}  " if record["ranks"] else "dense  ")
+            + f"params {record['params_deployed']:,} ({record['params_rel']:.3f}x)  MACs {record['macs_rel']:.3f}x")
 
 
 def save_model(path: str | Path, model: nn.Module, cfg: Config, *, ranks: dict[str, int] | None = None,

@@ -226,7 +226,9 @@ class FLConfig:
     local_epochs: int = 1
     client_cpus: float = 1.0  # Ray resources per client; torch threads per client = max(1, int(client_cpus))
     client_gpus: float = 0.0  # Ray's GPU share per client (0.25: at most 4 at once on a GPU); `device` picks the device
-    federated_eval_every: int = 0  # rounds between federated evaluations on local test splits (and the last); 0 = never
+    # rounds between federated evaluations on local test splits (and the last); 0 = never. Each sends every client
+    # its tier's model, counted in bytes_down (the records' bytes are all the run's traffic)
+    federated_eval_every: int = 0
 
     def __post_init__(self):
         _check("fl.num_clients", self.num_clients, self.num_clients > 0, "must be > 0")
