@@ -86,6 +86,7 @@ class RunDirGuard(Callback):
             print("error: hydra.run.dir is empty (an unset shell variable?); give the run a directory, "
                   "hydra.run.dir=<dir>, or drop the override for outputs/<mode>/<time>", file=sys.stderr)
             sys.exit(2)
+        checkpoint.note_run_dir(Path(str(config.hydra.run.dir)))  # before Hydra makes it (see discard_unused_run_dir)
         mode = config.get("mode")
         if mode not in GUARDED_RUNS:
             return
@@ -246,6 +247,8 @@ def _hydra_main(cfg: DictConfig) -> int | None:
     except USER_ERRORS as e:
         if not is_user_error(e) or _show_tracebacks:
             raise
+        if not sweep:  # (a sweep keeps a failed job's directory: the sweep's table names the job)
+            checkpoint.discard_unused_run_dir(run_dir)
         if sweep:  # one line per failed job; the sweep goes on to the next job and ends with a failure status
             print(f"error: job {run_dir.name}: {e}", file=sys.stderr)
             return 2

@@ -228,8 +228,9 @@ class Trainer:
         path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if not path.is_file():
             if self.cfg.checkpoint:
-                raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give the run directory (or its checkpoint.pt) "
-                                        f"run to continue, or drop checkpoint= to start fresh in {self.run_dir}")
+                raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give checkpoint= the directory of "
+                                        f"the run to continue (or its checkpoint.pt), or drop checkpoint= to start "
+                                        f"fresh in {self.run_dir}")
             echo(f"resume=true but {path} does not exist: starting from epoch 0", style="yellow", markup=False)
             return False
         state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors; the model and
@@ -346,6 +347,10 @@ class Trainer:
         """The model at its ranks + the config that rebuilds it (``load_model``)."""
         save_model(path, self.model, self.cfg)
 
+    def plot(self) -> list[Path]:
+        """The run's figures (``plots.plot_centralized``) in its directory; the paths written."""
+        return plot_centralized(self.run_dir)
+
 
 def _summary(record: dict) -> str:
     acc, ppl = record.get("accuracy"), record.get("perplexity")
@@ -427,6 +432,6 @@ def run(cfg: Config, run_dir: Path) -> Trainer:
              f"({last['params_rel']:.3f}x dense), MACs {last['macs_deployed']:,} ({last['macs_rel']:.3f}x), "
              f"training cost {last['train_macs_rel']:.2f}x MACs / {last['train_params_rel']:.2f}x params; "
              f"run dir {run_dir}", markup=False)
-        for path in plot_centralized(run_dir):
+        for path in trainer.plot():
             echo(f"plot: {path}", markup=False)
     return trainer

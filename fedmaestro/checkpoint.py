@@ -22,7 +22,7 @@ from .config import with_defaults
 log = logging.getLogger(__name__)
 
 __all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "resume_ignored", "resume_path",
-           "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
+           "note_run_dir", "discard_unused_run_dir", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs
 # (the data root may move with the run between machines). train.num_workers is one only for the
@@ -56,7 +56,7 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<path to a .pt written by a run>")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<a run directory, or its model.pt or checkpoint.pt>")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError) as e:  # never retried without weights_only
@@ -195,3 +195,38 @@ def resume_path(checkpoint: str | None, run_dir: str | Path | None) -> Path | No
     if checkpoint:
         return Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
     return Path(run_dir) / "checkpoint.pt" if run_dir is not None else None
+
+
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes in a run's .hydra/
+_new_dirs: list[Path] = []  # a single run's directory and the parents Hydra is about to make for it, innermost first
+
+
+def note_run_dir(run_dir: str | Path) -> None:
+    """Remember which of ``run_dir`` and its parents do not exist yet (called before Hydra makes them)."""
+    missing, path = [], Path(run_dir).resolve()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    _new_dirs[:] = missing
+
+
+def discard_unused_run_dir(run_dir: str | Path) -> None:
+    """Remove the directory this command made (``note_run_dir``) for a run that failed before writing anything,
+    where it holds only what Hydra wrote (``.hydra/`` and an empty ``fedmaestro.log``), and the parents made with
+    it (``outputs/<mode>/``) if left empty. A directory that existed before, or holds anything else, stays."""
+    run_dir = Path(run_dir).resolve()
+    if not _new_dirs or _new_dirs[0] != run_dir:
+        return
+    hydra_dir, log_file = run_dir / ".hydra", run_dir / "fedmaestro.log"
+    try:
+        if not {p.name for p in run_dir.iterdir()} <= {".hydra", "fedmaestro.log"} \
+                or (hydra_dir.is_dir() and not {p.name for p in hydra_dir.iterdir()} <= HYDRA_FILES) \
+                or (log_file.is_file() and log_file.stat().st_size):
+            return
+        for path in (*(hydra_dir.iterdir() if hydra_dir.is_dir() else ()), log_file):
+            path.unlink(missing_ok=True)
+        for path in (hydra_dir, *_new_dirs):
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    except OSError:  # a directory that cannot be tidied is left as it is
+        return

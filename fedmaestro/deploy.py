@@ -358,6 +358,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         sources["svd"] = svd_model(cfg.deploy.svd_baseline, device)
         check_baseline(model_cfg, sources["svd"][1], cfg.deploy.svd_baseline)  # before data loads or any search
     ctx = _context(cfg, model_cfg, device)
+    echo(f"deploy: losses on one batch of deploy.batch_size={cfg.deploy.batch_size} training examples, accuracy on "
+         f"{len(ctx.test_loader.dataset):,} test examples (the data settings are this command's: data.root, "
+         f"data.test_subset={cfg.data.test_subset})", markup=False)
     curves, exports = {}, []
     for method, (source, source_cfg) in sources.items():
         layers = lod.layers(source)

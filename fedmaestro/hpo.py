@@ -24,8 +24,9 @@ does not choose lambda; the records also hold test accuracy. ``hpo.val_fraction=
 set instead (all the training set trains; the choice is then optimistic)
 
 Outputs: ``hpo_summary.csv`` and ``hpo.json`` (every lambda tried: epochs, accuracy, parameters,
-MACs, training cost relative to one dense training, outcome), ``model.pt`` (the returned model, also
-in its lambda's directory). ``resume=true`` continues an interrupted search: finished lambdas are
+MACs, training cost relative to one dense training, outcome; ``constraints_met``: false where the
+returned model is the fallback), ``model.pt`` (the returned model, also in its lambda's directory,
+with that lambda's records and plots). ``resume=true`` continues an interrupted search: finished lambdas are
 replayed from their records, an interrupted one resumes from its checkpoint.
 """
 
@@ -39,6 +40,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 import numpy as np
@@ -73,6 +75,12 @@ class HPOResult:
     chosen: Trial | None
     reason: str
     trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def constraints_met(self) -> bool:
+        """Whether the returned model meets both constraints (else it is Algorithm 2's fallback: the last model
+        within the parameter limit, below the accuracy target)."""
+        return self.chosen is not None and self.chosen.outcome == "met"
 
     @property
     def cost(self) -> float:
@@ -125,6 +133,7 @@ def _train_one(cfg: Config, lam: float, run_dir: Path, datasets, validation) -> 
         trainer.fit(on_epoch=on_epoch)
     (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
     trainer.save_model(run_dir / "model.pt")
+    trainer.plot()
     last = trainer.records[-1]
     evaluated = [r for r in trainer.records if r.get("accuracy") is not None]
     trial = Trial(lambda_gl=lam, run_dir=str(run_dir), epochs=last["epoch"],
@@ -186,7 +195,8 @@ def _write(result: HPOResult, run_dir: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(asdict(Trial(0.0, "")).keys()))
         writer.writeheader()
         writer.writerows(rows)
-    summary = {"chosen": asdict(result.chosen) if result.chosen else None, "reason": result.reason,
+    summary = {"chosen": asdict(result.chosen) if result.chosen else None,
+               "constraints_met": result.constraints_met, "reason": result.reason,
                "search_cost_dense_trainings": result.cost, "trials": rows}
     (run_dir / "hpo.json").write_text(json.dumps(summary, indent=2))
     if result.chosen is not None:
@@ -205,7 +215,10 @@ def _print(result: HPOResult) -> None:
     echo(table)
     echo(f"search cost: {result.cost:.2f}x one dense training; {result.reason}", markup=False)
     if result.chosen:
-        echo(f"returned: lambda {result.chosen.lambda_gl:g}, {result.chosen.run_dir}/model.pt", markup=False)
+        met = ("it meets both constraints" if result.constraints_met else
+               "[yellow]it meets the parameter limit only, not the accuracy target[/yellow] (hpo.json: constraints_met "
+               "false)")
+        echo(f"returned: lambda {result.chosen.lambda_gl:g}, {escape(result.chosen.run_dir)}/model.pt; {met}")
 
 
 def run(cfg: Config, run_dir: Path) -> HPOResult:

@@ -327,8 +327,11 @@ def sweep_table(runs: list[Run]) -> list[dict]:
         if "experiment" in keys:  # a sweep over presets: each row is named by its preset, and what varies within it
             preset = run.flat.get("experiment")
             within = _varying_keys([r for r in runs if r.flat.get("experiment") == preset])
-            label = str(preset) + ("" if not within else
-                                   " (" + ", ".join(f"{k.split('.')[-1]}={run.flat.get(k)}" for k in within) + ")")
+            if preset is None:  # a run without a preset beside them (a dense reference): named as in a plain sweep
+                label = _label(run, within)
+            else:
+                label = str(preset) + ("" if not within else
+                                       " (" + ", ".join(f"{k.split('.')[-1]}={run.flat.get(k)}" for k in within) + ")")
         else:
             label = _label(run, keys)
         groups[label].append(run)

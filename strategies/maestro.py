@@ -151,7 +151,7 @@ class MaestroStrategy(Strategy):
                      + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
                      c.strategy.shrink_every, c.train.eps_ps)
         for t, n in zip(c.devices.tiers, counts):
-            log.info("  tier %s: %d clients, budget %g%s%s%s", t.name, n, t.budget,
+            log.info("  tier %s: %d client%s, budget %g%s%s%s", t.name, n, "" if n == 1 else "s", t.budget,
                      f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "",
                      f", drop-out {t.dropout:g}, straggler {t.straggler:g}" if t.dropout or t.straggler else "")
         empty = [t.name for t, n in zip(c.devices.tiers, counts) if n == 0]

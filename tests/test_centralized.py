@@ -393,6 +393,23 @@ def test_the_command_line_prints_a_bad_config_as_one_error_line(tmp_path, overri
     assert "Traceback" not in done.stderr
 
 
+def test_a_run_that_fails_on_a_bad_value_leaves_no_directory_behind(tmp_path):
+    """Hydra makes the run directory (and outputs/<mode>/) before the config is checked: a run refused there
+    leaves nothing, where it used to leave outputs/<mode>/<time>/ with .hydra/ and an empty log."""
+    done = cli("mode=centralized", "train.sampler=perlayer", cwd=tmp_path)  # the default outputs/<mode>/<time>/
+    assert done.returncode == 2 and "error: config: train.sampler='perlayer'" in done.stderr, done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+    done = cli("mode=centralized", "train.sampler=perlayer", f"hydra.run.dir={tmp_path / 'a' / 'b'}")
+    assert done.returncode == 2 and list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a directory that was there before stays, and so does anything that is not Hydra's
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("kept")
+    for kept in ("mine", "theirs"):
+        done = cli("mode=centralized", "train.sampler=perlayer", f"hydra.run.dir={tmp_path / kept}")
+        assert done.returncode == 2 and (tmp_path / kept / ".hydra").is_dir()
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "kept"
+
+
 @pytest.mark.parametrize("override, message", [
     # what Hydra refuses while composing the command line: one error, exit 2 (1 is a search without a model)
     ("train.lrr=0.1", "error: config: unknown keys (not in the schema, fedmaestro/config.py): train.lrr (did you mean "
@@ -818,6 +835,17 @@ def test_a_sweep_over_presets_names_each_row_by_its_preset(tmp_path, capsys):
     variants = [line.split(" | ")[0].lstrip("| ").rstrip(" *") for line in (sweep / "sweep.md").read_text().splitlines()[2:]
                 if line.startswith("| ")]
     assert variants == ["fl_fedavg", "fl_fjord", "fl_maestro"]  # seeds averaged within each preset
+    # a dense reference run started without a preset, plotted beside the sweep: "Non-Factorized", not "None"
+    reference = tmp_path / "dense"
+    (reference / ".hydra").mkdir(parents=True)
+    (reference / ".hydra" / "overrides.yaml").write_text("- model.factorize=false\n")
+    dense = json.loads((sweep / "0_seed=0" / "config.json").read_text())
+    (reference / "config.json").write_text(json.dumps(dense))
+    (reference / "metrics.jsonl").write_text((sweep / "0_seed=0" / "metrics.jsonl").read_text())
+    assert plot.main([str(sweep), str(reference), "--out", str(tmp_path / "both")]) == 0
+    variants = [line.split(" | ")[0].lstrip("| ").rstrip(" *")
+                for line in (tmp_path / "both" / "sweep.md").read_text().splitlines()[2:] if line.startswith("| ")]
+    assert "None" not in variants and variants[0] == "Non-Factorized"
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
     assert [int(r["runs"]) for r in rows] == [2, 1, 2]
 

@@ -188,6 +188,7 @@ def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained,
                                      eval_every=7, svd_baseline=str(trained[1] / "model.pt")))
     summary = deploy.run(cfg, tmp_path)
     out = " ".join(capsys.readouterr().out.split())
+    assert "accuracy on 256 test examples (the data settings are this command's: data.root, data.test_subset=256)" in out
     for method in ("maestro", "svd"):  # 0.1 lies beyond the curves' end: named, with the setting that ended them
         assert re.search(method + r": the curve stops above params_frac=0.1 \(params_frac 0\.2\d+ <= "
                          r"deploy.stop_params=0.25; lower deploy.stop_params\)", out), out

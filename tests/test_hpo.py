@@ -59,6 +59,9 @@ class ScriptedTrainer:
     def save_model(self, path):
         torch.save({"lambda": self.lam}, path)
 
+    def plot(self):
+        return []
+
 
 @pytest.fixture
 def scripted(monkeypatch):
@@ -129,6 +132,7 @@ def test_no_lambda_meets_accuracy_returns_the_last_within_the_limit(scripted, tm
     result = hpo.search(search_cfg(), tmp_path)
     assert scripted.built == [0.8, 0.4, 0.2, 0.1]
     assert result.chosen.lambda_gl == 0.1 and "lambda_small" in result.reason
+    assert not result.constraints_met and json.loads((tmp_path / "hpo.json").read_text())["constraints_met"] is False
 
 
 def test_summary_table_lists_every_lambda_and_its_cost(scripted, tmp_path, capsys):
@@ -145,6 +149,8 @@ def test_summary_table_lists_every_lambda_and_its_cost(scripted, tmp_path, capsy
     assert summary["chosen"]["lambda_gl"] == 0.4
     out = capsys.readouterr().out
     assert "Lambda search" in out and "search cost: 1.50x" in out and "returned: lambda 0.4" in out
+    assert "it meets the parameter limit only, not the accuracy target" in " ".join(out.split())  # the fallback
+    assert summary["constraints_met"] is False
     assert ("lambda_gl from hpo.lambda_large=0.8, halved while above hpo.lambda_small=0.05 (train.lambda_gl is not "
             "used); test accuracy checked every hpo.eval_every=2 epoch(s)") in " ".join(out.split())
 
@@ -175,7 +181,8 @@ def test_real_search_returns_the_first_lambda_when_the_constraints_are_loose(tmp
     cfg.hpo.lambda_large, cfg.hpo.lambda_small = 0.2, 0.04
     result = hpo.search(cfg, tmp_path, DATASETS)
     assert [t.lambda_gl for t in result.trials] == [0.2]
-    assert result.chosen.epochs == 1 and result.chosen.outcome == "met"
+    assert result.chosen.epochs == 1 and result.chosen.outcome == "met" and result.constraints_met
+    assert (tmp_path / "lambda_0.2" / "training.png").stat().st_size > 0  # each lambda's figures, as the README says
     record = json.loads((tmp_path / "lambda_0.2" / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 <= record["val_accuracy"] <= 1 and 0 <= record["accuracy"] <= 1  # held out (10%) and test
     assert (tmp_path / "lambda_0.2" / "metrics.jsonl").is_file()
