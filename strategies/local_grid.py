@@ -37,10 +37,12 @@ def _set_task_identity() -> None:
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app, num_nodes: int, first_node_id: int = 1000):
+    def __init__(self, client_app, num_nodes: int, first_node_id: int = 1000, step: int = 7):
+        """Node ``i`` (partition id i) gets node id ``first_node_id + step * i``: ids unlike partition ids, in
+        another order where ``step`` < 0."""
         _set_task_identity()
         self.client_app = client_app
-        self.nodes = {first_node_id + 7 * i: i for i in range(num_nodes)}  # node ids unlike partition ids
+        self.nodes = {first_node_id + step * i: i for i in range(num_nodes)}
         self.contexts = {node: Context(run_id=1, node_id=node, node_config={P.PARTITION_ID: pid,
                                                                             P.NUM_PARTITIONS: num_nodes},
                                        state=RecordDict(), run_config={}) for node, pid in self.nodes.items()}

@@ -68,14 +68,16 @@ def without_times(records: list[dict]) -> list[dict]:
 
 
 def test_records_follow_the_design_schema_and_match_metrics_jsonl(tmp_path):
-    trainer = Trainer(tiny(), tmp_path, DATASETS)
-    records = trainer.fit(show_progress=False)
+    trainer = Trainer(tiny(lambda_gl=3e-2, eps_ps=3e-2), tmp_path, DATASETS)  # a lasso that shrinks in 3 epochs
+    ranks_after = []  # every layer's rank at the end of each epoch (after its shrink)
+    records = trainer.fit(show_progress=False, on_epoch=lambda r: ranks_after.append(
+        {n: layer.rank for n, layer in lod.layers(trainer.model)}) or False)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert read_jsonl(tmp_path / "metrics.jsonl") == records
+    assert [r["ranks"] for r in records] == ranks_after and ranks_after[0] != ranks_after[-1]  # it shrank
     for r in records:
         assert set(DESIGN_FIELDS) <= set(r)
         assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) and r["wall_s"] > 0
-        assert r["ranks"] == {n: layer.rank for n, layer in lod.layers(trainer.model)} or r is not records[-1]
         assert r["total_rank"] == sum(r["ranks"].values())
         assert r["params_deployed"] <= r["params"]  # merging to dense is only done where cheaper
         assert r["params_rel"] == pytest.approx(r["params_deployed"] / DENSE_LENET_PARAMS)

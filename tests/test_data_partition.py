@@ -236,6 +236,7 @@ def test_describe_prints_sizes_and_histograms_and_plots(tmp_path, capsys):
                                                       "fl.num_clients=10", "seed=1", "data.local_test_fraction=0.25"]))
     labels = np.arange(200) % 10
     parts = data.partition(labels, "pathological", 10, 1, classes_per_partition=2)
+    assert len(rows) == len(parts) == 10
     for row, p in zip(rows, parts):  # the table shows exactly what data.partition gives
         assert row.size == len(p) and np.array_equal(row.histogram, np.bincount(labels[p], minlength=10))
         assert row.local_test == int(np.ceil(0.25 * len(p))) and row.local_train + row.local_test == row.size

@@ -102,7 +102,9 @@ def test_runs_repeat_exactly_and_ignore_flower_node_ids(tmp_path):
     cfg, a = make_cfg(tmp_path, name="a")
     run(cfg, a)
     cfg, b = make_cfg(tmp_path, name="b")
-    run(cfg, b, first_node_id=5_000_003)  # other node ids: sampling is keyed by partition id
+    # other node ids, sorted the other way round (partition 0 has the largest): sampling and every message are
+    # keyed by partition id, never by node ids or their order
+    run(cfg, b, first_node_id=5_000_003, step=-11)
     ra, rb = records(a), records(b)
     assert len(ra) == 2 and timeless(ra) == timeless(rb)
     assert ra[0]["clients"]["sampled"] == tiers.sample_clients(4, 3, cfg.seed, 1)
@@ -540,7 +542,8 @@ def test_query_needs_a_partition_id(tmp_path):
     grid = LocalGrid(real_client.app, 4)
     for context in grid.contexts.values():
         context.node_config.pop(P.PARTITION_ID)
-    with pytest.raises(RuntimeError, match="partition-id"):
+    with pytest.raises(RuntimeError, match=r"clients failed to start:\n  node 1000: ValueError: this node has no "
+                                           r"'partition-id' in its node config; start the SuperNode with --node-config"):
         MaestroStrategy(cfg, run_dir, show_progress=False).start(grid)
 
 

@@ -82,14 +82,25 @@ def test_aggregate_needs_an_axis_entry_for_every_array():
 
 
 # --- rank axes and layouts --------------------------------------------------------------------------
+class _Holder(nn.Module):
+    """A plain module with parameters named like an LoD layer's factors (keys ``extra.u``, ``extra.v``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(3, 5))
+        self.v = nn.Parameter(torch.zeros(3, 4))
+
+
 class _Named(nn.Module):
-    """A dense Linear named ``u`` and a BatchNorm beside an LoD layer: names must not decide rank axes."""
+    """A dense Linear named ``u``, a module holding parameters ``u`` / ``v`` and a BatchNorm beside an LoD layer:
+    names must not decide rank axes."""
 
     def __init__(self):
         super().__init__()
         self.u = nn.Linear(4, 3)
         self.fc = nn.Linear(3, 5)
         self.bn = nn.BatchNorm1d(5)
+        self.extra = _Holder()
 
 
 def test_rank_axes_find_lod_layers_by_type_not_by_name():
@@ -98,6 +109,7 @@ def test_rank_axes_find_lod_layers_by_type_not_by_name():
     assert axes["fc.u"] == 0 and axes["fc.v"] == 0
     assert axes["u.weight"] is None and axes["u.bias"] is None and axes["fc.bias"] is None
     assert axes["bn.running_mean"] is None and axes["bn.num_batches_tracked"] is None
+    assert axes["extra.u"] is None and axes["extra.v"] is None  # named like factors, not an LoD layer's
     assert list(axes) == list(model.state_dict())  # every array, in state-dict order
     assert nested.Layout.of(model).layers == {"fc": ("fc.u", "fc.v")}
 
