@@ -7,7 +7,11 @@ rank) from the end of that layer's ordered columns; each candidate's loss is est
 training batch (``deploy.batch_size``, 2048 by default; BatchNorm layers use that batch's
 statistics, so no recalibration is needed to compare candidates, as in AutoSlim); the candidate
 with the smallest loss increase is applied (``deploy.criterion=loss``, the paper's; or the increase
-per MAC / parameter it removes). Repeat until the deployed MACs (or parameters) fall to
+per MAC / parameter it removes). ``deploy.lazy=true`` scores a step's candidates best-first by the
+score each had when last evaluated and stops once none left can beat the best so far (lazy greedy):
+the same choice wherever a layer's score only grows as the model shrinks (removing columns
+elsewhere makes the model more fragile), otherwise an approximation, at a few forward passes a step
+instead of one per layer. Repeat until the deployed MACs (or parameters) fall to
 ``deploy.stop_macs`` (``stop_params``) of the start, or the test accuracy below
 ``deploy.min_accuracy``. Every ``deploy.eval_every`` steps the point is evaluated on the test set
 (BatchNorm statistics recalibrated at its ranks first).
@@ -150,8 +154,9 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro",
                  on_point: Callable[[dict], None] | None = None) -> list[dict]:
     """Prune ``model`` in place by the greedy search; returns the curve, one point per step (start first).
 
-    A step scores one candidate per layer (a forward pass each): ``on_candidate(done, of)`` after each,
-    ``on_point(point)`` after every point of the curve, for progress."""
+    A step scores one candidate per layer (a forward pass each), or with ``deploy.lazy`` only those that may
+    beat the best: ``on_candidate(done, of)`` after each, ``on_point(point)`` after every point of the curve, for
+    progress."""
     layers = lod.layers(model)
     if not layers:
         raise ValueError("deploy: the model has no LoD layers to prune; give a factorized model "
@@ -166,15 +171,20 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro",
     if on_point is not None:
         on_point(curve[-1])
     step = 0
+    last_score: dict[str, float] = {}  # deploy.lazy: each layer's score when it was last evaluated
     while not _done(curve[-1], ctx):
         best = None
         live = [(name, layer) for name, layer in layers if layer.rank > 0]
+        if ctx.deploy.lazy:  # best-first by the last scores; never-scored layers first
+            live.sort(key=lambda item: last_score.get(item[0], -math.inf))
         for done, (name, layer) in enumerate(live, 1):
+            if ctx.deploy.lazy and best is not None and best[0] <= last_score.get(name, -math.inf):
+                break  # this layer and the rest scored at least the best at their last evaluation
             new_rank = max(0, layer.rank - chunk[name])
             layer.active_rank = new_rank
             try:
                 candidate = batch_loss(model, ctx.batch, ctx.task, ctx.device)
-                score = _score(candidate - loss, model, layer, new_rank, ctx)
+                score = last_score[name] = _score(candidate - loss, model, layer, new_rank, ctx)
             finally:
                 layer.active_rank = None
             if best is None or score < best[0]:
@@ -364,9 +374,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     curves, exports = {}, []
     for method, (source, source_cfg) in sources.items():
         layers = lod.layers(source)
-        echo(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in layers)} ranks; a step tries "
-             f"{len(layers)} candidates (a forward pass of deploy.batch_size={cfg.deploy.batch_size} each) and "
-             f"the curve ends at {_stops(cfg.deploy)}")
+        tries = (f"up to {len(layers)} candidates, best-first by their last score (deploy.lazy)" if cfg.deploy.lazy
+                 else f"{len(layers)} candidates")
+        echo(f"[bold]{method}[/]: greedy search from {sum(l.rank for _, l in layers)} ranks; a step tries {tries} "
+             f"(a forward pass of deploy.batch_size={cfg.deploy.batch_size} each) and the curve ends at "
+             f"{_stops(cfg.deploy)}")
         pruned = copy.deepcopy(source)
         curves[method] = _greedy_with_progress(pruned, ctx, method, cfg.progress)
         for key, targets in (("macs_frac", cfg.deploy.target_macs), ("params_frac", cfg.deploy.target_params)):

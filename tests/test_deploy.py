@@ -258,6 +258,43 @@ def test_loss_per_param_criterion_divides_by_the_parameters_of_the_removed_colum
     assert deploy._score(1.0, model, layer, layer.rank - 12, ctx) == pytest.approx(1.0 / (12 * (120 + 256)))
 
 
+def test_the_lazy_search_makes_the_exact_searchs_choices_in_far_fewer_forward_passes(trained, monkeypatch):
+    """Where a layer's loss increase only grows as the model shrinks (here a separable convex loss of the ranks
+    removed), scoring best-first by the last scores and stopping once none left can beat the best picks what
+    scoring every layer picks."""
+    model, _ = load_model(trained[0])
+    start = {name: layer.rank for name, layer in lod.layers(model)}
+    weight = {name: math.sqrt(p) for name, p in zip(start, (2, 3, 5, 7, 11, 13))}  # no two candidates tie
+
+    def convex_loss(m, batch, task, device):
+        return sum(weight[n] * (1 - (layer.rank if layer.active_rank is None else layer.active_rank) / start[n]) ** 2
+                   for n, layer in lod.layers(m))
+
+    monkeypatch.setattr(deploy, "batch_loss", convex_loss)
+    curves, passes = {}, {}
+    for lazy in (False, True):
+        ctx = context(stop_macs=0.2, test=False)
+        ctx.deploy.lazy = lazy
+        calls = []
+        curve = deploy.greedy_curve(copy.deepcopy(model), ctx, on_candidate=lambda done, of: calls.append(done))
+        curves[lazy], passes[lazy] = [p["ranks"] for p in curve], len(calls)
+    assert len(curves[False]) > 10 and curves[True] == curves[False]
+    assert passes[True] < passes[False] / 2  # 5 layers: the exact search scores 5 candidates a step
+
+
+def test_the_lazy_search_on_a_trained_model_reaches_the_stop_with_fewer_passes(trained):
+    model, _ = load_model(trained[0])
+    passes = {}
+    for lazy in (False, True):
+        ctx = context(stop_macs=0.3, test=False)
+        ctx.deploy.lazy = lazy
+        calls = []
+        curve = deploy.greedy_curve(copy.deepcopy(model), ctx, on_candidate=lambda done, of: calls.append(done))
+        assert curve[-1]["macs_frac"] <= 0.3 < curve[-2]["macs_frac"]
+        passes[lazy] = len(calls)
+    assert passes[True] < passes[False]
+
+
 def test_a_steps_share_is_of_the_layers_starting_rank_not_its_width(trained):
     model, _ = load_model(trained[0])
     lod.truncate(model, {"fc1": 60})
