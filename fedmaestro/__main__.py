@@ -247,11 +247,10 @@ def _hydra_main(cfg: DictConfig) -> int | None:
     except USER_ERRORS as e:
         if not is_user_error(e) or _show_tracebacks:
             raise
-        if not sweep:  # (a sweep keeps a failed job's directory: the sweep's table names the job)
-            checkpoint.discard_unused_run_dir(run_dir)
         if sweep:  # one line per failed job; the sweep goes on to the next job and ends with a failure status
             print(f"error: job {run_dir.name}: {e}", file=sys.stderr)
-            return 2
+            return 2  # (the job's directory stays: the sweep's table names it)
+        checkpoint.discard_unused_run_dir(run_dir)
         print(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 

@@ -113,20 +113,15 @@ def check_vocabulary(cfg: Config, dataset) -> None:
     if vocab is None:
         return
     where = f"the {cfg.dataset.name} files under data.root={cfg.data.root}"
+    size = cfg.model.kwargs.get("vocab_size") if cfg.model.name == "transformer" else None
     if cfg.dataset.vocabulary not in (None, vocab.fingerprint):
         raise ValueError(f"{where} have another vocabulary ({len(vocab):,} tokens, fingerprint {vocab.fingerprint}) "
                          f"than the one the model was built on (fingerprint {cfg.dataset.vocabulary}"
-                         f"{_size_of(cfg)}): the same token ids would mean other words. Give data.root the copy of "
-                         f"the data set it was trained on")
-    size = cfg.model.kwargs.get("vocab_size") if cfg.model.name == "transformer" else None
+                         f"{'' if size is None else f', {size:,} tokens'}): the same token ids would mean other "
+                         f"words. Give data.root the copy of the data set it was trained on")
     if size is not None and size < len(vocab):
         raise ValueError(f"model.kwargs.vocab_size={size} is smaller than the vocabulary of {where} ({len(vocab):,} "
                          f"tokens); drop model.kwargs.vocab_size (the run takes it from the data set)")
-
-
-def _size_of(cfg: Config) -> str:
-    size = cfg.model.kwargs.get("vocab_size") if cfg.model.name == "transformer" else None
-    return "" if size is None else f", {size:,} tokens"
 
 
 def apply_threads(cfg: Config) -> None:

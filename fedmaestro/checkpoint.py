@@ -22,7 +22,7 @@ from .config import with_defaults
 log = logging.getLogger(__name__)
 
 __all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "resume_ignored", "resume_path",
-           "note_run_dir", "discard_unused_run_dir", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
+           "note_run_dir", "discard_unused_run_dir", "get_dotted", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs
 # (the data root may move with the run between machines). train.num_workers is one only for the
@@ -56,7 +56,8 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<a run directory, or its model.pt or checkpoint.pt>")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<a run directory, or its model.pt "
+                                f"or checkpoint.pt>")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError) as e:  # never retried without weights_only
@@ -88,7 +89,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 DATA_FACTS = ("model.kwargs.vocab_size", "dataset.vocabulary")
 
 
-def _get(d: dict, key: str) -> Any:
+def get_dotted(d: dict, key: str) -> Any:
+    """``d``'s value at the dotted ``key`` (``"model.kwargs.vocab_size"``); None where a part is absent."""
     for part in key.split("."):
         d = d.get(part) if isinstance(d, dict) else None
     return d
@@ -96,7 +98,7 @@ def _get(d: dict, key: str) -> Any:
 
 def _fill_in(d: dict, key: str, value: Any) -> None:
     """Set ``key`` (dotted) in ``d`` to ``value`` where ``d`` leaves it unset (absent or None)."""
-    if value is None or _get(d, key) is not None:
+    if value is None or get_dotted(d, key) is not None:
         return
     *parents, last = key.split(".")
     for part in parents:
@@ -111,8 +113,8 @@ def config_diff(saved: dict, current: dict, ignored: tuple[str, ...] = IGNORED_K
     vocabulary size from its data; the command line that resumes it does not name it)."""
     saved, current = with_defaults(saved), copy.deepcopy(current)
     for key in DATA_FACTS:
-        _fill_in(current, key, _get(saved, key))
-        _fill_in(saved, key, _get(current, key))
+        _fill_in(current, key, get_dotted(saved, key))
+        _fill_in(saved, key, get_dotted(current, key))
     a, b = _flatten(saved), _flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if not any(k == i or k.startswith(i + ".") for i in ignored))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys if a.get(k) != b.get(k)]
@@ -122,8 +124,8 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
     """Raise if the config a checkpoint was written with differs from ``current`` outside ``ignored`` (the
     error lists the keys); warn if a key of ``ROUNDING_KEYS`` differs."""
     diff = config_diff(saved, current, ignored)
-    data_facts = [line for line in diff if line.split(":", 1)[0] in DATA_FACTS]
     if any(line.startswith("dataset.vocabulary:") for line in diff):
+        data_facts = [line for line in diff if line.split(":", 1)[0] in DATA_FACTS]
         raise ValueError("resume: the data set is not the one the checkpoint was trained on (checkpoint -> now: "
                          + "; ".join(data_facts) + "); give data.root the copy of the data set it was trained on")
     if diff:

@@ -50,7 +50,7 @@ from torch import nn
 from . import data, lod
 from .centralized import (apply_threads, deployed_footprint, dense_footprint, example_input, load_datasets,
                           check_vocabulary, load_model, save_model)
-from .checkpoint import config_diff
+from .checkpoint import config_diff, get_dotted
 from .config import Config, DeployConfig, to_dict
 from .console import console, echo
 from .footprint import Footprint, measure
@@ -303,15 +303,10 @@ def check_baseline(model_cfg: Config, baseline_cfg: Config, path: str | Path) ->
     keys = ("model.name", "model.kwargs", "model.skip", "model.skip_last", "dataset.name", "dataset.input_shape",
             "dataset.num_classes", "dataset.vocabulary")
     theirs, ours = to_dict(baseline_cfg), to_dict(model_cfg)
-
-    def get(d, key):
-        for part in key.split("."):
-            d = d[part]
-        return d
-
     unknown = ("dataset.vocabulary",)  # None in a file written before runs kept it: nothing to compare
-    differ = [f"{k}: {get(ours, k)!r} vs {get(theirs, k)!r}" for k in keys if get(ours, k) != get(theirs, k)
-              and not (k in unknown and None in (get(ours, k), get(theirs, k)))]
+    differ = [f"{k}: {get_dotted(ours, k)!r} vs {get_dotted(theirs, k)!r}" for k in keys
+              if get_dotted(ours, k) != get_dotted(theirs, k)
+              and not (k in unknown and None in (get_dotted(ours, k), get_dotted(theirs, k)))]
     if differ:
         raise ValueError(f"deploy.svd_baseline={path} is not the checkpoint's model on its data set "
                          f"(checkpoint vs baseline: {'; '.join(differ)}); give a dense model trained with the "
