@@ -353,7 +353,7 @@ def _distillation(student: torch.Tensor, teacher: torch.Tensor, target: torch.Te
 def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict:
     """Loss and accuracy at the model's current ranks, all columns active; {"accuracy", "loss", "num_examples",
     "scored", "correct"} (scored: the predictions accuracy counts, examples or target tokens; correct: how many
-    of them are right). Translation adds "perplexity" (the paper's Transformer metric, Tables 3 and 14):
+    of them are right; loss: the mean over those predictions). Translation adds "perplexity" (the paper's Transformer metric, Tables 3 and 14):
     exp of the mean negative log-likelihood per target token, padding excluded, without label smoothing, and
     "nll", that likelihood summed over the scored tokens (evaluations of parts of a test set add up)."""
     model.eval()
@@ -361,14 +361,13 @@ def evaluate(model: nn.Module, loader, task: Task, device: torch.device) -> dict
     with lod.full_rank(model):
         for batch in loader:
             output, target = task.forward(model, batch, device)
-            n = target.shape[0]
-            total_loss += float(task.loss(output, target)) * n
-            c, k = task.score(output, target)
-            correct, counted, examples = correct + c, counted + k, examples + n
+            c, k = task.score(output, target)  # k: the batch's scored predictions (examples, or target tokens)
+            total_loss += float(task.loss(output, target)) * k  # the loss is a mean over them
+            correct, counted, examples = correct + c, counted + k, examples + target.shape[0]
             if task.kind == "translation":
                 nll += float(F.cross_entropy(output.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_INDEX,
                                              reduction="sum"))
-    out = {"accuracy": correct / max(counted, 1), "loss": total_loss / max(examples, 1), "num_examples": examples,
+    out = {"accuracy": correct / max(counted, 1), "loss": total_loss / max(counted, 1), "num_examples": examples,
            "scored": counted, "correct": int(correct)}
     if task.kind == "translation":
         out["nll"] = nll

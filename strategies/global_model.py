@@ -97,18 +97,13 @@ class GlobalModel:
     def held_ranks(self, tier_cfgs) -> dict[str, int]:
         """The ranks the tiers of budget 1.0 hold at most, per LoD layer: what the global model can keep.
 
-        Budgets are fractions of the global model's ranks, so the model must be what a tier of budget 1.0
-        holds; a tier of smaller budget that gets more columns (the 1.0 tier capped by max_macs /
-        max_params below it) would make every cut shrink the model again, and is refused."""
+        Budgets are fractions of the global model's ranks, so once the model is cut to these, a tier of
+        budget p < 1 holds at most ceil(p r_i) <= r_i columns (before the cut, against the uncut ranks, it
+        may get more than a budget-1.0 tier that max_macs / max_params cut below it). Every tier's caps are
+        solved here, so a budget that cannot be met fails now."""
         caps = [self.tier_caps(t) for t in tier_cfgs]
         full = [c for t, c in zip(tier_cfgs, caps) if t.budget == 1.0]
-        held = {name: max(c[name] for c in full) for name in self.ranks()}
-        over = [t.name for t, c in zip(tier_cfgs, caps) if any(c[n] > held[n] for n in held)]
-        if over:
-            raise ValueError(f"devices: tiers {over} get more columns than every tier of budget 1.0 (whose "
-                             f"max_macs / max_params cut them below); the tier that holds the most must have "
-                             f"budget 1.0: lower the others' budgets or raise its caps")
-        return held
+        return {name: max(c[name] for c in full) for name in self.ranks()}
 
     def cut_to_tiers(self, tier_cfgs) -> bool:
         """Cut every LoD layer to ``held_ranks``; True if a rank fell.
@@ -127,12 +122,15 @@ class GlobalModel:
         return True
 
     # --- BatchNorm statistics per tier --------------------------------------------------------------
-    def pool_batchnorm(self, replies_by_tier: dict[int, list[tuple[dict, float]]], full_tiers: list[int]) -> None:
+    def pool_batchnorm(self, replies_by_tier: dict[int, list[tuple[dict, float]]], full_tiers: list[int],
+                       before: dict[str, np.ndarray]) -> None:
         """After aggregation: every tier that answered gets the pooled statistics of its replies, and the
         model's own BatchNorm buffers those of ``full_tiers``, the tiers that held the whole model this round
-        (kept from an earlier round when none of them answered). Clients recalibrate their statistics at
-        their caps before replying. The server has no data to recalibrate with, so after a shrink a tier's
-        statistics are those measured at its caps before it, until its clients answer again."""
+        (kept from an earlier round when none of them answered; until one has, the model keeps its statistics
+        of ``before``, the arrays the round started from: the aggregation's mean over the replies would give
+        it the statistics of smaller tiers' sub-models). Clients recalibrate their statistics at their caps
+        before replying. The server has no data to recalibrate with, so after a shrink a tier's statistics are
+        those measured at its caps before it, until its clients answer again."""
         if not self.batchnorm:
             return
         for tier, replies in replies_by_tier.items():
@@ -140,8 +138,9 @@ class GlobalModel:
         full = [r for t in full_tiers for r in replies_by_tier.get(t, [])]
         if full:
             self.batchnorm_stats["full"] = nested.pool_batchnorm(full, self.batchnorm)
-        if "full" in self.batchnorm_stats:
-            nested.load_batchnorm(self.model, self.batchnorm_stats["full"])
+        own = self.batchnorm_stats.get("full") or {f"{name}.{stat}": before[f"{name}.{stat}"]
+                                                   for name in self.batchnorm for stat in ("running_mean", "running_var")}
+        nested.load_batchnorm(self.model, own)
 
     def tier_batchnorm(self, tier: int) -> dict[str, np.ndarray] | None:
         """The statistics a tier's sub-model is evaluated with (the model's own until that tier answers)."""
@@ -215,9 +214,9 @@ class GlobalModel:
         rows = []
         for i, model in enumerate(models):
             mine = [p for (j, _), p in zip(jobs, parts) if j == i]
-            examples, scored = sum(p["num_examples"] for p in mine), sum(p["scored"] for p in mine)
+            scored = sum(p["scored"] for p in mine)
             row = {"accuracy": sum(p["correct"] for p in mine) / max(scored, 1),
-                   "loss": sum(p["loss"] * p["num_examples"] for p in mine) / max(examples, 1)}
+                   "loss": sum(p["loss"] * p["scored"] for p in mine) / max(scored, 1)}
             if "nll" in mine[0]:  # translation: exp of the mean NLL per target token, over the shards' tokens
                 row["perplexity"] = math.exp(sum(p["nll"] for p in mine) / scored) if scored else math.nan
             row.update(self.footprint(model))

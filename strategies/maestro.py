@@ -143,20 +143,23 @@ class MaestroStrategy(Strategy):
                      "(model.factorize=false): no rank sampling, lasso or shrinking", c.fl.rounds,
                      c.fl.clients_per_round, c.fl.num_clients, c.fl.local_epochs)
         else:
+            shrinks = c.train.shrink and c.train.eps_ps is not None and c.strategy.shrink_every > 0
             log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
-                     "lambda %g%s, shrink every %d round(s) (eps %g)", c.fl.rounds, c.fl.clients_per_round,
+                     "lambda %g%s, %s", c.fl.rounds, c.fl.clients_per_round,
                      c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
                      "" if c.train.lambda_stop_params is None else
                      f" until the params fall to {c.train.lambda_stop_params:g}x dense"
                      + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
-                     c.strategy.shrink_every, c.train.eps_ps)
+                     f"shrink every {c.strategy.shrink_every} round(s) (eps {c.train.eps_ps:g})" if shrinks else
+                     "no shrinking")
         for t, n in zip(c.devices.tiers, counts):
             log.info("  tier %s: %d client%s, budget %g%s%s%s", t.name, n, "" if n == 1 else "s", t.budget,
                      f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "",
                      f", drop-out {t.dropout:g}, straggler {t.straggler:g}" if t.dropout or t.straggler else "")
         empty = [t.name for t, n in zip(c.devices.tiers, counts) if n == 0]
         if empty:
-            whole = any(n and t.budget == 1.0 for t, n in zip(c.devices.tiers, counts))
+            held = self.global_model.held_ranks(c.devices.tiers) if self.global_model.factorized else None
+            whole = held is None or any(n and self.global_model.tier_caps(t) == held for t, n in zip(c.devices.tiers, counts))
             log.warning("tiers %s get no client of fl.num_clients=%d (shares %s)%s; raise fl.num_clients or those "
                         "tiers' shares", empty, c.fl.num_clients, [t.share for t in c.devices.tiers],
                         "" if whole else ": no client holds the whole model, so the columns above the other tiers' "
@@ -351,7 +354,7 @@ class MaestroStrategy(Strategy):
         by_tier: dict[int, list] = {}
         for sent, arrays, w, _ in valid:
             by_tier.setdefault(sent.tier, []).append((arrays, w))
-        self.global_model.pool_batchnorm(by_tier, self.full_tiers)
+        self.global_model.pool_batchnorm(by_tier, self.full_tiers, before=self.current)
         c = self.cfg
         shrink_now = (self.global_model.factorized and c.train.shrink and c.train.eps_ps is not None
                       and c.strategy.shrink_every > 0 and server_round % c.strategy.shrink_every == 0)
@@ -393,9 +396,10 @@ class MaestroStrategy(Strategy):
         for msg in replies:
             sent = self.sent.get(msg.metadata.src_node_id)
             if msg.has_error() or sent is None or P.METRICS not in msg.content.metric_records:
-                reason = msg.error.reason[:300] if msg.has_error() else "not a reply to this round's evaluation"
-                log.warning("round %d: dropped an evaluation reply from node %s: %s", server_round,
-                            msg.metadata.src_node_id, reason)
+                reason = (msg.error.reason[:300] if msg.has_error() else "not a reply to this round's evaluation"
+                          if sent is None else f"no {P.METRICS!r} MetricRecord in it")
+                who = f"node {msg.metadata.src_node_id}" if sent is None else f"client {sent.partition_id}"
+                log.warning("round %d: dropped the evaluation reply of %s: %s", server_round, who, reason)
                 continue
             m = msg.content.metric_records[P.METRICS]
             values = [m.get(k) for k in P.EVAL_REPLY_METRICS]

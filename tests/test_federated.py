@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -122,8 +123,9 @@ def test_federated_evaluation_runs_every_n_rounds_and_in_the_last_one(tmp_path):
     assert summary["fed_accuracy"] == records(run_dir)[-1]["fed_accuracy"]
 
 
-def test_a_tier_without_clients_is_warned_of_and_worst_where_no_client_holds_the_whole_model(tmp_path, caplog):
-    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=2", "fl.clients_per_round=2")  # three tiers, two clients
+@pytest.mark.parametrize("devices", ["three_tiers", "three_tiers_macs"])  # budgets 0.25 / 0.5 / 1, or all 1 with caps
+def test_a_tier_without_clients_is_warned_of_and_worst_where_no_client_holds_the_whole_model(tmp_path, caplog, devices):
+    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=2", "fl.clients_per_round=2", f"devices={devices}")
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
         strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
         strategy.summary()
@@ -219,7 +221,8 @@ def test_invalid_evaluation_replies_are_dropped_and_logged(tmp_path, caplog):
     app.train()(real_client.train)
     faults = {0: ("accuracy", 7.0, "accuracy=7.0 is not in [0, 1]"),
               1: ("num-examples", 10**6, "but the client announced"),
-              2: ("loss", float("nan"), "must all be finite numbers")}  # client 3 answers correctly
+              2: ("loss", float("nan"), "must all be finite numbers"),
+              3: (None, None, "no 'metrics' MetricRecord in it")}  # client 4 answers correctly
     healthy = {}
 
     @app.evaluate()
@@ -228,17 +231,21 @@ def test_invalid_evaluation_replies_are_dropped_and_logged(tmp_path, caplog):
         pid = int(context.node_config[P.PARTITION_ID])
         if pid in faults:
             key, value, _ = faults[pid]
-            reply.content.metric_records[P.METRICS][key] = value
+            if key is None:
+                del reply.content.metric_records[P.METRICS]
+            else:
+                reply.content.metric_records[P.METRICS][key] = value
         else:
             healthy[pid] = reply.content.metric_records[P.METRICS][P.ACCURACY]
         return reply
 
-    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2")
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2",
+                            "fl.num_clients=5")
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
         run(cfg, run_dir, app)
     for pid, (_, _, reason) in faults.items():
         assert any(f"dropped the evaluation reply of client {pid}: " in m and reason in m for m in caplog.messages), reason
-    assert records(run_dir)[0]["fed_accuracy"] == healthy[3]  # client 3's reply alone
+    assert records(run_dir)[0]["fed_accuracy"] == healthy[4]  # client 4's reply alone
 
 
 def test_a_node_that_is_not_this_projects_client_fails_at_start_up_with_the_fix(tmp_path):
@@ -477,12 +484,17 @@ def test_centralized_only_training_keys_are_named_when_set_in_federated_mode(tmp
     assert any("train.milestones [3] >= fl.rounds=1 (in federated mode they count rounds)" in m for m in caplog.messages)
 
 
-def test_a_tier_of_smaller_budget_may_not_hold_more_than_the_budget_one_tiers(tmp_path):
-    # else every cut to what the largest tier holds would shrink the model again (0.5 of 0.5 of ...)
+def test_a_tiers_budget_is_a_share_of_the_model_the_budget_one_tiers_hold(tmp_path):
+    # b's MAC cap holds fewer columns than half the uncut ranks; the model is cut to b's, and a holds half of those
     cfg, run_dir = make_cfg(tmp_path, "devices.tiers=[{name: a, share: 0.5, budget: 0.5}, "
                                       "{name: b, share: 0.5, budget: 1.0, max_macs: 0.3}]")
-    with pytest.raises(ValueError, match=r"tiers \['a'\] get more columns than every tier of budget 1.0"):
-        MaestroStrategy(cfg, run_dir, show_progress=False)
+    gm = MaestroStrategy(cfg, run_dir, show_progress=False).global_model
+    a_uncut, b_uncut = (gm.tier_caps(t) for t in cfg.devices.tiers)
+    assert any(a_uncut[n] > b_uncut[n] for n in a_uncut)  # against the uncut ranks, a would get more than b
+    assert gm.cut_to_tiers(cfg.devices.tiers) and gm.ranks() == b_uncut
+    a, b = (gm.tier_caps(t) for t in cfg.devices.tiers)
+    assert b == gm.ranks() and a == {n: math.ceil(0.5 * r) for n, r in gm.ranks().items()}
+    assert not gm.cut_to_tiers(cfg.devices.tiers)  # a fixed point: cutting again takes nothing
 
 
 def test_the_server_sends_the_scheduled_learning_rate(tmp_path):
@@ -809,7 +821,7 @@ def test_client_data_of_another_seed_is_partitioned_anew_in_the_same_process(tmp
     assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, b))
 
 
-def test_a_tiers_batchnorm_statistics_pool_all_of_its_replies(tmp_path):
+def test_a_tiers_batchnorm_statistics_pool_all_of_its_replies_and_the_model_keeps_only_whole_ones(tmp_path):
     cfg, _ = make_cfg(tmp_path, "model=resnet18", "dataset=cifar10", "devices=three_tiers")
     gm = MaestroStrategy(cfg, None, show_progress=False).global_model
     rng = np.random.default_rng(0)
@@ -821,7 +833,15 @@ def test_a_tiers_batchnorm_statistics_pool_all_of_its_replies(tmp_path):
             arrays[f"{name}.running_mean"] = rng.normal(size=base[f"{name}.running_mean"].shape).astype(np.float32)
             arrays[f"{name}.running_var"] = rng.uniform(0.5, 2, size=base[f"{name}.running_var"].shape).astype(np.float32)
         replies.append((arrays, weight))
-    gm.pool_batchnorm({0: replies, 2: replies[1:]}, full_tiers=[2])
+    # a round where only the small tier answers: the aggregation's mean gave the model the small sub-models'
+    # statistics; it keeps its own, and a tier that has not answered is evaluated with those
+    nested.load_batchnorm(gm.model, nested.pool_batchnorm(replies, gm.batchnorm))
+    gm.pool_batchnorm({0: replies}, full_tiers=[2], before=base)
+    own = gm.arrays()
+    assert all(np.array_equal(own[f"{n}.{s}"], base[f"{n}.{s}"]) for n in gm.batchnorm
+               for s in ("running_mean", "running_var"))
+    assert "full" not in gm.batchnorm_stats and gm.tier_batchnorm(1) is None
+    gm.pool_batchnorm({0: replies, 2: replies[1:]}, full_tiers=[2], before=base)
     expected = nested.pool_batchnorm(replies, gm.batchnorm)
     assert gm.batchnorm and all(np.array_equal(gm.batchnorm_stats["0"][k], expected[k]) for k in expected)
     only_large = nested.pool_batchnorm(replies[1:], gm.batchnorm)  # the model keeps the full tier's
