@@ -46,7 +46,7 @@ MODE_RUNNERS = {
 # message names the key and the fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback. The same
 # types raised inside a library (torch, numpy, ...) are bugs, and keep their traceback. A command line that
 # Hydra cannot compose (a mistyped key or option, a value of the wrong type) is a user error too. Both exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)  # the last: a run that diverged
 # HYDRA_FULL_ERROR as the user set it: main() sets it for Hydra, which then hands every error to main()
 _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -93,7 +93,7 @@ class RunDirGuard(Callback):
         run_dir = config.hydra.run.dir
         resume = bool(config.get("resume")) and mode != "deploy"  # a deployment does not resume
         try:
-            checkpoint.refuse_overwrite(run_dir, resume, mode)
+            checkpoint.refuse_overwrite(run_dir, resume, mode, source=config.get("checkpoint"))
             path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
             ignored = ()
             if mode == "hpo":  # a search's lambdas, each trained with its own lambda_gl and hpo.eval_every
@@ -181,7 +181,7 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
                          f"or by mode=deploy; add resume=true, or drop checkpoint=")
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
         checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
-                                    "hydra.sweep.dir" if sweep else "hydra.run.dir")
+                                    "hydra.sweep.dir" if sweep else "hydra.run.dir", source=config.checkpoint)
         if sweep and config.resume and config.mode != "deploy" and checkpoint.held_run(run_dir) is None:
             _warn_of_other_runs(run_dir)
     if config.mode in ("centralized", "hpo", "federated"):

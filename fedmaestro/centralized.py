@@ -376,15 +376,16 @@ def save_model(path: str | Path, model: nn.Module, cfg: Config, *, ranks: dict[s
                            "merged": sorted(merged), **extra})
 
 
-def load_model(path: str | Path, map_location="cpu") -> tuple[nn.Module, Config]:
+def load_model(path: str | Path, map_location="cpu", key: str = "checkpoint") -> tuple[nn.Module, Config]:
     """Rebuild a model written by ``save_model``, ``Trainer`` (``checkpoint.pt``) or deploy's exports.
 
-    ``path`` may be a run directory (its ``model.pt``). Returns (model at its saved ranks, config).
+    ``path`` may be a run directory (its ``model.pt``). Returns (model at its saved ranks, config). ``key``: the
+    setting that named ``path``, for the message where it does not exist.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    state = checkpoint.load(path, map_location)
+    state = checkpoint.load(path, map_location, key)
     if "config" not in state or "model" not in state:
         raise ValueError(f"{path} is not a fedmaestro model file (no 'config'/'model' entries); give a model.pt, "
                          f"checkpoint.pt or an export written by fedmaestro")

@@ -53,10 +53,11 @@ def save(path: str | Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu", key: str = "checkpoint") -> dict[str, Any]:
+    """The file at ``path``, loaded with ``weights_only=True``; ``key``: the setting that named it (for messages)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give checkpoint=<a run directory, or its model.pt "
+        raise FileNotFoundError(f"{key} {path} does not exist; give {key}=<a run directory, or its model.pt "
                                 f"or checkpoint.pt>")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -162,10 +163,13 @@ def held_run(run_dir: str | Path) -> tuple[str | None, Path] | None:
     return None
 
 
-def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str = "hydra.run.dir") -> None:
+def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str = "hydra.run.dir",
+                     source: str | None = None) -> None:
     """A run of ``mode`` into a directory that holds one would overwrite its records, checkpoints, models
-    or exports: raise FileExistsError naming the ways out, unless it resumes a run of the same mode.
-    ``dir_key``: the override that gives a run its own directory (a sweep's jobs: ``hydra.sweep.dir``)."""
+    or exports: raise FileExistsError naming the ways out, unless it resumes the run of the same mode that is
+    there. ``source``: the ``checkpoint=`` a resume continues from; one outside ``run_dir`` would continue
+    another run here, over this one. ``dir_key``: the override that gives a run its own directory (a sweep's
+    jobs: ``hydra.sweep.dir``)."""
     held = held_run(run_dir)
     if held is None:
         return
@@ -179,6 +183,9 @@ def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str 
         raise FileExistsError(f"{where}; {own_dir}")
     if not resume:
         raise FileExistsError(f"{where}; continue it with resume=true, or {own_dir}")
+    if source and resume_path(source, run_dir).resolve().parent != Path(run_dir).resolve():
+        raise FileExistsError(f"{where}; resume=true checkpoint={source} would continue that other run here, over "
+                              f"this one: drop checkpoint= to continue the run that is here, or {own_dir}")
 
 
 def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:

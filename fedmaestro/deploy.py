@@ -54,7 +54,7 @@ from .checkpoint import config_diff, get_dotted
 from .config import Config, DeployConfig, to_dict
 from .console import console, echo
 from .footprint import Footprint, measure
-from .plots import plot_deploy
+from .plots import deploy_targets, plot_deploy
 from .train import Task, evaluate, kept_dense, recalibrate_batchnorm, resolve_device, task_for
 
 __all__ = ["GreedyContext", "batch_loss", "greedy_curve", "export_point", "accuracy_at", "svd_model", "run"]
@@ -160,7 +160,7 @@ def greedy_curve(model: nn.Module, ctx: GreedyContext, method: str = "maestro",
     layers = lod.layers(model)
     if not layers:
         raise ValueError("deploy: the model has no LoD layers to prune; give a factorized model "
-                         "(model.factorize=true), or a dense one as deploy.svd_baseline")
+                         "(model.factorize=true)")
     if all(layer.rank == 0 for _, layer in layers):
         raise ValueError("deploy: every LoD layer of the model is at rank 0 (its lambda cut them all): nothing is "
                          "left to prune; deploy a checkpoint of a smaller lambda")
@@ -266,11 +266,19 @@ def accuracy_at(curve: list[dict], key: str, target: float) -> float:
     return math.nan
 
 
-def export_point(source: nn.Module, point: dict, ctx: GreedyContext, cfg: Config, path: Path) -> dict:
-    """Cut a copy of ``source`` to the point's ranks, recalibrate, evaluate, merge, save; the summary."""
+def below_floor(point: dict, d: DeployConfig) -> bool:
+    """Whether ``point`` was evaluated below ``deploy.min_accuracy`` (the curve's last point, where that ended it)."""
+    return d.min_accuracy is not None and point.get("accuracy", math.nan) < d.min_accuracy
+
+
+def export_point(source: nn.Module, point: dict, ctx: GreedyContext, cfg: Config, path: Path) -> dict | None:
+    """Cut a copy of ``source`` to the point's ranks, recalibrate, evaluate, merge, save; the summary. None, and
+    nothing saved, where the model scores below ``deploy.min_accuracy`` (a point the curve did not evaluate)."""
     model = copy.deepcopy(source)
     lod.truncate(model, point["ranks"])
     accuracy = _test_accuracy(model, ctx) if ctx.test_loader is not None else math.nan
+    if below_floor({"accuracy": accuracy}, ctx.deploy):
+        return None
     before = {n for n, _ in lod.layers(model)}
     lod.to_dense(model)
     merged = sorted(before - {n for n, _ in lod.layers(model)})
@@ -288,7 +296,7 @@ def export_point(source: nn.Module, point: dict, ctx: GreedyContext, cfg: Config
 
 def svd_model(path: str | Path, device: torch.device) -> tuple[nn.Module, Config]:
     """The dense model at ``path``, factorized by SVD (the baseline of Fig. 5a / 11)."""
-    model, cfg = load_model(path, device)
+    model, cfg = load_model(path, device, key="deploy.svd_baseline")
     if lod.layers(model):
         raise ValueError(f"deploy.svd_baseline={path} is a factorized model; give a model trained with "
                          f"model.factorize=false (the SVD baseline factorizes a dense model after training)")
@@ -317,7 +325,14 @@ def _context(cfg: Config, model_cfg: Config, device: torch.device) -> GreedyCont
     """Data of the model's data set (root / subsets / seed from the deploy config)."""
     data_cfg = copy.deepcopy(model_cfg)
     data_cfg.data, data_cfg.seed = copy.deepcopy(cfg.data), cfg.seed
-    train_set, test_set = load_datasets(data_cfg)
+    try:
+        train_set, test_set = load_datasets(data_cfg)
+    except FileNotFoundError as e:
+        trained_on = model_cfg.data.root
+        if not trained_on or trained_on == cfg.data.root:
+            raise
+        raise FileNotFoundError(f"{e} (the checkpoint was trained with data.root={trained_on}: deploy reads the data "
+                                f"at this command's data.root; give data.root={trained_on})") from None
     check_vocabulary(data_cfg, train_set)
     train_set = data.unaugmented(train_set)  # the loss batch and the recalibration batches without augmentation
     batch = next(iter(data.BatchLoader(train_set, cfg.deploy.batch_size, shuffle=True, seed=cfg.seed)))
@@ -357,12 +372,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if ignored:
         echo("deploy: the model and data set are the checkpoint's; these settings were not used (checkpoint -> "
              "given): " + "; ".join(ignored), style="yellow", markup=False)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if not lod.layers(model):
+        raise ValueError(f"checkpoint={cfg.checkpoint} is a dense model (model.factorize=false); deploy prunes a "
+                         f"factorized one: give a Maestro model as checkpoint=, with this dense one as "
+                         f"deploy.svd_baseline={cfg.checkpoint} for the SVD baseline beside it")
     sources = {"maestro": (model, model_cfg)}
     if cfg.deploy.svd_baseline:
         sources["svd"] = svd_model(cfg.deploy.svd_baseline, device)
         check_baseline(model_cfg, sources["svd"][1], cfg.deploy.svd_baseline)  # before data loads or any search
     ctx = _context(cfg, model_cfg, device)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the inputs are known good
     echo(f"deploy: losses on one batch of deploy.batch_size={cfg.deploy.batch_size} training examples, accuracy on "
          f"{len(ctx.test_loader.dataset):,} test examples (the data settings are this command's: data.root, "
          f"data.test_subset={cfg.data.test_subset})", markup=False)
@@ -377,18 +396,28 @@ def run(cfg: Config, run_dir: Path) -> dict:
         pruned = copy.deepcopy(source)
         curves[method] = _greedy_with_progress(pruned, ctx, method, cfg.progress)
         for key, targets in (("macs_frac", cfg.deploy.target_macs), ("params_frac", cfg.deploy.target_params)):
+            curve = curves[method]
+            exportable = curve[:-1] if below_floor(curve[-1], cfg.deploy) else curve  # not the point under the floor
             for target in targets:
-                point = first_at_or_below(curves[method], key, target)
+                point = first_at_or_below(exportable, key, target)
                 if point is None:
-                    echo(f"{method}: the curve stops above {key}={target:g} ({stopped_by(curves[method][-1], cfg.deploy)})",
-                         style="yellow", markup=False)
+                    reached = exportable is not curve and curve[-1][key] <= target + 1e-12
+                    echo(f"{method}: no model at {key} <= {target:g} is exported: "
+                         f"{'only the point that ended the curve reaches it' if reached else 'the curve stops above it'}"
+                         f" ({stopped_by(curve[-1], cfg.deploy)})", style="yellow", markup=False)
                     continue
                 name = f"deploy_{method}_{key.split('_')[0]}{target:g}.pt"
                 summary = export_point(source, point, ctx, source_cfg, run_dir / name)
+                if summary is None:
+                    echo(f"{method}: no model at {key} <= {target:g} is exported: the first one there (step "
+                         f"{point['step']}, between the curve's evaluations) scores below deploy.min_accuracy="
+                         f"{cfg.deploy.min_accuracy:g}; lower deploy.min_accuracy, or evaluate every step "
+                         f"(deploy.eval_every=1)", style="yellow", markup=False)
+                    continue
                 exports.append({"method": method, "target": f"{key}<={target:g}",
                                 "curve_accuracy_at_target": accuracy_at(curves[method], key, target), **summary})
         _write_curve(curves, run_dir / "deploy_curve.csv")  # after every method: a later failure keeps it
-    plot = plot_deploy(curves, run_dir / "deploy.png", marks=cfg.deploy.target_macs)
+    plot = plot_deploy(curves, run_dir / "deploy.png", targets=deploy_targets(to_dict(cfg)["deploy"]))
     summary = {"checkpoint": str(cfg.checkpoint), "svd_baseline": cfg.deploy.svd_baseline, "exports": exports,
                "curve_points": {m: len(c) for m, c in curves.items()}}
     (run_dir / "deploy.json").write_text(json.dumps(summary, indent=2))

@@ -24,7 +24,8 @@ does not choose lambda; the records also hold test accuracy. ``hpo.val_fraction=
 set instead (all the training set trains; the choice is then optimistic)
 
 Outputs: ``hpo_summary.csv`` and ``hpo.json`` (every lambda tried: epochs, accuracy, parameters,
-MACs, training cost relative to one dense training, outcome; ``constraints_met``: false where the
+MACs, training cost relative to one dense training, outcome, ``diverged`` where its loss became NaN or inf,
+which the search passes over; ``constraints_met``: false where the
 returned model is the fallback), ``model.pt`` (the returned model, also in its lambda's directory,
 with that lambda's records and plots). ``resume=true`` continues an interrupted search: finished lambdas are
 replayed from their records, an interrupted one resumes from its checkpoint.
@@ -67,7 +68,7 @@ class Trial:
     params_rel: float = 0.0
     macs_rel: float = 0.0
     train_macs_rel: float = 0.0  # this lambda's training MACs / one full dense training (train.epochs)
-    outcome: str = ""  # met | too_sparse | over_params | under_params
+    outcome: str = ""  # met | too_sparse | over_params | under_params | diverged
 
 
 @dataclass
@@ -130,7 +131,14 @@ def _train_one(cfg: Config, lam: float, run_dir: Path, datasets, validation) -> 
             decision = _check(record, cfg.hpo)
             return decision is not None
 
-        trainer.fit(on_epoch=on_epoch)
+        try:
+            trainer.fit(on_epoch=on_epoch)
+        except FloatingPointError as e:  # this lambda diverged: its finished epochs are what it cost
+            echo(f"hpo: lambda_gl = {lam:g} diverged: {e}", style="yellow", markup=False)
+            done = trainer.records
+            return Trial(lambda_gl=lam, run_dir=str(run_dir), epochs=done[-1]["epoch"] if done else 0,
+                         train_macs_rel=done[-1]["train_macs_rel"] * done[-1]["epoch"] / max(cfg.train.epochs, 1)
+                         if done else 0.0, outcome="diverged"), "diverged"
     (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
     trainer.save_model(run_dir / "model.pt")
     trainer.plot()
@@ -166,6 +174,8 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
         echo(f"[bold]hpo[/]: lambda_gl = {lam:g}")
         trial, decision = _train_one(cfg, lam, run_dir / f"lambda_{lam:.6g}", datasets, validation)
         result.trials.append(trial)
+        if decision == "diverged":  # no model to check or return; a smaller lambda may train (it pulls less)
+            continue
         if decision == "met":
             trial.outcome = "met"
             result.chosen = trial
@@ -185,6 +195,9 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
         result.chosen = previous
         result.reason = (f"lambda reached hpo.lambda_small={h.lambda_small:g} without meeting accuracy >= "
                          f"{h.min_accuracy} ({checked}); returning the last model within the parameter limit")
+        if all(t.outcome == "diverged" for t in result.trials):
+            result.reason = (f"every lambda diverged (the training loss became NaN or inf): lower train.lr "
+                             f"(now {cfg.train.lr:g}) or set train.grad_clip")
     _write(result, run_dir)
     return result
 
@@ -211,7 +224,8 @@ def _print(result: HPOResult) -> None:
     for t in result.trials:
         table.add_row(f"{t.lambda_gl:g}", str(t.epochs), "-" if t.val_accuracy is None else f"{t.val_accuracy:.4f}",
                       "-" if t.accuracy is None else f"{t.accuracy:.4f}",
-                      f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}", f"{t.train_macs_rel:.2f}", t.outcome)
+                      *(["-"] * 3 if t.outcome == "diverged" else [f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}"]),
+                      f"{t.train_macs_rel:.2f}", t.outcome)
     echo(table)
     echo(f"search cost: {result.cost:.2f}x one dense training; {result.reason}", markup=False)
     if result.chosen:

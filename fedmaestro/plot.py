@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .plots import find_runs, plot_centralized, plot_deploy, plot_federated, plot_sweep, read_curve, read_records
+from .plots import deploy_targets, find_runs, plot_centralized, plot_deploy, plot_federated, plot_sweep, read_curve, read_records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             curves: dict[str, list[dict]] = {}
             for row in rows:
                 curves.setdefault(str(row["method"]), []).append(row)
-            config = d / "config.json"  # the run's deploy.target_macs, drawn as the run drew them
-            marks = json.loads(config.read_text()).get("deploy", {}).get("target_macs", []) if config.is_file() else []
-            written.append(plot_deploy(curves, d / "deploy.png", marks=marks))
+            config = d / "config.json"  # the run's deploy targets, drawn as the run drew them
+            settings = json.loads(config.read_text()).get("deploy", {}) if config.is_file() else {}
+            written.append(plot_deploy(curves, d / "deploy.png", targets=deploy_targets(settings)))
         elif (d / "metrics.jsonl").is_file() and len(args.dirs) == 1:
             records = read_records(d)
             written += plot_federated(d) if records and "round" in records[0] else plot_centralized(d)

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .config import with_defaults  # noqa: E402
 
 __all__ = ["read_records", "plot_centralized", "plot_federated", "Run", "find_runs", "sweep_table", "write_sweep",
-           "plot_sweep", "read_curve", "plot_deploy", "DPI"]
+           "plot_sweep", "read_curve", "plot_deploy", "deploy_targets", "DPI"]
 
 DPI = 120
 IGNORED_IN_LABELS = ("seed", "resume", "checkpoint", "progress", "device", "data.root", "train.threads",
@@ -489,17 +489,24 @@ def read_curve(path: str | Path) -> list[dict]:
     return out
 
 
-def plot_deploy(curves: dict[str, list[dict]], path: str | Path, marks: list[float] = ()) -> Path:
-    """Test accuracy against deployed MACs and parameters (ratios to the dense model), one line per method."""
+def deploy_targets(deploy: dict) -> dict[str, list[float]]:
+    """A deploy config's (``deploy`` section, as a dict) targets, as ``plot_deploy`` draws them."""
+    return {"macs_frac": list(deploy.get("target_macs") or []), "params_frac": list(deploy.get("target_params") or [])}
+
+
+def plot_deploy(curves: dict[str, list[dict]], path: str | Path, targets: dict[str, list[float]] | None = None) -> Path:
+    """Test accuracy against deployed MACs and parameters (ratios to the dense model), one line per method.
+    ``targets``: {"macs_frac": deploy.target_macs, "params_frac": deploy.target_params}, fractions of each method's
+    own starting model; each is drawn, in the method's colour, where it lands on the dense-relative axis."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, name in ((axes[0], "macs_rel", "MACs"), (axes[1], "params_rel", "parameters")):
+    for ax, key, frac, name in ((axes[0], "macs_rel", "macs_frac", "MACs"), (axes[1], "params_rel", "params_frac",
+                                                                              "parameters")):
         for k, (method, rows) in enumerate(curves.items()):
+            for target in (targets or {}).get(frac, ()) if rows else ():
+                ax.axvline(target * rows[0][key], color=f"C{k}", ls=":", lw=1)
             rows = [r for r in rows if not math.isnan(r.get("accuracy", math.nan))]
             ax.plot([r[key] for r in rows], [100 * r["accuracy"] for r in rows], marker=".", ms=4,
                     label=method, color=f"C{k}")
-        if key == "macs_rel":
-            for m in marks:
-                ax.axvline(m, color="grey", ls=":", lw=1)
         ax.set(xlabel=f"deployed {name} / dense", ylabel="test accuracy (%)",
                title=f"Greedy deployment: accuracy vs {name} (Fig. 11)")
         ax.invert_xaxis()

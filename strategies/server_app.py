@@ -146,7 +146,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     overrides = shlex.split(str(context.run_config.get(OVERRIDES_KEY, "")))
     cfg, run_dir = compose(overrides)
-    checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated")
+    checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated", source=cfg.checkpoint)
     done = preflight(cfg, run_dir, server_has_data=False)
     if done >= cfg.fl.rounds:
         log.warning(all_rounds_done(run_dir, cfg, done))

@@ -951,11 +951,29 @@ def test_a_redrawn_deploy_figure_keeps_the_runs_targets(tmp_path, monkeypatch):
 
     (tmp_path / "deploy_curve.csv").write_text("method,macs_rel,params_rel,accuracy\nmaestro,1.0,1.0,0.9\n"
                                                "maestro,0.5,0.4,0.85\n")
-    (tmp_path / "config.json").write_text(json.dumps({"deploy": {"target_macs": [0.5, 0.25]}}))
+    (tmp_path / "config.json").write_text(json.dumps({"deploy": {"target_macs": [0.5, 0.25], "target_params": [0.3]}}))
     drawn = {}
-    monkeypatch.setattr(plot, "plot_deploy", lambda curves, path, marks=(): drawn.setdefault("marks", marks) and path)
+    monkeypatch.setattr(plot, "plot_deploy", lambda curves, path, targets=None: drawn.setdefault("t", targets) and path)
     assert plot.main([str(tmp_path)]) == 0
-    assert drawn["marks"] == [0.5, 0.25]
+    assert drawn["t"] == {"macs_frac": [0.5, 0.25], "params_frac": [0.3]}
+
+
+def test_deploy_targets_are_drawn_where_they_land_on_each_methods_curve(tmp_path, monkeypatch):
+    """deploy.target_macs=[0.5] is half of each method's starting MACs: a Maestro start at 0.6x dense lands at
+    0.3x on the dense-relative axis, an SVD start at 1.0x at 0.5x; target_params likewise on the other axis."""
+    from matplotlib.axes import Axes
+
+    from fedmaestro.plots import plot_deploy
+
+    def curve(start):
+        return [{"macs_rel": start, "params_rel": start / 2, "accuracy": 0.9},
+                {"macs_rel": start / 4, "params_rel": start / 8, "accuracy": 0.8}]
+
+    lines, original = [], Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda ax, x, **kw: lines.append((x, kw["color"])) or original(ax, x, **kw))
+    plot_deploy({"maestro": curve(0.6), "svd": curve(1.0)}, tmp_path / "d.png",
+                targets={"macs_frac": [0.5], "params_frac": [0.25]})
+    assert sorted((round(x, 6), c) for x, c in lines) == [(0.075, "C0"), (0.125, "C1"), (0.3, "C0"), (0.5, "C1")]
 
 
 def test_sweep_table_of_translation_runs_shows_perplexity(tmp_path):
@@ -1071,3 +1089,34 @@ def test_train_threads_sets_the_processes_torch_threads_and_null_leaves_them():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_resume_from_another_runs_checkpoint_never_writes_over_the_run_that_is_here(tmp_path):
+    """resume=true checkpoint=<run A> hydra.run.dir=<run B> would continue A in B, over B's records: refused
+    (RunDirGuard, before Hydra writes), every file of B as it was; into a new directory, A goes on."""
+    overrides = ["mode=centralized", "data.subset=128", "data.test_subset=64", "train.epochs=1", "progress=false"]
+    for run in ("a", "b"):
+        Trainer(compose(overrides + [f"hydra.run.dir={tmp_path / run}", f"seed={ord(run)}"])[0],
+                tmp_path / run).fit(show_progress=False)
+    with pytest.raises(FileExistsError, match=rf"resume=true checkpoint={tmp_path / 'a'} would continue that other run "
+                                              r"here, over this one: drop checkpoint= to continue the run that is here"):
+        checkpoint.refuse_overwrite(tmp_path / "b", True, "centralized", source=str(tmp_path / "a"))
+    for own in (tmp_path / "b", tmp_path / "b" / "checkpoint.pt"):  # its own checkpoint, named: goes on
+        checkpoint.refuse_overwrite(tmp_path / "b", True, "centralized", source=str(own))
+    checkpoint.refuse_overwrite(tmp_path / "new", True, "centralized", source=str(tmp_path / "a"))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", *overrides, "train.epochs=2", "resume=true",
+                           f"checkpoint={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'b'}", "seed=97"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "would continue that other run here" in done.stderr, done.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
+
+
+def test_a_run_that_diverges_ends_with_one_line_naming_the_fix(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", "data.subset=128",
+                           "data.test_subset=64", "train.epochs=1", "train.lr=1e6", "progress=false",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "error: training loss is nan; lower train.lr or set train.grad_clip" in done.stderr
+    assert "Traceback" not in done.stderr

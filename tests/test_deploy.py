@@ -164,7 +164,7 @@ def test_deploy_refuses_a_baseline_of_another_model_or_data_set_before_any_searc
     run_dir.mkdir()
     with pytest.raises(ValueError, match=r"dataset.num_classes: 10 vs 7"):
         deploy.run(cfg, run_dir)
-    assert [p.name for p in run_dir.iterdir()] == ["config.json"]
+    assert list(run_dir.iterdir()) == []  # refused before config.json: nothing of a deployment is there
     # the layers its SVD leaves dense must be the checkpoint's too
     maestro_cfg, skipping = load_model(trained[0])[1], tiny()
     skipping.model.skip_last = True
@@ -189,7 +189,8 @@ def test_deploy_run_writes_curves_plot_and_exports_merged_where_cheaper(trained,
     out = " ".join(capsys.readouterr().out.split())
     assert "accuracy on 256 test examples (the data settings are this command's: data.root, data.test_subset=256)" in out
     for method in ("maestro", "svd"):  # 0.1 lies beyond the curves' end: named, with the setting that ended them
-        assert re.search(method + r": the curve stops above params_frac=0.1 \(params_frac 0\.2\d+ <= "
+        assert re.search(method + r": no model at params_frac <= 0.1 is exported: the curve stops above it "
+                         r"\(params_frac 0\.2\d+ <= "
                          r"deploy.stop_params=0.25; lower deploy.stop_params\)", out), out
     with (tmp_path / "deploy_curve.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -320,6 +321,75 @@ def test_the_curve_stops_at_the_parameter_or_accuracy_floor(trained, stop):
         evaluated = [p for p in curve[:-1] if not math.isnan(p["accuracy"])]
         assert curve[-1]["accuracy"] < floor and len(evaluated) > 1 and all(p["accuracy"] >= floor for p in evaluated)
         assert curve[-1]["total_rank"] > 0
+
+
+def test_no_model_below_the_accuracy_floor_is_exported(trained, tmp_path, capsys, monkeypatch):
+    """The point that falls below deploy.min_accuracy ends the curve but is not a deployment: a target only it
+    reaches exports nothing, and a model between the curve's evaluations is checked against the floor too."""
+    monkeypatch.setattr(deploy, "load_datasets", lambda cfg: DATASETS)  # the data the model was trained on
+
+    def run(targets, where):
+        where.mkdir()
+        cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(trained[0]),
+                     deploy=DeployConfig(batch_size=256, target_macs=targets, stop_macs=0.0, eval_every=3,
+                                         min_accuracy=floor))
+        return deploy.run(cfg, where)
+
+    model, _ = load_model(trained[0])
+    floor = deploy._test_accuracy(model, context(stop_macs=0.0)) - 0.1
+    run([], tmp_path / "curve")
+    with (tmp_path / "curve" / "deploy_curve.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    last, before = float(rows[-1]["macs_frac"]), [float(r["macs_frac"]) for r in rows[1:-1]]
+    assert float(rows[-1]["accuracy"]) < floor and len(before) > 2  # unevaluated points between start and end
+    capsys.readouterr()
+    middle = before[len(before) // 2]
+    summary = run([last, middle], tmp_path / "deploy")
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"maestro: no model at macs_frac <= {last:g} is exported: only the point that ended the curve reaches " \
+           f"it (accuracy" in out
+    assert not (tmp_path / "deploy" / f"deploy_maestro_macs{last:g}.pt").exists()
+    assert all(e["accuracy"] >= floor for e in summary["exports"])
+    exported = (tmp_path / "deploy" / f"deploy_maestro_macs{middle:g}.pt").exists()
+    assert exported == bool(summary["exports"])
+    assert exported or f"no model at macs_frac <= {middle:g} is exported: the first one there" in out
+
+
+def test_a_dense_checkpoint_or_a_missing_baseline_is_refused_naming_its_setting_and_writes_nothing(trained, tmp_path):
+    def run(**settings):
+        cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(settings.pop("checkpoint")),
+                     deploy=DeployConfig(target_macs=[0.5], **settings))
+        deploy.run(cfg, tmp_path)
+
+    with pytest.raises(ValueError, match=rf"checkpoint={trained[1]} is a dense model \(model.factorize=false\); "
+                                         rf"deploy prunes a factorized one: give a Maestro model as checkpoint=, "
+                                         rf"with this dense one as deploy.svd_baseline={trained[1]}"):
+        run(checkpoint=trained[1])
+    with pytest.raises(FileNotFoundError, match=rf"deploy.svd_baseline {tmp_path / 'gone'} does not exist; "
+                                                r"give deploy.svd_baseline=<a run directory"):
+        run(checkpoint=trained[0], svd_baseline=str(tmp_path / "gone"))
+    assert list(tmp_path.iterdir()) == []  # refused before config.json: the run directory can be discarded
+
+
+def test_data_missing_at_deploy_names_the_root_the_checkpoint_was_trained_with(trained, tmp_path, monkeypatch):
+    model, trained_as = load_model(trained[0])
+    trained_as.data.root = str(tmp_path / "their-data")
+    save_model(tmp_path / "model.pt", model, trained_as)
+
+    def missing(cfg):
+        raise FileNotFoundError(f"no fashion_mnist files under {cfg.data.root}")
+
+    monkeypatch.setattr(deploy, "load_datasets", missing)
+    (tmp_path / "run").mkdir()
+    cfg = Config(mode="deploy", device="cpu", progress=False, checkpoint=str(tmp_path / "model.pt"),
+                 data=DataConfig(root=str(tmp_path / "elsewhere")))
+    with pytest.raises(FileNotFoundError, match=rf"no fashion_mnist files under {tmp_path / 'elsewhere'} \(the checkpoint "
+                                                rf"was trained with data.root={tmp_path / 'their-data'}: .*give "
+                                                rf"data.root={tmp_path / 'their-data'}\)"):
+        deploy.run(cfg, tmp_path / "run")
+    cfg.data.root = trained_as.data.root  # the same root: the loader's own message, nothing added
+    with pytest.raises(FileNotFoundError, match=r"files under [^ ]+their-data$"):
+        deploy.run(cfg, tmp_path / "run")
 
 
 def test_a_curve_that_ends_above_a_target_names_the_setting_that_ended_it():

@@ -25,7 +25,8 @@ from test_centralized import DATASETS, tiny
 
 class ScriptedTrainer:
     """Trainer's interface for hpo: lambda -> (final accuracy, params_rel); the parameter count is
-    reached after the first epoch (shrinking is fast), the accuracy grows linearly over the epochs."""
+    reached after the first epoch (shrinking is fast), the accuracy grows linearly over the epochs.
+    lambda -> None: it diverges in its third epoch (FloatingPointError, as train_epoch raises)."""
 
     table: dict[float, tuple[float, float]] = {}
     built: list[float] = []
@@ -38,7 +39,7 @@ class ScriptedTrainer:
 
     def record(self, epoch: int) -> dict:
         t = self.cfg.train
-        acc, params = self.table[self.lam]
+        acc, params = self.table[self.lam] or (0.5, 0.5)  # a diverging lambda's epochs before it diverges
         frac = epoch / t.epochs
         rec = {"epoch": epoch, "params_rel": params, "macs_rel": 1.0, "train_macs_rel": 0.5}
         rec.update(params_deployed=round(44_426 * rec["params_rel"]), macs_deployed=281_640)
@@ -51,6 +52,8 @@ class ScriptedTrainer:
     def fit(self, on_epoch=None, show_progress=True):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for epoch in range(1, self.cfg.train.epochs + 1):
+            if self.table[self.lam] is None and epoch == 3:  # this lambda diverges in its third epoch
+                raise FloatingPointError("training loss is nan; lower train.lr or set train.grad_clip")
             self.records.append(self.record(epoch))
             if on_epoch is not None and on_epoch(self.records[-1]):
                 break
@@ -100,6 +103,27 @@ def test_met_stops_that_lambda_early(scripted, tmp_path):
     result = hpo.search(search_cfg(min_accuracy=0.5, eval_every=2, epochs=8), tmp_path)
     assert result.chosen.lambda_gl == 0.8 and result.chosen.epochs == 4  # acc 0.5 at epoch 4 of 8
     assert result.cost == pytest.approx(0.5 * 4 / 8)  # trained half of one (scripted 0.5x) training
+
+
+def test_a_lambda_that_diverges_is_recorded_and_the_search_goes_on(scripted, tmp_path, capsys):
+    scripted.table = {0.8: None, 0.4: (0.90, 0.10)}
+    result = hpo.search(search_cfg(), tmp_path)
+    assert scripted.built == [0.8, 0.4] and result.chosen.lambda_gl == 0.4 and result.constraints_met
+    diverged = result.trials[0]
+    assert diverged.outcome == "diverged" and diverged.epochs == 2 and diverged.accuracy is None
+    assert diverged.train_macs_rel == pytest.approx(0.5 * 2 / 6)  # its two finished epochs count in the cost
+    assert "lambda_gl = 0.8 diverged: training loss is nan; lower train.lr" in capsys.readouterr().out
+    assert [t["outcome"] for t in json.loads((tmp_path / "hpo.json").read_text())["trials"]] == ["diverged", "met"]
+
+
+def test_a_search_where_every_lambda_diverges_says_how_to_fix_it_and_writes_its_summary(scripted, tmp_path):
+    scripted.table = {0.8: None, 0.4: None, 0.2: None, 0.1: None}
+    result = hpo.search(search_cfg(), tmp_path)
+    assert result.chosen is None and [t.outcome for t in result.trials] == ["diverged"] * 4
+    assert "every lambda diverged" in result.reason and "lower train.lr (now 0.05) or set train.grad_clip" in \
+        result.reason
+    assert json.loads((tmp_path / "hpo.json").read_text())["reason"] == result.reason
+    assert len(list(csv.DictReader((tmp_path / "hpo_summary.csv").open()))) == 4
 
 
 def test_over_the_parameter_limit_returns_the_last_model_within_it(scripted, tmp_path):
