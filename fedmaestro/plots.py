@@ -255,8 +255,9 @@ def preset_of(run_dir: Path) -> str | None:
 def find_runs(*roots: str | Path, report=print) -> list[Run]:
     """Every finished-or-not run (metrics.jsonl + config.json) at or below ``roots``, centralized or federated.
 
-    ``report`` gets one line per run that stopped before its last epoch (round), and per sweep job directory
-    (it holds Hydra's ``.hydra/``) without any record: a job that failed or was interrupted before its first.
+    ``report`` gets one line per run that stopped before its last epoch (round), per directory with records but
+    no config.json (a lambda search's lambda that did not end), and per sweep job directory (it holds Hydra's
+    ``.hydra/``) without any record: a job that failed or was interrupted before its first.
     """
     runs = []
     for root in roots:
@@ -273,6 +274,9 @@ def find_runs(*roots: str | Path, report=print) -> list[Run]:
                 if preset is not None:
                     flat["experiment"] = preset
                 runs.append(Run(metrics.parent, cfg, records, flat))
+            elif records:  # a search writes a lambda's config.json when that lambda ends
+                report(f"left out: {metrics.parent} holds records but no config.json (a lambda of a search that "
+                       f"was stopped or diverged before its end)")
         for job in sorted(p.parent for p in root.rglob(".hydra")):
             if not any((job / name).is_file() for name in ("metrics.jsonl", "deploy.json", "theory.json", "hpo.json")) \
                     and not any(job.glob("lambda_*/metrics.jsonl")):  # a lambda search's runs are in lambda_*

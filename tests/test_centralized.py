@@ -931,9 +931,14 @@ def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
     (search / "metrics.jsonl").write_text(json.dumps({
         "epoch": 2, "accuracy": 0.5, "params_deployed": 100, "params_rel": 0.5, "macs_deployed": 1000, "macs_rel": 0.4,
         "train_macs_rel": 0.9, "train_params_rel": 0.8, "total_rank": 10, "ranks": {"fc1": 10}, "wall_s": 1.0}) + "\n")
+    interrupted = tmp_path / "hpo" / "lambda_0.05"  # its config.json comes when it ends: named, not dropped silently
+    interrupted.mkdir()
+    (interrupted / "metrics.jsonl").write_text((search / "metrics.jsonl").read_text())
     assert plot.main([str(tmp_path / "hpo")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "stopped at" not in out and "holds no records" not in out and "| Maestro (λ=0.1) |" in out
+    assert f"left out: {interrupted} holds records but no config.json (a lambda of a search that was stopped or " \
+           f"diverged before its end)" in out and "λ=0.05" not in out
     # a federated run next to a centralized one listed first (smaller lambda): the CSV has the columns of both
     central = tmp_path / "central"
     central.mkdir()
