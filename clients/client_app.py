@@ -136,4 +136,4 @@ def evaluate(message: Message, context: Context) -> Message:
     pid = partition_id(context)
     m = local.evaluate_local(cfg, pid, _arrays(message))
     return _reply(message, {P.NUM_EXAMPLES: m["num_examples"], P.ACCURACY: m["accuracy"], P.LOSS: m["loss"],
-                            P.PARTITION_ID: pid})
+                            P.PARTITION_ID: pid, P.NUM_SCORED: m["scored"]})

@@ -160,11 +160,12 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
 
 
 def evaluate_local(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray]) -> dict:
-    """Accuracy and loss of ``arrays`` on the client's local test split: {accuracy, loss, num_examples}."""
+    """Accuracy and loss of ``arrays`` on the client's local test split: {accuracy, loss, num_examples, scored}
+    (``train.evaluate``'s)."""
     d = client_data(cfg)
     _, test_idx = _partition(cfg, partition_id)
     if test_idx.size == 0:
-        return {"accuracy": 0.0, "loss": 0.0, "num_examples": 0}
+        return {"accuracy": 0.0, "loss": 0.0, "num_examples": 0, "scored": 0}
     model = _load(cfg, arrays, None)
     device = next(model.parameters()).device
     loader = data.BatchLoader(d.eval_set, EVAL_BATCH, shuffle=False, indices=test_idx)

@@ -47,6 +47,9 @@ TRAIN_SECONDS = "train-seconds"
 STEPS = "steps"
 ACCURACY = "accuracy"
 LOSS = "loss"
+# in an evaluation reply, optional: the predictions accuracy and loss average over (target tokens for
+# translation, examples otherwise); where every reply gives it, it weights the federated means
+NUM_SCORED = "num-scored"
 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, PARTITION_ID, TRAIN_SECONDS, STEPS)
 EVAL_REPLY_METRICS = (NUM_EXAMPLES, ACCURACY, LOSS, PARTITION_ID)

@@ -413,6 +413,9 @@ class MaestroStrategy(Strategy):
                            f"{self.tests_of[sent.partition_id]} test examples when the run started")
             elif not 0.0 <= m[P.ACCURACY] <= 1.0:
                 problem = f"accuracy={m[P.ACCURACY]!r} is not in [0, 1]"
+            elif P.NUM_SCORED in m and not (isinstance(m[P.NUM_SCORED], (int, float)) and m[P.NUM_SCORED] >= 0
+                                             and m[P.NUM_SCORED] == int(m[P.NUM_SCORED])):
+                problem = f"{P.NUM_SCORED}={m[P.NUM_SCORED]!r} is not a whole number >= 0"
             elif sent.partition_id in answered:
                 problem = "a second reply from the same node"
             if problem is not None:
@@ -421,12 +424,18 @@ class MaestroStrategy(Strategy):
                 continue
             answered.add(sent.partition_id)
             if m[P.NUM_EXAMPLES] > 0:
-                rows.append((float(m[P.NUM_EXAMPLES]), float(m[P.ACCURACY]), float(m[P.LOSS])))
+                rows.append((float(m[P.NUM_EXAMPLES]), m.get(P.NUM_SCORED), float(m[P.ACCURACY]), float(m[P.LOSS])))
         if not rows:
             return None
-        total = sum(n for n, _, _ in rows)
-        return MetricRecord({P.ACCURACY: sum(n * a for n, a, _ in rows) / total,
-                             P.LOSS: sum(n * loss for n, _, loss in rows) / total, "clients": len(rows)})
+        # weighted by the predictions each client scored (target tokens for translation), where all say
+        weights = [float(k) for _, k, _, _ in rows] if all(k is not None for _, k, _, _ in rows) else \
+            [n for n, _, _, _ in rows]
+        total = sum(weights)
+        if total == 0:
+            return None
+        return MetricRecord({P.ACCURACY: sum(w * a for w, (_, _, a, _) in zip(weights, rows)) / total,
+                             P.LOSS: sum(w * loss for w, (_, _, _, loss) in zip(weights, rows)) / total,
+                             "clients": len(rows)})
 
     # --- the run -------------------------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], deadline: float) -> list[Message]:

@@ -215,6 +215,33 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
         np.testing.assert_array_equal(after[name], aggregate[name])
 
 
+def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_path):
+    """Per token for translation: a client's num-scored (its target tokens) weighs its accuracy and loss, not its
+    sentence count; classification scores one prediction per example, so both weights agree."""
+    app = ClientApp()
+    app.query()(real_client.query)
+    app.train()(real_client.train)
+    seen = {}
+
+    @app.evaluate()
+    def evaluate(message, context):
+        reply = real_client.evaluate(message, context)
+        m = reply.content.metric_records[P.METRICS]
+        pid = int(context.node_config[P.PARTITION_ID])
+        assert m[P.NUM_SCORED] == m[P.NUM_EXAMPLES]  # classification
+        m[P.NUM_SCORED] = m[P.NUM_EXAMPLES] * (pid + 1)  # as if client pid's examples held pid + 1 tokens each
+        seen[pid] = (m[P.NUM_SCORED], m[P.ACCURACY], m[P.LOSS])
+        return reply
+
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2")
+    run(cfg, run_dir, app)
+    total = sum(k for k, _, _ in seen.values())
+    r = records(run_dir)[0]
+    assert len(seen) == 4 and len({k for k, _, _ in seen.values()}) == 4
+    assert r["fed_accuracy"] == pytest.approx(sum(k * a for k, a, _ in seen.values()) / total, rel=1e-12)
+    assert r["fed_loss"] == pytest.approx(sum(k * loss for k, _, loss in seen.values()) / total, rel=1e-12)
+
+
 def test_invalid_evaluation_replies_are_dropped_and_logged(tmp_path, caplog):
     app = ClientApp()
     app.query()(real_client.query)
