@@ -120,7 +120,6 @@ class MaestroStrategy(Strategy):
         self.round_info: dict = {}
         self.runlog = RunLog(self.cfg, self.run_dir, show_progress=show_progress, launched_at=launched_at)
         self.full_tiers: list[int] = []  # the tiers whose caps held the whole global model in this round
-        self.warned_dense_budget = False
         if self.global_model.factorized:  # a budget that cannot be met fails now, before any work
             self.global_model.held_ranks(tier_cfgs)
 
@@ -142,6 +141,9 @@ class MaestroStrategy(Strategy):
             log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), a dense model "
                      "(model.factorize=false): no rank sampling, lasso or shrinking", c.fl.rounds,
                      c.fl.clients_per_round, c.fl.num_clients, c.fl.local_epochs)
+            if any(t.budget < 1 or t.max_macs or t.max_params for t in c.devices.tiers):
+                log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier of devices=%s "
+                            "trains the whole model (budgets do not apply)", c.devices.name)
         else:
             shrinks = c.train.shrink and c.train.eps_ps is not None and c.strategy.shrink_every > 0
             log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
@@ -230,11 +232,6 @@ class MaestroStrategy(Strategy):
         pids = tiers.sample_clients(c.fl.num_clients, c.fl.clients_per_round, c.seed, server_round)
         faults = tiers.draw_faults(pids, self.dropout, self.straggler, c.seed, server_round)
         tier_caps = self.caps_of_tiers()
-        if not layout.layers and any(t.budget < 1 or t.max_macs or t.max_params for t in c.devices.tiers) \
-                and not self.warned_dense_budget:
-            log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier trains the whole "
-                        "model (budgets do not apply)")
-            self.warned_dense_budget = True
         lam, sampler = self.round_training()
         lr = float(c.train.lr * lr_factor(c.train, server_round - 1))  # train.milestones etc. count rounds
         deadline = time.time() + c.strategy.round_timeout

@@ -136,6 +136,15 @@ def test_a_tier_without_clients_is_warned_of_and_worst_where_no_client_holds_the
     assert ("no client holds the whole model" in message) == (empty == ["large"])
 
 
+@pytest.mark.parametrize("devices, warned", [("three_tiers", True), ("homogeneous", False)])
+def test_a_dense_model_with_tier_budgets_is_warned_of_at_start_up(tmp_path, caplog, devices, warned):
+    cfg, run_dir = make_cfg(tmp_path, "model.factorize=false", f"devices={devices}")
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+        MaestroStrategy(cfg, run_dir, show_progress=False).summary()
+    assert any("every tier of devices=three_tiers trains the whole model (budgets do not apply)" in m
+               for m in caplog.messages) == warned
+
+
 # --- validation and faults ----------------------------------------------------------------------------------
 def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> ClientApp:
     """The real ClientApp, with the replies of some partition ids corrupted."""
