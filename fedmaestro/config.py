@@ -106,7 +106,9 @@ class TrainConfig:
     # once the lasso has stopped, train without rank sampling (every layer at its cap): fine-tuning at the
     # ranks reached, which recovers what sampling costs (the paper, Sec. 3.3); needs lambda_stop_params
     finetune_after_stop: bool = False
-    hgl_mode: str = "subgradient"  # the paper's penalty in the loss, or the exact proximal step
+    # the paper's penalty in the loss, or the exact proximal step of threshold lr * lambda after each optimizer step
+    # (proximal gradient descent for plain SGD; with momentum or Adam the same operator, a common heuristic)
+    hgl_mode: str = "subgradient"
     eps_ps: float = 1e-5  # progressive shrinking threshold (train.shrink=false turns shrinking off)
     shrink: bool = True
     sampler: str = "per_layer"
