@@ -70,6 +70,15 @@ class Sent:
     fault: str = P.NO_FAULT
 
 
+DIVERGED = "training loss is"  # in the error of a client whose training diverged (train.train_epoch's message)
+
+
+def missing_checkpoint(path: Path, run_dir) -> str:
+    """What a resume from a ``checkpoint=`` that does not exist says (a typo would otherwise start afresh)."""
+    return (f"resume: checkpoint={path} does not exist; give checkpoint= the directory of the run to continue (or "
+            f"its checkpoint.pt), or drop checkpoint= to start fresh in {run_dir}")
+
+
 def _record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
@@ -340,6 +349,12 @@ class MaestroStrategy(Strategy):
         info.update({"valid": [v[0].partition_id for v in valid], "dropped": dropped, "late": late})
         tier_names = [t.name for t in self.cfg.devices.tiers]
         info["per_tier"] = {name: sum(1 for v in valid if v[0].tier == i) for i, name in enumerate(tier_names)}
+        diverged = [m for m in replies if m.has_error() and DIVERGED in m.error.reason]
+        if not valid and diverged and len(diverged) == len(replies):
+            raise FloatingPointError(
+                f"round {server_round}: the training of every client that answered diverged ({len(diverged)} of "
+                f"{len(self.sent)} sampled; {DIVERGED} NaN or infinite); lower train.lr (now {self.cfg.train.lr:g}) or "
+                f"set train.grad_clip")
         if not valid:
             log.warning("round %d: no valid reply (sampled %s); the global model is left unchanged",
                         server_round, info["sampled"])
@@ -472,6 +487,8 @@ class MaestroStrategy(Strategy):
         """Load ``checkpoint`` (or the run dir's checkpoint.pt); the round to continue after (0: none)."""
         path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if path is None or not path.is_file():
+            if self.cfg.checkpoint:
+                raise FileNotFoundError(missing_checkpoint(path, self.run_dir))
             log.warning("resume=true but %s does not exist: starting from round 0", path)
             return 0
         rnd = self.load_state_dict(checkpoint.load(path))

@@ -25,7 +25,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from fedmaestro import checkpoint
 from fedmaestro.config import Config, resolve, to_dict
 
-from .maestro import MaestroStrategy
+from .maestro import MaestroStrategy, missing_checkpoint
 
 __all__ = ["app", "make_app", "serve", "compose", "preflight", "OVERRIDES_KEY"]
 
@@ -84,6 +84,11 @@ def preflight(cfg: Config, run_dir: Path, server_has_data: bool = True) -> int:
     local.forget_data()  # the server process does not train: free the copy (the workers load their own)
     data.clear_cache()
     path = checkpoint.resume_path(cfg.checkpoint, run_dir)
+    if cfg.checkpoint and not cfg.resume:  # (python -m fedmaestro refuses it first; flwr run comes here)
+        raise ValueError(f"checkpoint={cfg.checkpoint} is read only with resume=true (the run goes on from it); add "
+                         f"resume=true, or drop checkpoint=")
+    if cfg.resume and cfg.checkpoint and not path.is_file():
+        raise FileNotFoundError(missing_checkpoint(path, run_dir))
     if not (cfg.resume and path.is_file()):
         return 0
     state = checkpoint.load(path)
@@ -91,7 +96,12 @@ def preflight(cfg: Config, run_dir: Path, server_has_data: bool = True) -> int:
     return int(state["round"])
 
 
-def all_rounds_done(run_dir: Path, cfg: Config, done: int) -> str:
+def finish_done_run(run_dir: Path, cfg: Config, done: int) -> str:
+    """Says so, and writes the final model and figures where an interruption after the last checkpoint left none."""
+    if not (run_dir / "model.pt").is_file():
+        strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+        strategy.resume()
+        strategy.runlog.finish(strategy.global_model)
     return (f"{run_dir}: the run has done all fl.rounds={cfg.fl.rounds} rounds (its checkpoint is at round {done}); "
             "raise fl.rounds to continue it")
 
@@ -128,13 +138,20 @@ def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | No
 
 
 def make_app(cfg: Config, run_dir: Path | None, launched_at: float | None = None,
-             interrupted: threading.Event | None = None) -> ServerApp:
-    """A ServerApp bound to an already composed Config (the simulation adapter's)."""
+             interrupted: threading.Event | None = None, failed: list[BaseException] | None = None) -> ServerApp:
+    """A ServerApp bound to an already composed Config (the simulation adapter's). ``failed``: where an exception
+    of the run goes, for the adapter to raise in the main thread once the simulation has ended (Flower would
+    log it with a traceback and end the simulation as if the run had succeeded)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, run_dir, launched_at, interrupted)
+        try:
+            serve(grid, cfg, run_dir, launched_at, interrupted)
+        except Exception as e:  # noqa: BLE001  (handed to the main thread, which raises it)
+            if failed is None or isinstance(e, RunInterrupted):
+                raise
+            failed.append(e)
 
     return server
 
@@ -149,6 +166,6 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint.refuse_overwrite(run_dir, cfg.resume, "federated", source=cfg.checkpoint)
     done = preflight(cfg, run_dir, server_has_data=False)
     if done >= cfg.fl.rounds:
-        log.warning(all_rounds_done(run_dir, cfg, done))
+        log.warning(finish_done_run(run_dir, cfg, done))
         return
     serve(grid, cfg, run_dir)

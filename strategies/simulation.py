@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -79,15 +80,28 @@ def simulate(server_app, client_app, num_supernodes: int, backend: dict, verbose
     flwr_logger.addFilter(quiet)
     if not verbose:  # Flower's per-round INFO lines would drown our progress lines; warnings still show
         flwr_logger.setLevel(logging.WARNING)
+    def on_interrupt() -> None:
+        flwr_logger.setLevel(logging.CRITICAL)  # not the actors' deaths that the interruption itself causes
+        if interrupted is not None:
+            interrupted.set()  # the ServerApp's thread stops too, instead of waiting out the round's timeout
+
+    def on_sigint(signum, frame):
+        # a terminal's Ctrl-C reaches the Ray workers too (one process group): Flower's threads log their deaths
+        # as soon as they notice, so the logger goes quiet here, in the handler, before KeyboardInterrupt unwinds
+        on_interrupt()
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
                        backend_name="ray", backend_config=backend, verbose_logging=verbose)
     except KeyboardInterrupt:
-        flwr_logger.setLevel(logging.CRITICAL)  # not the actors' deaths that the interruption itself causes
-        if interrupted is not None:
-            interrupted.set()  # the ServerApp's thread stops too, instead of waiting out the round's timeout
+        on_interrupt()
         raise
     finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(quiet)
 
@@ -99,13 +113,15 @@ def run(cfg: Config, run_dir: Path, launched_at: float | None = None) -> None:
     launched = time.perf_counter() if launched_at is None else launched_at
     from clients.client_app import app as client_app
 
-    from .server_app import all_rounds_done, make_app, preflight
+    from .server_app import finish_done_run, make_app, preflight
 
     check_resources(cfg)
     done = preflight(cfg, Path(run_dir))
     if done >= cfg.fl.rounds:
-        echo(all_rounds_done(run_dir, cfg, done), markup=False)
+        echo(finish_done_run(run_dir, cfg, done), markup=False)
         return
-    interrupted = threading.Event()
-    simulate(make_app(cfg, Path(run_dir), launched_at=launched, interrupted=interrupted), client_app,
+    interrupted, failed = threading.Event(), []
+    simulate(make_app(cfg, Path(run_dir), launched_at=launched, interrupted=interrupted, failed=failed), client_app,
              cfg.fl.num_clients, backend_config(cfg), interrupted=interrupted)
+    if failed:  # the run's own exception (a diverged run, a bug), raised here as if the run had been in-process
+        raise failed[0]

@@ -251,6 +251,29 @@ def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_
     assert r["fed_loss"] == pytest.approx(sum(k * loss for k, _, loss in seen.values()) / total, rel=1e-12)
 
 
+@pytest.mark.parametrize("diverging", [{0, 1, 2, 3}, {0}])
+def test_a_round_where_every_client_diverges_stops_the_run_and_one_that_some_do_goes_on(tmp_path, diverging):
+    app = ClientApp()
+    app.query()(real_client.query)
+    app.evaluate()(real_client.evaluate)
+
+    @app.train()
+    def train(message, context):
+        if int(context.node_config[P.PARTITION_ID]) in diverging:
+            raise FloatingPointError("training loss is nan; lower train.lr or set train.grad_clip")
+        return real_client.train(message, context)
+
+    cfg, run_dir = make_cfg(tmp_path, "fl.clients_per_round=4", "train.lr=0.05")
+    if len(diverging) == 4:
+        with pytest.raises(FloatingPointError, match=r"round 1: the training of every client that answered diverged "
+                                                     r"\(4 of 4 sampled; training loss is NaN or infinite\); lower "
+                                                     r"train.lr \(now 0.05\) or set train.grad_clip"):
+            run(cfg, run_dir, app)
+    else:  # a client that diverges is one dropped reply, as any other failure
+        run(cfg, run_dir, app)
+        assert [sorted(r["clients"]["valid"]) for r in records(run_dir)] == [[1, 2, 3]] * 2
+
+
 def test_invalid_evaluation_replies_are_dropped_and_logged(tmp_path, caplog):
     app = ClientApp()
     app.query()(real_client.query)
@@ -692,6 +715,33 @@ def test_the_flwr_run_serverapp_stops_at_once_when_the_resumed_run_has_done_ever
     assert "the run has done all fl.rounds=1 rounds" in caplog.text
     with pytest.raises(ValueError, match="train.lr"):  # a resume with another config: refused, before any round
         flwr_run_main(tmp_path, "devices=homogeneous", "fl.rounds=2", "resume=true", "train.lr=0.5")
+
+
+def test_a_resume_of_a_run_interrupted_after_its_last_checkpoint_writes_its_model_and_summary(tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "devices=homogeneous", "fl.rounds=1")
+    run(cfg, run_dir)
+    model = torch.load(run_dir / "model.pt", weights_only=True)
+    for name in ("model.pt", "summary.json", "plot_accuracy_round.png"):  # what the end of the run writes
+        (run_dir / name).unlink()
+    with caplog.at_level(logging.WARNING, logger="strategies.server_app"):
+        flwr_run_main(tmp_path, "devices=homogeneous", "fl.rounds=1", "resume=true")
+    assert "the run has done all fl.rounds=1 rounds" in caplog.text
+    again = torch.load(run_dir / "model.pt", weights_only=True)
+    assert again["ranks"] == model["ranks"] and all(torch.equal(again["model"][k], v) for k, v in model["model"].items())
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 1
+    assert (run_dir / "plot_accuracy_round.png").is_file()
+
+
+def test_a_resume_from_a_checkpoint_that_does_not_exist_is_refused_not_started_afresh(tmp_path):
+    cfg, run_dir = make_cfg(tmp_path, "resume=true", f"checkpoint={tmp_path / 'typo'}")
+    with pytest.raises(FileNotFoundError, match=rf"resume: checkpoint={tmp_path / 'typo'} does not exist; give "
+                                                r"checkpoint= the directory of the run to continue"):
+        server_app.preflight(cfg, run_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # the strategy itself, however it is started
+        MaestroStrategy(cfg, run_dir, show_progress=False).resume()
+    cfg.resume = False  # flwr run: checkpoint= alone is refused as python -m fedmaestro refuses it
+    with pytest.raises(ValueError, match=r"is read only with resume=true"):
+        server_app.preflight(cfg, run_dir)
 
 
 def test_progress_false_drops_the_round_lines_but_keeps_the_start_up_line_and_summary(tmp_path):

@@ -99,6 +99,16 @@ def test_python_m_fedmaestro_runs_a_ray_simulation(tmp_path, local_run):
     assert summary["rounds"] == 2 and summary["startup_s"] > 0
 
 
+def test_a_simulation_whose_clients_all_diverge_ends_with_one_error_naming_the_fix(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fedmaestro", *JOB, "train.lr=1e6", f"hydra.run.dir={run_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error: round 1: the training of every client that answered diverged (3 of 3 sampled; training loss is " \
+           "NaN or infinite); lower train.lr (now 1e+06) or set train.grad_clip" in proc.stderr, proc.stderr[-3000:]
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()  # no round ended
+
+
 def test_ctrl_c_stops_a_simulation_within_seconds_and_a_resume_goes_on_from_its_checkpoint(tmp_path, local_run):
     run_dir = tmp_path / "run"
     job = [a for a in JOB if not a.startswith("fl.rounds=")]
@@ -115,6 +125,7 @@ def test_ctrl_c_stops_a_simulation_within_seconds_and_a_resume_goes_on_from_its_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and time.time() - interrupted < 30, err[-3000:]  # not the 600 s round timeout
     assert f"continue with the same command + resume=true hydra.run.dir={run_dir}" in err
+    assert "Traceback" not in err  # the workers' deaths that Ctrl-C itself causes are not logged as errors
     done = len(records(run_dir))
     assert 1 <= done < 200
     resumed = subprocess.run([sys.executable, "-m", "fedmaestro", *job, f"fl.rounds={done + 1}", "resume=true",
