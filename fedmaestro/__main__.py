@@ -211,11 +211,16 @@ def _jobs_with_runs(sweep_dir: Path) -> str:
 
 
 def _warn_of_other_runs(run_dir: Path) -> None:
-    """A resumed sweep's job without a run of its own, beside jobs with one: a new value of the sweep, or the
-    same job under another directory name (the names changed on 2026-12-02)."""
-    shown = _jobs_with_runs(run_dir.parent)  # run_dir holds none: they are the others
+    """A resumed sweep's job without a run of its own, beside a job of the same number with one: the same job
+    under another directory name (the names changed on 2026-12-02). (Jobs of other numbers with runs are what an
+    interrupted sweep leaves: this one had not started.)"""
+    number = run_dir.name.split("_", 1)[0] + "_"
+    same = [job.name for job in sorted(run_dir.parent.iterdir()) if job.is_dir() and job != run_dir
+            and job.name.startswith(number) and checkpoint.held_run(job) is not None]
+    shown = ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
     if shown:
-        echo(f"resume=true: {run_dir.name} holds no run, but other jobs of this sweep do ({shown}); this job starts "
+        echo(f"resume=true: {run_dir.name} holds no run, but another job {number[:-1]} of this sweep does "
+             f"({shown}); this job starts "
              f"fresh. If one of them is this job under another name (sweeps started before 2026-12-02 named "
              f"train.epochs and fl.rounds in their directories), stop and resume with "
              f"'hydra.job.config.override_dirname.exclude_keys=[resume,progress,device,experiment]' added",

@@ -402,9 +402,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 point = first_at_or_below(exportable, key, target)
                 if point is None:
                     reached = exportable is not curve and curve[-1][key] <= target + 1e-12
-                    echo(f"{method}: no model at {key} <= {target:g} is exported: "
-                         f"{'only the point that ended the curve reaches it' if reached else 'the curve stops above it'}"
-                         f" ({stopped_by(curve[-1], cfg.deploy)})", style="yellow", markup=False)
+                    why = "only the point that ended the curve reaches it" if reached else "the curve stops above it"
+                    echo(f"{method}: no model at {key} <= {target:g} is exported: {why} "
+                         f"({stopped_by(curve[-1], cfg.deploy)})", style="yellow", markup=False)
                     continue
                 name = f"deploy_{method}_{key.split('_')[0]}{target:g}.pt"
                 summary = export_point(source, point, ctx, source_cfg, run_dir / name)

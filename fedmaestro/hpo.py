@@ -224,7 +224,8 @@ def _print(result: HPOResult) -> None:
     for t in result.trials:
         table.add_row(f"{t.lambda_gl:g}", str(t.epochs), "-" if t.val_accuracy is None else f"{t.val_accuracy:.4f}",
                       "-" if t.accuracy is None else f"{t.accuracy:.4f}",
-                      *(["-"] * 3 if t.outcome == "diverged" else [f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}"]),
+                      *(["-"] * 3 if t.outcome == "diverged" else
+                        [f"{t.params:,}", f"{t.params_rel:.3f}", f"{t.macs_rel:.3f}"]),
                       f"{t.train_macs_rel:.2f}", t.outcome)
     echo(table)
     echo(f"search cost: {result.cost:.2f}x one dense training; {result.reason}", markup=False)

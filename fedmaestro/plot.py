@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from .plots import deploy_targets, find_runs, plot_centralized, plot_deploy, plot_federated, plot_sweep, read_curve, read_records
+from .plots import (deploy_targets, find_runs, plot_centralized, plot_deploy, plot_federated, plot_sweep, read_curve,
+                    read_records)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -442,10 +442,13 @@ def test_a_resumed_sweep_job_without_a_run_beside_jobs_with_one_says_how_an_olde
     resumed.resume = True
     run_mode(OmegaConf.structured(resumed), job, sweep=True)
     out = " ".join(capsys.readouterr().out.split())
-    assert "resume=true: 0_train.lambda_gl=0.001 holds no run, but other jobs of this sweep do " \
+    assert "resume=true: 0_train.lambda_gl=0.001 holds no run, but another job 0 of this sweep does " \
            "(0_train.epochs=1,train.lambda_gl=0.001); this job starts fresh" in out
     assert "'hydra.job.config.override_dirname.exclude_keys=[resume,progress,device,experiment]' added" in out
     assert started == [job, job]
+    # job 1 of an interrupted sweep, not started when job 0 was: no notice
+    run_mode(OmegaConf.structured(resumed), tmp_path / "1_train.lambda_gl=0.002", sweep=True)
+    assert "holds no run" not in capsys.readouterr().out
 
 
 def test_an_empty_run_directory_is_refused_before_anything_is_written(tmp_path):
