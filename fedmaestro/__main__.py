@@ -80,6 +80,8 @@ class RunDirGuard(Callback):
 
     def __init__(self) -> None:
         self.failed_jobs: dict[str, int] = {}
+        self.kept: dict[Path, bytes] = {}  # a resumed sweep's files as they were before it (on_multirun_start)
+        self.jobs = 0
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if not str(config.hydra.run.dir or "").strip():  # Hydra would write into the working directory
@@ -118,9 +120,13 @@ class RunDirGuard(Callback):
         swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
                  if o.is_sweep_override()}
         mode = config.get("mode")
-        if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
-            return  # a swept mode or resume: each job checks its own directory (run_mode)
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
+            # each job checks its own directory (run_mode), after Hydra has rewritten the job's .hydra/ files:
+            # kept here, for a job that is refused to get its own back (on_job_end)
+            self.kept = {path: path.read_bytes() for path in [sweep_dir / "multirun.yaml",
+                                                              *sweep_dir.glob("*/.hydra/*.yaml")] if path.is_file()}
+            return
         shown = _jobs_with_runs(sweep_dir)
         if shown:
             again = "" if mode == "deploy" else "continue that sweep with resume=true, or "
@@ -133,10 +139,20 @@ class RunDirGuard(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         log_to_run_files(None)
+        self.jobs += 1
         if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, int):
-            self.failed_jobs[Path(job_return.hydra_cfg.hydra.runtime.output_dir).name] = job_return.return_value
+            job = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+            self.failed_jobs[job.name] = job_return.return_value
+            self._restore(job / ".hydra")  # a refused job's run is described by its files as they were
+
+    def _restore(self, where: Path) -> None:
+        for path, content in self.kept.items():
+            if path.parent == where or path == where:
+                path.write_bytes(content)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.jobs and len(self.failed_jobs) == self.jobs:  # no job ran: the sweep's description stays too
+            self._restore(Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
         if self.failed_jobs:
             print(f"error: {len(self.failed_jobs)} job(s) of the sweep failed (each said why above): "
                   f"{', '.join(self.failed_jobs)}", file=sys.stderr)

@@ -587,6 +587,13 @@ def test_a_sweep_job_with_a_bad_value_fails_in_one_line_and_the_sweep_goes_on(tm
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [bad.name, good.name]
     assert [json.loads(line)["epoch"] for line in (good / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a resume with another config: every job refused, and the files that describe the sweep and its jobs are
+    # theirs again (Hydra rewrites a job's .hydra/ before the job can refuse; fedmaestro.plot reads them)
+    described = sorted([sweep_dir / "multirun.yaml", *sweep_dir.glob("*/.hydra/*.yaml")])
+    before = {p: p.read_bytes() for p in described}
+    other = cli(*[a.replace("lenet_fmnist_smoke", "lenet_mnist") for a in longer])  # the preset names no dir
+    assert other.returncode == 2 and f"error: job {good.name}: " in other.stderr, other.stderr[-2000:]
+    assert {p: p.read_bytes() for p in described} == before
 
 
 def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
