@@ -11,7 +11,7 @@ are to the full-rank factorized step (p = 1); the target is
 
 (the 0.1 leaves room for what does not shrink with the ranks: pooling, activations, the loss, the
 optimizer's per-tensor overhead). The dense (non-factorized) step is timed too, for reference.
-The passes go round-robin over the models (a drift of the machine's speed reaches every p alike),
+The passes of a model go round-robin over its fractions (a drift of the machine's speed reaches every p alike),
 each pass samples the same sub-models (the sampler is seeded anew), and the median pass counts.
 
     python bench/train_step.py [--models lenet resnet18] [--threads 1] [--repeats 7]
