@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"records of sim and replay identical: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
+    shutil.rmtree(work, ignore_errors=True)  # the two runs' records and checkpoints: compared above, not kept
     return 0 if out["ratio"] <= TARGET and same else 1
 
 
