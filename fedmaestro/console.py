@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import io
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 
-__all__ = ["console", "echo", "log_to_run_files"]
+__all__ = ["console", "echo", "log_to_run_files", "run_log_file"]
 
 console = Console()
 if not console.is_terminal:
@@ -38,6 +39,30 @@ def log_to_run_files(run_dir: str | Path | None) -> None:
         if isinstance(handler, logging.FileHandler) and run_dir in Path(handler.baseFilename).resolve().parents:
             run_log.addHandler(handler)
     run_log.setLevel(logging.INFO)
+
+
+@contextmanager
+def run_log_file(run_dir: Path):
+    """``run_dir/fedmaestro.log`` for a run that Hydra's job logging does not set up (``flwr run``'s ServerApp
+    composes its config with ``hydra.compose``): this project's loggers (at INFO) and ``echo`` write there, in
+    Hydra's format, until the block ends."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "fedmaestro.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("fedmaestro", "strategies", "clients")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers + [run_log]:
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        run_log.removeHandler(handler)
+        handler.close()
 
 
 def echo(*objects, **kwargs) -> None:

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Result
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedmaestro import checkpoint
+from fedmaestro.console import run_log_file
 from fedmaestro.config import Config, resolve, to_dict
 
 from .maestro import MaestroStrategy, missing_checkpoint
@@ -168,4 +169,5 @@ def main(grid: Grid, context: Context) -> None:
     if done >= cfg.fl.rounds:
         log.warning(finish_done_run(run_dir, cfg, done))
         return
-    serve(grid, cfg, run_dir)
+    with run_log_file(run_dir):  # no Hydra job logging here: the run's fedmaestro.log, as python -m fedmaestro's
+        serve(grid, cfg, run_dir)

@@ -681,6 +681,16 @@ def flwr_run_main(tmp_path, *overrides, name="run"):
     return server_app.app._main(UntouchedGrid(), context)
 
 
+def test_the_flwr_run_serverapp_writes_the_runs_log_as_python_m_fedmaestro_does(tmp_path):
+    context = SimpleNamespace(run_config={server_app.OVERRIDES_KEY: " ".join(
+        TINY + ["fl.rounds=1", f"hydra.run.dir={tmp_path / 'run'}"])})
+    server_app.app._main(LocalGrid(real_client.app, 4), context)
+    text = (tmp_path / "run" / "fedmaestro.log").read_text()
+    assert "][fedmaestro.strategy][INFO] - MaestroStrategy: 1 rounds" in text  # the start-up summary
+    assert "federated run: 1 rounds" in text and "global (full rank)" in text  # what echo printed: the summary table
+    assert not logging.getLogger("fedmaestro").handlers  # the handler goes with the run
+
+
 def test_the_flwr_run_serverapp_fails_on_a_bad_partition_before_any_client_is_asked(tmp_path):
     # without the preflight every client's reply would be an error, dropped, round after round
     with pytest.raises(ValueError, match="partition: 4 partitions of at least min_partition_size=100000"):
