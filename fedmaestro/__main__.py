@@ -193,8 +193,7 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
         raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=theory: its experiments train small "
                          f"linear maps from scratch (theory.*, seed); drop checkpoint=")
     if config.checkpoint and config.mode in ("centralized", "federated") and not config.resume:
-        raise ValueError(f"checkpoint={config.checkpoint} is read only with resume=true (the run goes on from it) "
-                         f"or by mode=deploy; add resume=true, or drop checkpoint=")
+        raise ValueError(checkpoint.unread_checkpoint(config.checkpoint))
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
         checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
                                     "hydra.sweep.dir" if sweep else "hydra.run.dir", source=config.checkpoint)
@@ -219,9 +218,11 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
         sys.exit(1)
 
 
-def _jobs_with_runs(sweep_dir: Path) -> str:
-    """The job directories of ``sweep_dir`` that hold a run, named (the first three) for a message; "" if none."""
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
+def _jobs_with_runs(sweep_dir: Path, prefix: str = "") -> str:
+    """The job directories of ``sweep_dir`` (whose names start with ``prefix``) that hold a run, named (the first
+    three) for a message; "" if none."""
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.startswith(prefix)) \
+        if sweep_dir.is_dir() else []
     held = [job.name for job in jobs if checkpoint.held_run(job) is not None]
     return ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
 
@@ -231,9 +232,7 @@ def _warn_of_other_runs(run_dir: Path) -> None:
     under another directory name (the names changed on 2026-12-02). (Jobs of other numbers with runs are what an
     interrupted sweep leaves: this one had not started.)"""
     number = run_dir.name.split("_", 1)[0] + "_"
-    same = [job.name for job in sorted(run_dir.parent.iterdir()) if job.is_dir() and job != run_dir
-            and job.name.startswith(number) and checkpoint.held_run(job) is not None]
-    shown = ", ".join(same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3 else "")
+    shown = _jobs_with_runs(run_dir.parent, number)  # run_dir holds none: they are the others
     if shown:
         echo(f"resume=true: {run_dir.name} holds no run, but another job {number[:-1]} of this sweep does "
              f"({shown}); this job starts "

@@ -223,9 +223,7 @@ class Trainer:
         path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if not path.is_file():
             if self.cfg.checkpoint:
-                raise FileNotFoundError(f"resume: checkpoint={path} does not exist; give checkpoint= the directory of "
-                                        f"the run to continue (or its checkpoint.pt), or drop checkpoint= to start "
-                                        f"fresh in {self.run_dir}")
+                raise FileNotFoundError(checkpoint.missing_resume_source(path, self.run_dir))
             echo(f"resume=true but {path} does not exist: starting from epoch 0", style="yellow", markup=False)
             return False
         state = checkpoint.load(path, map_location="cpu")  # RNG states must stay CPU tensors; the model and

@@ -22,6 +22,7 @@ from .config import with_defaults
 log = logging.getLogger(__name__)
 
 __all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "resume_ignored", "resume_path",
+           "missing_resume_source", "unread_checkpoint",
            "note_run_dir", "discard_unused_run_dir", "get_dotted", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs
@@ -196,6 +197,18 @@ def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:
         return IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout",
                                "strategy.overlap_eval", "train.num_workers")
     return IGNORED_KEYS + ("train.epochs",) + (() if num_workers_matters(dataset) else ("train.num_workers",))
+
+
+def missing_resume_source(path: Path, run_dir: str | Path) -> str:
+    """What a resume from a ``checkpoint=`` that does not exist says (a typo would otherwise start afresh)."""
+    return (f"resume: checkpoint={path} does not exist; give checkpoint= the directory of the run to continue (or "
+            f"its checkpoint.pt), or drop checkpoint= to start fresh in {run_dir}")
+
+
+def unread_checkpoint(checkpoint: str) -> str:
+    """What a centralized or federated run given ``checkpoint=`` without ``resume=true`` says."""
+    return (f"checkpoint={checkpoint} is read only with resume=true (the run goes on from it) or by mode=deploy; "
+            f"add resume=true, or drop checkpoint=")
 
 
 def resume_path(checkpoint: str | None, run_dir: str | Path | None) -> Path | None:

@@ -128,9 +128,14 @@ def _test_accuracy(model: nn.Module, ctx: GreedyContext) -> float:
     return evaluate(model, ctx.test_loader, ctx.task, ctx.device)["accuracy"]
 
 
+def below_floor(point: dict, d: DeployConfig) -> bool:
+    """Whether ``point`` was evaluated below ``deploy.min_accuracy`` (the curve's last point, where that ended it)."""
+    return d.min_accuracy is not None and point.get("accuracy", math.nan) < d.min_accuracy
+
+
 def _stop_rule(point: dict, d: DeployConfig) -> str | None:
     """The stop rule that ``point`` meets, with the setting that would take the curve further; None: go on."""
-    if d.min_accuracy is not None and not math.isnan(point.get("accuracy", math.nan)) and point["accuracy"] < d.min_accuracy:
+    if below_floor(point, d):
         return f"accuracy {point['accuracy']:.4f} < deploy.min_accuracy={d.min_accuracy:g}; lower deploy.min_accuracy"
     if d.stop_params is not None and point["params_frac"] <= d.stop_params:
         return f"params_frac {point['params_frac']:.3f} <= deploy.stop_params={d.stop_params:g}; lower deploy.stop_params"
@@ -266,11 +271,6 @@ def accuracy_at(curve: list[dict], key: str, target: float) -> float:
     return math.nan
 
 
-def below_floor(point: dict, d: DeployConfig) -> bool:
-    """Whether ``point`` was evaluated below ``deploy.min_accuracy`` (the curve's last point, where that ended it)."""
-    return d.min_accuracy is not None and point.get("accuracy", math.nan) < d.min_accuracy
-
-
 def export_point(source: nn.Module, point: dict, ctx: GreedyContext, cfg: Config, path: Path) -> dict | None:
     """Cut a copy of ``source`` to the point's ranks, recalibrate, evaluate, merge, save; the summary. None, and
     nothing saved, where the model scores below ``deploy.min_accuracy`` (a point the curve did not evaluate)."""
@@ -395,9 +395,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
              f"{_stops(cfg.deploy)}")
         pruned = copy.deepcopy(source)
         curves[method] = _greedy_with_progress(pruned, ctx, method, cfg.progress)
+        curve = curves[method]
+        exportable = curve[:-1] if below_floor(curve[-1], cfg.deploy) else curve  # not the point under the floor
         for key, targets in (("macs_frac", cfg.deploy.target_macs), ("params_frac", cfg.deploy.target_params)):
-            curve = curves[method]
-            exportable = curve[:-1] if below_floor(curve[-1], cfg.deploy) else curve  # not the point under the floor
             for target in targets:
                 point = first_at_or_below(exportable, key, target)
                 if point is None:
@@ -415,7 +415,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                          f"(deploy.eval_every=1)", style="yellow", markup=False)
                     continue
                 exports.append({"method": method, "target": f"{key}<={target:g}",
-                                "curve_accuracy_at_target": accuracy_at(curves[method], key, target), **summary})
+                                "curve_accuracy_at_target": accuracy_at(curve, key, target), **summary})
         _write_curve(curves, run_dir / "deploy_curve.csv")  # after every method: a later failure keeps it
     plot = plot_deploy(curves, run_dir / "deploy.png", targets=deploy_targets(to_dict(cfg)["deploy"]))
     summary = {"checkpoint": str(cfg.checkpoint), "svd_baseline": cfg.deploy.svd_baseline, "exports": exports,

@@ -137,8 +137,7 @@ def _train_one(cfg: Config, lam: float, run_dir: Path, datasets, validation) -> 
             echo(f"hpo: lambda_gl = {lam:g} diverged: {e}", style="yellow", markup=False)
             done = trainer.records
             return Trial(lambda_gl=lam, run_dir=str(run_dir), epochs=done[-1]["epoch"] if done else 0,
-                         train_macs_rel=done[-1]["train_macs_rel"] * done[-1]["epoch"] / max(cfg.train.epochs, 1)
-                         if done else 0.0, outcome="diverged"), "diverged"
+                         train_macs_rel=_training_cost(done[-1], cfg) if done else 0.0, outcome="diverged"), "diverged"
     (run_dir / "config.json").write_text(json.dumps(to_dict(trainer.cfg), indent=2))
     trainer.save_model(run_dir / "model.pt")
     trainer.plot()
@@ -148,8 +147,13 @@ def _train_one(cfg: Config, lam: float, run_dir: Path, datasets, validation) -> 
                   accuracy=evaluated[-1]["accuracy"] if evaluated else None,
                   val_accuracy=evaluated[-1].get("val_accuracy") if evaluated else None, params=last["params_deployed"],
                   macs=last["macs_deployed"], params_rel=last["params_rel"], macs_rel=last["macs_rel"],
-                  train_macs_rel=last["train_macs_rel"] * last["epoch"] / max(cfg.train.epochs, 1))
+                  train_macs_rel=_training_cost(last, cfg))
     return trial, decision
+
+
+def _training_cost(last: dict, cfg: Config) -> float:
+    """A lambda's training MACs up to its ``last`` epoch record, in units of one full dense training (train.epochs)."""
+    return last["train_macs_rel"] * last["epoch"] / max(cfg.train.epochs, 1)
 
 
 def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResult:

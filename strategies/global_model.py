@@ -138,8 +138,8 @@ class GlobalModel:
         full = [r for t in full_tiers for r in replies_by_tier.get(t, [])]
         if full:
             self.batchnorm_stats["full"] = nested.pool_batchnorm(full, self.batchnorm)
-        own = self.batchnorm_stats.get("full") or {f"{name}.{stat}": before[f"{name}.{stat}"]
-                                                   for name in self.batchnorm for stat in ("running_mean", "running_var")}
+        keys = [f"{name}.{stat}" for name in self.batchnorm for stat in ("running_mean", "running_var")]
+        own = self.batchnorm_stats.get("full") or {key: before[key] for key in keys}
         nested.load_batchnorm(self.model, own)
 
     def tier_batchnorm(self, tier: int) -> dict[str, np.ndarray] | None:

@@ -73,12 +73,6 @@ class Sent:
 DIVERGED = "training loss is"  # in the error of a client whose training diverged (train.train_epoch's message)
 
 
-def missing_checkpoint(path: Path, run_dir) -> str:
-    """What a resume from a ``checkpoint=`` that does not exist says (a typo would otherwise start afresh)."""
-    return (f"resume: checkpoint={path} does not exist; give checkpoint= the directory of the run to continue (or "
-            f"its checkpoint.pt), or drop checkpoint= to start fresh in {run_dir}")
-
-
 def _record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
@@ -170,7 +164,8 @@ class MaestroStrategy(Strategy):
         empty = [t.name for t, n in zip(c.devices.tiers, counts) if n == 0]
         if empty:
             held = self.global_model.held_ranks(c.devices.tiers) if self.global_model.factorized else None
-            whole = held is None or any(n and self.global_model.tier_caps(t) == held for t, n in zip(c.devices.tiers, counts))
+            whole = held is None or any(n and self.global_model.tier_caps(t) == held
+                                        for t, n in zip(c.devices.tiers, counts))
             log.warning("tiers %s get no client of fl.num_clients=%d (shares %s)%s; raise fl.num_clients or those "
                         "tiers' shares", empty, c.fl.num_clients, [t.share for t in c.devices.tiers],
                         "" if whole else ": no client holds the whole model, so the columns above the other tiers' "
@@ -353,8 +348,8 @@ class MaestroStrategy(Strategy):
         if not valid and diverged and len(diverged) == len(replies):
             raise FloatingPointError(
                 f"round {server_round}: the training of every client that answered diverged ({len(diverged)} of "
-                f"{len(self.sent)} sampled; {DIVERGED} NaN or infinite); lower train.lr (now {self.cfg.train.lr:g}) or "
-                f"set train.grad_clip")
+                f"{len(self.sent)} sampled; {DIVERGED} NaN or infinite); lower train.lr (now "
+                f"{self.cfg.train.lr:g}) or set train.grad_clip")
         if not valid:
             log.warning("round %d: no valid reply (sampled %s); the global model is left unchanged",
                         server_round, info["sampled"])
@@ -488,7 +483,7 @@ class MaestroStrategy(Strategy):
         path = checkpoint.resume_path(self.cfg.checkpoint, self.run_dir)
         if path is None or not path.is_file():
             if self.cfg.checkpoint:
-                raise FileNotFoundError(missing_checkpoint(path, self.run_dir))
+                raise FileNotFoundError(checkpoint.missing_resume_source(path, self.run_dir))
             log.warning("resume=true but %s does not exist: starting from round 0", path)
             return 0
         rnd = self.load_state_dict(checkpoint.load(path))

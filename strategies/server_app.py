@@ -26,7 +26,7 @@ from fedmaestro import checkpoint
 from fedmaestro.console import run_log_file
 from fedmaestro.config import Config, resolve, to_dict
 
-from .maestro import MaestroStrategy, missing_checkpoint
+from .maestro import MaestroStrategy
 
 __all__ = ["app", "make_app", "serve", "compose", "preflight", "OVERRIDES_KEY"]
 
@@ -86,10 +86,9 @@ def preflight(cfg: Config, run_dir: Path, server_has_data: bool = True) -> int:
     data.clear_cache()
     path = checkpoint.resume_path(cfg.checkpoint, run_dir)
     if cfg.checkpoint and not cfg.resume:  # (python -m fedmaestro refuses it first; flwr run comes here)
-        raise ValueError(f"checkpoint={cfg.checkpoint} is read only with resume=true (the run goes on from it); add "
-                         f"resume=true, or drop checkpoint=")
+        raise ValueError(checkpoint.unread_checkpoint(cfg.checkpoint))
     if cfg.resume and cfg.checkpoint and not path.is_file():
-        raise FileNotFoundError(missing_checkpoint(path, run_dir))
+        raise FileNotFoundError(checkpoint.missing_resume_source(path, run_dir))
     if not (cfg.resume and path.is_file()):
         return 0
     state = checkpoint.load(path)

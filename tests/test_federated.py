@@ -146,11 +146,19 @@ def test_a_dense_model_with_tier_budgets_is_warned_of_at_start_up(tmp_path, capl
 
 
 # --- validation and faults ----------------------------------------------------------------------------------
+def real_app(*replaced: str) -> ClientApp:
+    """A ClientApp with the real client's query / train / evaluate, except the ``replaced`` ones, which the test
+    registers itself."""
+    app = ClientApp()
+    for kind in ("query", "train", "evaluate"):
+        if kind not in replaced:
+            getattr(app, kind)()(getattr(real_client, kind))
+    return app
+
+
 def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> ClientApp:
     """The real ClientApp, with the replies of some partition ids corrupted."""
-    app = ClientApp()
-    app.query()(real_client.query)
-    app.evaluate()(real_client.evaluate)
+    app = real_app("train")
 
     @app.train()
     def train(message, context):
@@ -227,9 +235,7 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
 def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_path):
     """Per token for translation: a client's num-scored (its target tokens) weighs its accuracy and loss, not its
     sentence count; classification scores one prediction per example, so both weights agree."""
-    app = ClientApp()
-    app.query()(real_client.query)
-    app.train()(real_client.train)
+    app = real_app("evaluate")
     seen = {}
 
     @app.evaluate()
@@ -253,9 +259,7 @@ def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_
 
 @pytest.mark.parametrize("diverging", [{0, 1, 2, 3}, {0}])
 def test_a_round_where_every_client_diverges_stops_the_run_and_one_that_some_do_goes_on(tmp_path, diverging):
-    app = ClientApp()
-    app.query()(real_client.query)
-    app.evaluate()(real_client.evaluate)
+    app = real_app("train")
 
     @app.train()
     def train(message, context):
@@ -275,9 +279,7 @@ def test_a_round_where_every_client_diverges_stops_the_run_and_one_that_some_do_
 
 
 def test_invalid_evaluation_replies_are_dropped_and_logged(tmp_path, caplog):
-    app = ClientApp()
-    app.query()(real_client.query)
-    app.train()(real_client.train)
+    app = real_app("evaluate")
     faults = {0: ("accuracy", 7.0, "accuracy=7.0 is not in [0, 1]"),
               1: ("num-examples", 10**6, "but the client announced"),
               2: ("loss", float("nan"), "must all be finite numbers"),
@@ -570,9 +572,7 @@ def test_impossible_budget_fails_before_any_round(tmp_path):
 
 
 def test_federated_evaluation_on_local_test_splits(tmp_path):
-    app = ClientApp()
-    app.query()(real_client.query)
-    app.train()(real_client.train)
+    app = real_app("evaluate")
     answers = {}
 
     @app.evaluate()
@@ -827,9 +827,7 @@ def test_round_metrics_bytes_and_summary_follow_the_replies(tmp_path):
     # dirichlet partitions (unequal sizes), three tiers, federated evaluation every round, a duplicated reply
     cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "fl.federated_eval_every=1", "fl.clients_per_round=4")
     replies = {}
-    app = ClientApp()
-    app.query()(real_client.query)
-    app.evaluate()(real_client.evaluate)
+    app = real_app("train")
 
     @app.train()
     def train(message, context):
