@@ -112,7 +112,26 @@ def bench(name: str, repeats: int, steps: int) -> bool:
         all_ok &= ok
         print(f"{p:>6.3f} {setups[p].total_rank:>6d} {macs / 1e6:>9.3f} {t * 1e3:>8.2f} {t / dense.step_s:>8.2f} "
               f"{mac_ratio:>10.3f} {time_ratio:>11.3f} {target:>7.3f}  {'yes' if ok else 'NO'}")
+    print(rank_independent_share([setups[p].macs / full.macs for p in FRACTIONS], [setups[p].step_s for p in FRACTIONS]))
     return all_ok
+
+
+def rank_independent_share(mac_ratios: list[float], steps_s: list[float]) -> str:
+    """Least-squares fit step = F + D m over the fractions (m: MAC ratio), and what the target asks of it.
+
+    F + D m <= (1.3 m + 0.1)(F + D) holds at m < 0.69 exactly when F / D <= (0.3 m + 0.1) / (0.9 - 1.3 m):
+    the rank-independent time (pooling, activations, the loss, the optimizer, per-op overhead) may be
+    at most that share of the rank-proportional time at full rank."""
+    n = len(mac_ratios)
+    mean_m, mean_t = sum(mac_ratios) / n, sum(steps_s) / n
+    d = (sum((m - mean_m) * (t - mean_t) for m, t in zip(mac_ratios, steps_s))
+         / max(sum((m - mean_m) ** 2 for m in mac_ratios), 1e-12))
+    f = mean_t - d * mean_m
+    m = min(mac_ratios)
+    allowed = (0.3 * m + 0.1) / (0.9 - 1.3 * m) if m < 0.69 else math.inf
+    measured = f / d if d > 0 else math.inf
+    return (f"fit: step = F + D x MAC ratio, F = {f * 1e3:.2f} ms (rank-independent), D = {d * 1e3:.2f} ms; "
+            f"the target at MAC ratio {m:.3f} needs F/D <= {allowed:.2f}, measured {measured:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

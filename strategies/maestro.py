@@ -71,6 +71,7 @@ class Sent:
 
 
 DIVERGED = "training loss is"  # in the error of a client whose training diverged (train.train_epoch's message)
+WAIT_NOTICE_S = 10.0  # a start-up that waits this long for nodes says how many connected
 
 
 def _record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -179,8 +180,14 @@ class MaestroStrategy(Strategy):
     def identify(self, grid: Grid) -> dict[int, int]:
         """Send the run config to every node and learn its partition id: {partition id: node id}."""
         n, timeout = self.cfg.fl.num_clients, self.cfg.strategy.connect_timeout
-        deadline = time.time() + timeout
+        start = time.time()
+        deadline, notice = start + timeout, start + min(WAIT_NOTICE_S, timeout / 2)
         while len(nodes := sorted(grid.get_node_ids())) < n and time.time() < deadline:
+            if notice is not None and time.time() >= notice:
+                log.warning("waiting for the federation's nodes: %d of fl.num_clients=%d connected after %.0f s; "
+                            "giving up after strategy.connect_timeout=%.0f s (a simulation needs num-supernodes=%d)",
+                            len(nodes), n, time.time() - start, timeout, n)
+                notice = None
             time.sleep(0.2)
         if len(nodes) != n:
             raise RuntimeError(f"the federation has {len(nodes)} nodes after {timeout:.0f} s but fl.num_clients={n}; "

@@ -61,10 +61,10 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
     def started(self) -> None:
-        """The clients answered the query: start-up (Ray, workers, data loading) ends here."""
+        """The clients answered the query: start-up (the engine, the nodes, their data) ends here."""
         self.startup_s = time.perf_counter() - self.launched_at
         if self.show:
-            echo(f"start-up {self.startup_s:.1f} s (simulation engine, workers, data); "
+            echo(f"start-up {self.startup_s:.1f} s (engine, nodes, data); "
                           f"{self.cfg.fl.num_clients} clients, {self.cfg.fl.clients_per_round} per round")
 
     def add(self, record: dict, timing: dict) -> dict:

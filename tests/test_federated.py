@@ -322,6 +322,16 @@ def test_a_node_that_is_not_this_projects_client_fails_at_start_up_with_the_fix(
         run(cfg, run_dir, app)
 
 
+def test_too_few_nodes_are_reported_while_waiting_and_then_refused_with_the_fix(tmp_path, caplog):
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "strategy.connect_timeout=1")
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"), \
+            pytest.raises(RuntimeError, match=r"the federation has 3 nodes after 1 s but fl.num_clients=4.*"
+                                              r"num-supernodes=4"):
+        MaestroStrategy(cfg, run_dir, show_progress=False).start(LocalGrid(real_client.app, 3))
+    waiting = [m for m in caplog.messages if m.startswith("waiting for the federation's nodes")]
+    assert len(waiting) == 1 and "3 of fl.num_clients=4 connected" in waiting[0] and "num-supernodes=4" in waiting[0]
+
+
 def test_the_server_evaluates_every_eval_every_rounds_and_the_last_round_of_the_run(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "strategy.eval_every=2")
     run(cfg, run_dir)
