@@ -23,8 +23,9 @@ import logging
 import time
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from fedmaestro import lod
 from fedmaestro import protocol as P
@@ -122,9 +123,13 @@ def train(message: Message, context: Context) -> Message:
     caps_list = [int(k) for k in c[P.CAPS]]
     if len(caps_list) != len(names):
         raise ValueError(f"got {len(caps_list)} caps for a model with {len(names)} LoD layers {names}")
-    out, m = local.train(cfg, pid, arrays, rnd=int(c[P.ROUND]), caps=dict(zip(names, caps_list)), lr=float(c[P.LR]),
-                         lambda_gl=float(c[P.LAMBDA]), local_epochs=int(c[P.LOCAL_EPOCHS]),
-                         sampler=str(c[P.SAMPLER]), seed=int(c[P.SEED]))
+    try:
+        out, m = local.train(cfg, pid, arrays, rnd=int(c[P.ROUND]), caps=dict(zip(names, caps_list)),
+                             lr=float(c[P.LR]), lambda_gl=float(c[P.LAMBDA]), local_epochs=int(c[P.LOCAL_EPOCHS]),
+                             sampler=str(c[P.SAMPLER]), seed=int(c[P.SEED]))
+    except FloatingPointError as e:  # diverged: an answer the server reads (and drops), not a crash with a traceback
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"FloatingPointError: {e}"),
+                       reply_to=message)
     return _reply(message, {P.NUM_EXAMPLES: m["num_examples"], P.TRAIN_LOSS: m["loss"], P.PARTITION_ID: pid,
                             P.TRAIN_SECONDS: m["seconds"], P.STEPS: m["steps"]}, out)
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,26 +54,35 @@ class ClientData:
 def _data_key(cfg: Config) -> str:
     p = cfg.partition
     return json.dumps([cfg.dataset.name, cfg.data.root, cfg.data.subset, p.scheme, p.alpha, p.min_partition_size,
-                       p.classes_per_partition, p.shards_per_partition, cfg.fl.num_clients, cfg.seed,
-                       cfg.data.local_test_fraction])
+                       p.classes_per_partition, p.class_assignment, p.shards_per_partition, cfg.fl.num_clients,
+                       cfg.seed, cfg.data.local_test_fraction])
 
 
 _DATA: dict[str, ClientData] = {}
 
 
-def client_data(cfg: Config) -> ClientData:
-    """The data set and every client's local (train, test) split; built once per process and key."""
+def client_data(cfg: Config, report: Callable[[str], None] | None = None) -> ClientData:
+    """The data set and every client's local (train, test) split; built once per process and key.
+
+    What the partitioning warns of (classes no client holds, ...) goes to ``report`` (the server's pre-flight
+    check logs it, once per run), not to every worker process that builds the same partitions."""
     key = _data_key(cfg)
     if key not in _DATA:
         train_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
+        data.check_num_classes(train_set, cfg.dataset.num_classes)
         eval_set = data.unaugmented(train_set)  # the same examples; local test examples are never augmented
         if cfg.data.subset:
             train_set, eval_set = data.subset(train_set, cfg.data.subset), data.subset(eval_set, cfg.data.subset)
         p = cfg.partition
-        parts = data.partition(data.labels(train_set), p.scheme, cfg.fl.num_clients, cfg.seed, alpha=p.alpha,
-                               min_partition_size=p.min_partition_size,
-                               classes_per_partition=p.classes_per_partition,
-                               shards_per_partition=p.shards_per_partition)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            parts = data.partition(data.labels(train_set), p.scheme, cfg.fl.num_clients, cfg.seed, alpha=p.alpha,
+                                   min_partition_size=p.min_partition_size,
+                                   classes_per_partition=p.classes_per_partition,
+                                   class_assignment=p.class_assignment, shards_per_partition=p.shards_per_partition)
+        if report is not None:
+            for w in caught:
+                report(str(w.message))
         splits = data.split_clients(parts, cfg.data.local_test_fraction, cfg.seed)
         if len(_DATA) >= 2:
             _DATA.pop(next(iter(_DATA)))

@@ -7,6 +7,8 @@ Flower apps (strategies/), for the federated mode.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import logging
 import os
@@ -46,7 +48,8 @@ MODE_RUNNERS = {
 # message names the key and the fix), not as a traceback; HYDRA_FULL_ERROR=1 shows the traceback. The same
 # types raised inside a library (torch, numpy, ...) are bugs, and keep their traceback. A command line that
 # Hydra cannot compose (a mistyped key or option, a value of the wrong type) is a user error too. Both exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)  # the last: a run that diverged
+# FloatingPointError: a run that diverged; TimeoutError: a federation whose nodes did not come (strategy.connect_timeout)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, TimeoutError)
 # HYDRA_FULL_ERROR as the user set it: main() sets it for Hydra, which then hands every error to main()
 _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -65,7 +68,8 @@ def is_user_error(e: BaseException) -> bool:
 
 
 # the modes whose run directory holds results a new run would overwrite
-GUARDED_RUNS = ("federated", "centralized", "hpo", "deploy")
+GUARDED_RUNS = ("federated", "centralized", "hpo", "deploy", "theory")
+NOT_RESUMED = ("deploy", "theory")  # modes that always start afresh (resume=true is not read)
 
 
 class RunDirGuard(Callback):
@@ -88,12 +92,24 @@ class RunDirGuard(Callback):
             print("error: hydra.run.dir is empty (an unset shell variable?); give the run a directory, "
                   "hydra.run.dir=<dir>, or drop the override for outputs/<mode>/<time>", file=sys.stderr)
             sys.exit(2)
-        checkpoint.note_run_dir(Path(str(config.hydra.run.dir)))  # before Hydra makes it (see discard_unused_run_dir)
+        run_path = Path(str(config.hydra.run.dir))
+        checkpoint.note_run_dir(run_path)  # before Hydra makes it (see discard_unused_run_dir)
+        blocked = next((p for p in (run_path, *run_path.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            print(f"error: hydra.run.dir={run_path}: {blocked} is a file, not a directory; give the run a "
+                  f"directory (hydra.run.dir=<dir>)", file=sys.stderr)
+            sys.exit(2)
+        try:
+            run_path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: hydra.run.dir={run_path} cannot be made ({e.strerror}); give the run a directory "
+                  f"you can write to (hydra.run.dir=<dir>)", file=sys.stderr)
+            sys.exit(2)
         mode = config.get("mode")
         if mode not in GUARDED_RUNS:
             return
         run_dir = config.hydra.run.dir
-        resume = bool(config.get("resume")) and mode != "deploy"  # a deployment does not resume
+        resume = bool(config.get("resume")) and mode not in NOT_RESUMED
         try:
             checkpoint.refuse_overwrite(run_dir, resume, mode, source=config.get("checkpoint"))
             path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
@@ -121,7 +137,7 @@ class RunDirGuard(Callback):
                  if o.is_sweep_override()}
         mode = config.get("mode")
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode != "deploy"):
+        if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode not in NOT_RESUMED):
             # each job checks its own directory (run_mode), after Hydra has rewritten the job's .hydra/ files:
             # kept here, for a job that is refused to get its own back (on_job_end)
             self.kept = {path: path.read_bytes() for path in [sweep_dir / "multirun.yaml",
@@ -129,7 +145,7 @@ class RunDirGuard(Callback):
             return
         shown = _jobs_with_runs(sweep_dir)
         if shown:
-            again = "" if mode == "deploy" else "continue that sweep with resume=true, or "
+            again = "" if mode in NOT_RESUMED else "continue that sweep with resume=true, or "
             print(f"error: hydra.sweep.dir={sweep_dir} holds the runs of an earlier sweep ({shown}); {again}give the "
                   f"new sweep its own directory (hydra.sweep.dir=...)", file=sys.stderr)
             sys.exit(2)
@@ -165,9 +181,19 @@ def composition_error(e: Exception) -> str:
     cause = e.__cause__
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        where = getattr(cause, "object_type", None)
+        if "." not in str(key) and "[" not in str(key) and dataclasses.is_dataclass(where):  # inside a list's entry
+            close = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(where)], n=1)
+            return (f"config: unknown keys (not in the schema, fedmaestro/config.py): {key}, in an entry of type "
+                    f"{where.__name__}" + (f" (did you mean {close[0]}?)" if close else ""))
         return f"config: unknown keys (not in the schema, fedmaestro/config.py): {unknown_key(str(key))}"
     if cause is not None and key:
-        return f"config: {key}: {str(cause).splitlines()[0]}"
+        message = str(cause).splitlines()[0]
+        if "is not a ListConfig" in message:
+            message += f" Give a list: {key}=[...] (e.g. {key}=[a,b])"
+        elif "could not be converted to Integer" in message:
+            message += "; give a whole number (no decimal point or exponent)"
+        return f"config: {key}: {message}"
     message = str(e).split("\nConfig search path:")[0].strip()  # a missing option: Hydra lists the ones there are
     if isinstance(e, OverrideParseException):  # its message does not say which override
         message = f"{e.override}: {message}"
@@ -189,6 +215,9 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
     if config.checkpoint and config.mode == "hpo":
         raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=hpo: a lambda search resumes from its "
                          f"run directory (resume=true hydra.run.dir=<the search's directory>); drop checkpoint=")
+    if config.resume and config.mode == "theory":
+        raise ValueError("resume=true is not read by mode=theory: its experiments are short and always start afresh "
+                         "(theory.*, seed); drop resume=true")
     if config.checkpoint and config.mode == "theory":
         raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=theory: its experiments train small "
                          f"linear maps from scratch (theory.*, seed); drop checkpoint=")
@@ -197,11 +226,12 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
     if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
         checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
                                     "hydra.sweep.dir" if sweep else "hydra.run.dir", source=config.checkpoint)
-        if sweep and config.resume and config.mode != "deploy" and checkpoint.held_run(run_dir) is None:
+        if sweep and config.resume and config.mode not in NOT_RESUMED and checkpoint.held_run(run_dir) is None:
             _warn_of_other_runs(run_dir)
     if config.mode in ("centralized", "hpo", "federated"):
-        from .train import unused_settings
-        for notice in unused_settings(config.train, config.device):
+        from .train import unused_partition_settings, unused_settings
+        partition = unused_partition_settings(config.partition) if config.mode == "federated" else []
+        for notice in unused_settings(config.train, config.device) + partition:
             echo(notice, style="yellow", markup=False)
     if config.mode == "theory" and (config.device not in ("auto", "cpu") or config.train.threads):
         echo("mode=theory trains 6 x 9 linear maps on one CPU thread; device and train.threads are not used",
@@ -253,10 +283,15 @@ def _hydra_main(cfg: DictConfig) -> int | None:
         return run_mode(cfg, run_dir, sweep=sweep)
     except KeyboardInterrupt:  # the whole sweep stops too
         resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
+        if resumable and not sweep and checkpoint.held_run(run_dir) is None:
+            print(f"\ninterrupted before the run's first checkpoint: nothing to resume in {run_dir}; start it again",
+                  file=sys.stderr)
+            resumable = None
         again = (f"the same command (with --multirun) + resume=true {_override('hydra.sweep.dir', hydra_cfg.sweep.dir)}"
                  if sweep else f"the same command + resume=true {_override('hydra.run.dir', str(run_dir))}")
-        print(f"\ninterrupted: {run_dir} keeps what was done" + (f"; continue with {again}" if resumable else ""),
-              file=sys.stderr)
+        if resumable is not None:
+            print(f"\ninterrupted: {run_dir} keeps what was done" + (f"; continue with {again}" if resumable else ""),
+                  file=sys.stderr)
         if cfg.get("mode") == "federated":
             # Flower's message threads can be left in ray.get on actors Ray has already shut down, and Python
             # would wait for them at exit forever: leave now (the checkpoint and records are written atomically)

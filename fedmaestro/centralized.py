@@ -75,6 +75,7 @@ def dense_footprint(cfg: Config) -> Footprint:
 def load_datasets(cfg: Config):
     """(train, test) data sets of the config, with ``data.subset`` / ``data.test_subset`` applied."""
     train_set = data.load(cfg.dataset.name, root=cfg.data.root, train=True)
+    data.check_num_classes(train_set, cfg.dataset.num_classes)
     test_set = data.load(cfg.dataset.name, root=cfg.data.root, train=False)
     if cfg.data.subset:
         train_set = data.subset(train_set, cfg.data.subset)

@@ -62,7 +62,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", key: str = 
                                 f"or checkpoint.pt>")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError) as e:  # never retried without weights_only
+    except (pickle.UnpicklingError, EOFError, OSError) as e:  # never retried without weights_only (OSError: truncated)
         raise ValueError(_not_a_checkpoint(path, e)) from e
     except RuntimeError as e:  # a torch.save file's format; any other RuntimeError (devices, memory) is not ours
         if "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
@@ -143,24 +143,33 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
 
 
 RUN_NAMES = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search",
-             "deploy": "deployment"}
+             "deploy": "deployment", "theory": "theory run"}
+# what a finished run leaves besides its checkpoint, which a user may delete to save space: the run is still there
+FINISHED_RUN_FILES = {"model.pt": None, "summary.json": "federated", "hpo.json": "hpo", "theory.json": "theory"}
+
+
+def _mode_of(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def held_run(run_dir: str | Path) -> tuple[str | None, Path] | None:
     """(mode, file) of the run a directory holds: its checkpoint.pt (the mode from its config.json, None if
-    unreadable), a lambda search's ``lambda_*/checkpoint.pt``, a deployment's deploy.json; None if empty."""
+    unreadable), a lambda search's ``lambda_*/checkpoint.pt``, a deployment's deploy.json, or else what a
+    finished run leaves without its checkpoint (``FINISHED_RUN_FILES``); None if none of these."""
     run_dir = Path(run_dir)
     if (run_dir / "checkpoint.pt").is_file():
-        try:
-            mode = json.loads((run_dir / "config.json").read_text()).get("mode")
-        except (OSError, ValueError, AttributeError):
-            mode = None
-        return mode, run_dir / "checkpoint.pt"
+        return _mode_of(run_dir), run_dir / "checkpoint.pt"
     searches = sorted(run_dir.glob("lambda_*/checkpoint.pt"))
     if searches:
         return "hpo", searches[0]
     if (run_dir / "deploy.json").is_file():
         return "deploy", run_dir / "deploy.json"
+    for name, mode in FINISHED_RUN_FILES.items():
+        if (run_dir / name).is_file():
+            return _mode_of(run_dir) or mode, run_dir / name
     return None
 
 
@@ -180,10 +189,14 @@ def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str 
     own_dir = f"give the new run its own directory ({dir_key}=...)"
     if there != mode:
         raise FileExistsError(f"{where}, not a {RUN_NAMES.get(mode, mode + ' run')}; {own_dir}")
-    if mode == "deploy":
+    if mode in ("deploy", "theory"):
         raise FileExistsError(f"{where}; {own_dir}")
+    resumable = path.name == "checkpoint.pt"
     if not resume:
-        raise FileExistsError(f"{where}; continue it with resume=true, or {own_dir}")
+        raise FileExistsError(f"{where}; " + (f"continue it with resume=true, or {own_dir}" if resumable else own_dir))
+    if not resumable and not source:
+        raise FileExistsError(f"{where} but no checkpoint.pt to continue it from (resume=true would start afresh "
+                              f"over it); {own_dir}")
     if source and resume_path(source, run_dir).resolve().parent != Path(run_dir).resolve():
         raise FileExistsError(f"{where}; resume=true checkpoint={source} would continue that other run here, over "
                               f"this one: drop checkpoint= to continue the run that is here, or {own_dir}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 MODES = ("federated", "centralized", "deploy", "hpo", "theory")
 SAMPLER_MODES = ("per_layer", "across_layers", "fixed", "none")
@@ -24,6 +26,7 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("multistep", "inverse_sqrt")
 DEPLOY_CRITERIA = ("loss", "loss_per_mac", "loss_per_param")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shard")
+CLASS_ASSIGNMENTS = ("first-deterministic", "deterministic", "random")  # pathological (flwr-datasets' modes)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -34,6 +37,16 @@ def _check_choice(key: str, value: Any, allowed: tuple) -> None:
 def _check(key: str, value: Any, ok: bool, rule: str) -> None:
     if not ok:
         raise ValueError(f"config: {key}={value!r} is invalid: {rule}")
+
+
+def _check_finite(prefix: str, section: Any) -> None:
+    """Every float of a config section (and of its lists) is a finite number: inf and nan are refused here, by
+    key, before a range check could let them through or a run turn them into a NaN loss."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"config: {prefix}.{f.name}={value!r} is invalid: must be a finite number")
 
 
 @dataclass
@@ -65,6 +78,7 @@ class DataConfig:
     local_test_fraction: float = 0.1
 
     def __post_init__(self):
+        _check_finite("data", self)
         _check("data.subset", self.subset, self.subset is None or self.subset > 0, "must be a positive int or null")
         _check("data.test_subset", self.test_subset, self.test_subset is None or self.test_subset > 0,
                "must be a positive int or null")
@@ -77,11 +91,16 @@ class PartitionConfig:
     scheme: str = "dirichlet"
     alpha: float = 0.5  # dirichlet
     classes_per_partition: int = 2  # pathological
+    # pathological: which classes each partition gets; first-deterministic: partition i holds class i mod C and random
+    # others (every class is used once there are at least C partitions); deterministic: classes i .. i + k - 1; random
+    class_assignment: str = "first-deterministic"
     shards_per_partition: int = 2  # shard
     min_partition_size: int = 10  # dirichlet: resample until every partition has this many
 
     def __post_init__(self):
+        _check_finite("partition", self)
         _check_choice("partition.scheme", self.scheme, PARTITION_SCHEMES)
+        _check_choice("partition.class_assignment", self.class_assignment, CLASS_ASSIGNMENTS)
         _check("partition.alpha", self.alpha, self.alpha > 0, "must be > 0 (smaller = more skewed labels)")
 
 
@@ -124,6 +143,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch.set_num_threads for the run (CPU); null = torch's default
 
     def __post_init__(self):
+        _check_finite("train", self)
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check("train.threads", self.threads, self.threads is None or self.threads > 0, "must be a positive int or null")
@@ -135,8 +155,9 @@ class TrainConfig:
         _check("train.lr", self.lr, self.lr > 0, "must be > 0")
         _check("train.lambda_gl", self.lambda_gl, self.lambda_gl >= 0, "must be >= 0")
         _check("train.lambda_stop_params", self.lambda_stop_params,
-               self.lambda_stop_params is None or 0 < self.lambda_stop_params <= 1,
-               "must be null or a fraction in (0, 1] of the dense model's parameters")
+               self.lambda_stop_params is None or 0 < self.lambda_stop_params < 1,
+               "must be null or a fraction in (0, 1) of the dense model's parameters (the model starts at or below "
+               "1.0x, so 1 would stop the lasso before the first epoch; null keeps it on all along)")
         _check("train.finetune_after_stop", self.finetune_after_stop,
                not self.finetune_after_stop or self.lambda_stop_params is not None,
                "needs train.lambda_stop_params (the params target that ends the lasso and starts the fine-tuning)")
@@ -171,6 +192,7 @@ class TierConfig:
     straggler: float = 0.0  # probability that it answers after the round's timeout (its update comes too late)
 
     def __post_init__(self):
+        _check_finite(f"devices.tiers[{self.name}]", self)
         _check(f"devices.tiers[{self.name}].budget", self.budget, 0 < self.budget <= 1, "must be in (0, 1]")
         _check(f"devices.tiers[{self.name}].share", self.share, self.share > 0, "must be > 0")
         for key in ("max_macs", "max_params"):
@@ -193,6 +215,10 @@ class DevicesConfig:
         _check("devices.tiers", len(self.tiers), len(self.tiers) > 0, "give at least one tier")
         names = [t.name for t in self.tiers]
         _check("devices.tiers.name", names, len(set(names)) == len(names), "tier names must be unique")
+        _check("devices.tiers", [f"{t.name}: dropout {t.dropout:g} + straggler {t.straggler:g}" for t in self.tiers],
+               any(t.dropout + t.straggler < 1 for t in self.tiers),
+               "no client of any tier could ever answer a round in time (dropout + straggler = 1 in every tier); "
+               "lower a tier's fault probabilities")
         largest = max(t.budget for t in self.tiers)
         _check("devices.tiers.budget", [t.budget for t in self.tiers], largest == 1.0,
                "the largest budget must be 1.0: budgets are fractions of the global model's ranks, and the global "
@@ -213,6 +239,7 @@ class StrategyConfig:
     connect_timeout: float = 120.0  # seconds to wait for fl.num_clients nodes to connect and answer the query
 
     def __post_init__(self):
+        _check_finite("strategy", self)
         _check_choice("strategy.name", self.name, ("maestro",))
         _check("strategy.shrink_every", self.shrink_every, self.shrink_every >= 0, "must be >= 0 (0 = never)")
         _check("strategy.round_timeout", self.round_timeout, self.round_timeout > 0, "must be > 0 seconds")
@@ -233,6 +260,7 @@ class FLConfig:
     federated_eval_every: int = 0
 
     def __post_init__(self):
+        _check_finite("fl", self)
         _check("fl.num_clients", self.num_clients, self.num_clients > 0, "must be > 0")
         _check("fl.rounds", self.rounds, self.rounds >= 1, "must be >= 1")
         _check("fl.clients_per_round", self.clients_per_round, 0 < self.clients_per_round <= self.num_clients,
@@ -262,6 +290,7 @@ class DeployConfig:
     lazy: bool = False
 
     def __post_init__(self):
+        _check_finite("deploy", self)
         _check("deploy.batch_size", self.batch_size, self.batch_size > 0, "must be > 0")
         _check("deploy.step", self.step, 0 < self.step <= 1, "must be in (0, 1] (share of a layer's ranks)")
         for key in ("target_macs", "target_params"):
@@ -270,6 +299,14 @@ class DeployConfig:
         _check("deploy.stop_macs", self.stop_macs, 0 <= self.stop_macs < 1, "must be in [0, 1)")
         _check("deploy.stop_params", self.stop_params, self.stop_params is None or 0 <= self.stop_params < 1,
                "must be in [0, 1) or null")
+        _check("deploy.min_accuracy", self.min_accuracy, self.min_accuracy is None or 0 <= self.min_accuracy <= 1,
+               "must be null or an accuracy in [0, 1] (a fraction, not a percentage)")
+        for key, stop in (("target_macs", self.stop_macs), ("target_params", self.stop_params)):
+            below = [v for v in getattr(self, key) if stop is not None and v < stop]
+            stop_key = key.replace("target", "stop")
+            _check(f"deploy.{key}", getattr(self, key), not below,
+                   f"{below} lie below deploy.{stop_key}={stop:g}, where the greedy curve stops before reaching them; "
+                   f"lower deploy.{stop_key}" if below else "")
         _check_choice("deploy.criterion", self.criterion, DEPLOY_CRITERIA)
         _check("deploy.eval_every", self.eval_every, self.eval_every > 0, "must be > 0")
 
@@ -287,6 +324,7 @@ class HPOConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self):
+        _check_finite("hpo", self)
         _check("hpo.min_accuracy", self.min_accuracy, 0 <= self.min_accuracy <= 1, "must be in [0, 1]")
         _check("hpo.max_params", self.max_params, 0 < self.max_params <= 1, "must be in (0, 1] (share of dense)")
         _check("hpo.lambda_large", self.lambda_large, self.lambda_large > self.lambda_small,
@@ -311,6 +349,7 @@ class TheoryConfig:
     log_every: int = 10  # steps between recorded points of the curves
 
     def __post_init__(self):
+        _check_finite("theory", self)
         _check_choice("theory.hgl_mode", self.hgl_mode, HGL_MODES)
         for key in ("steps", "batch_size", "shrink_every", "log_every"):
             value = getattr(self, key)
@@ -342,7 +381,13 @@ class Config:
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
-        _check("seed", self.seed, self.seed >= 0, "must be >= 0 (numpy's and torch's generators take no negative seed)")
+        _check("seed", self.seed, 0 <= self.seed < 2 ** 32,
+               "must be in [0, 2**32) (numpy's and torch's generators take no negative seed, torch none of 2**63 or "
+               "more, and the runs derive further seeds from it)")
+        _check("fl.federated_eval_every", self.fl.federated_eval_every,
+               not self.fl.federated_eval_every or self.data.local_test_fraction > 0,
+               "needs local test splits to evaluate on, but data.local_test_fraction=0 holds none out: set "
+               "data.local_test_fraction (0.1) or fl.federated_eval_every=0")
         _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "must be auto, cpu, cuda, cuda:N or mps")
 
@@ -368,7 +413,12 @@ def resolve(cfg: DictConfig | Config | dict) -> Config:
         if interpolated:
             raise ValueError(f"config: a stored config holds interpolations, which are not resolved from files or "
                              f"messages: {', '.join(interpolated[:5])}; write the values themselves")
-    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    except InterpolationResolutionError as e:  # ${oc.env:UNSET}, ${a.key.that.is.not.there}
+        key = getattr(e, "full_key", None) or "a value"
+        raise ValueError(f"config: {key}: the interpolation does not resolve ({str(e).splitlines()[0]}); fix the "
+                         f"${{...}} in that override or set what it reads") from None
     if isinstance(cfg, DictConfig):  # a composed config: a key the schema lacks would be dropped silently
         unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), to_dict(config))
         if unknown:
@@ -394,10 +444,23 @@ def _unknown_keys(given: Any, known: Any, path: str = "") -> list[str]:
 
 
 def unknown_key(dotted: str) -> str:
-    """``dotted`` (a key the schema lacks, e.g. ``train.epoch``) with the closest key that exists, if any."""
+    """``dotted`` (a key the schema lacks, e.g. ``train.epoch`` or ``devices.tiers[0].dropuot``) with the closest
+    key that exists, if any."""
+    known: Any = to_dict(Config())
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        name, index = re.fullmatch(r"(.*?)((?:\[\d+\])*)", part).groups()
+        if not isinstance(known, dict) or name not in known:
+            break
+        known = known[name]
+        for _ in re.findall(r"\[\d+\]", index):  # an entry of a list: every entry has the first one's keys
+            known = known[0] if isinstance(known, list) and known else None
+    else:
+        if isinstance(known, dict) and leaf not in known:
+            close = difflib.get_close_matches(leaf, [str(k) for k in known], n=1)
+            return dotted + (f" (did you mean {dotted[:-len(leaf)]}{close[0]}?)" if close else "")
     given: dict = {}
     node = given
-    *parents, leaf = dotted.split(".")
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = None

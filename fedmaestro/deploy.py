@@ -219,7 +219,7 @@ def _stops(d: DeployConfig) -> str:
 
 def _greedy_with_progress(model: nn.Module, ctx: GreedyContext, method: str, show: bool) -> list[dict]:
     """``greedy_curve`` with a progress bar (MACs removed of what the stop removes; the step's candidates)
-    and a line at every evaluated point."""
+    and a line at every evaluated point; ``show=False`` (progress=false): neither."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show) as progress:
@@ -230,7 +230,7 @@ def _greedy_with_progress(model: nn.Module, ctx: GreedyContext, method: str, sho
             progress.update(macs, completed=min(1.0 - point["macs_frac"], 1.0 - ctx.deploy.stop_macs),
                             info=f"step {point['step']}, macs_frac {point['macs_frac']:.3f}, params_frac "
                                  f"{point['params_frac']:.3f}, batch loss {point['batch_loss']:.4f}")
-            if not math.isnan(point["accuracy"]):
+            if show and not math.isnan(point["accuracy"]):  # (progress=false: the curve's CSV holds them)
                 echo(f"{method} step {point['step']}: macs_frac {point['macs_frac']:.3f}, params_frac "
                      f"{point['params_frac']:.3f}, batch loss {point['batch_loss']:.4f}, test accuracy "
                      f"{point['accuracy']:.4f}", markup=False)

@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="run, multirun or deploy directories")
     parser.add_argument("--out", type=Path, default=None, help="where sweep figures go (default: the first dir)")
     args = parser.parse_args(argv)
+    try:
+        return _plot(parser, args)
+    except (ValueError, FileNotFoundError) as e:  # a damaged record or curve file: one line, not a traceback
+        parser.exit(2, f"error: {e}\n")
+
+
+def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     files = [d for d in args.dirs if d.is_file()]
     if files:
         parser.error(f"not a directory: {', '.join(map(str, files))}; give the run's directory "

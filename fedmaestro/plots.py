@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -34,6 +35,8 @@ from .config import with_defaults  # noqa: E402
 __all__ = ["read_records", "plot_centralized", "plot_federated", "Run", "find_runs", "sweep_table", "write_sweep",
            "plot_sweep", "read_curve", "plot_deploy", "deploy_targets", "DPI"]
 
+log = logging.getLogger(__name__)
+
 DPI = 120
 IGNORED_IN_LABELS = ("seed", "resume", "checkpoint", "progress", "device", "data.root", "train.threads",
                      "train.num_workers")
@@ -43,7 +46,18 @@ def read_records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; give the directory of a run (it holds metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # what a run killed while appending its last record leaves
+                log.warning("%s: its last line is cut off (a run killed while writing it?); plotted without it", path)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record; the file is damaged (records are one "
+                             f"JSON object a line)") from None
+    return records
 
 
 def _save(fig, path: Path) -> Path:
@@ -298,12 +312,25 @@ def _ignored_in_labels(key: str) -> bool:
     return any(key == ignored or key.startswith(ignored + ".") for ignored in IGNORED_IN_LABELS)
 
 
+# sections a run of a mode does not read: a sweep over modes names a centralized run without fl.* and so on
+UNREAD_BY_MODE = {"centralized": ("fl.", "devices.", "strategy.", "partition.", "hpo.", "deploy.", "theory."),
+                  "hpo": ("fl.", "devices.", "strategy.", "partition.", "deploy.", "theory."),
+                  "federated": ("train.epochs", "hpo.", "deploy.", "theory.")}
+
+
+def _settings(run: Run, keys: list[str]) -> list[str]:
+    """``name=value`` of the ``keys`` the run's mode reads; a key by its last part unless another key has it too."""
+    last = [k.split(".")[-1] for k in keys]
+    unread = UNREAD_BY_MODE.get(str(run.flat.get("mode")), ())
+    return [f"{k if last.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={run.flat.get(k)}" for k in keys
+            if not any(k == u or k.startswith(u) for u in unread)]
+
+
 def _label(run: Run, keys: list[str]) -> str:
     if run.dense:
         rest = [k for k in keys if k not in ("model.factorize", "train.lambda_gl") and not k.startswith("train.")]
-        return "Non-Factorized" + "".join(f", {k.split('.')[-1]}={run.flat.get(k)}" for k in rest)
-    parts = [f"λ={run.lambda_gl:g}"] + [f"{k.split('.')[-1]}={run.flat.get(k)}" for k in keys
-                                        if k not in ("model.factorize", "train.lambda_gl")]
+        return "Non-Factorized" + "".join(f", {setting}" for setting in _settings(run, rest))
+    parts = [f"λ={run.lambda_gl:g}"] + _settings(run, [k for k in keys if k not in ("model.factorize", "train.lambda_gl")])
     return "Maestro (" + ", ".join(parts) + ")"
 
 
@@ -334,8 +361,8 @@ def sweep_table(runs: list[Run]) -> list[dict]:
             if preset is None:  # a run without a preset beside them (a dense reference): named as in a plain sweep
                 label = _label(run, within)
             else:
-                label = str(preset) + ("" if not within else
-                                       " (" + ", ".join(f"{k.split('.')[-1]}={run.flat.get(k)}" for k in within) + ")")
+                shown = _settings(run, within)
+                label = str(preset) + (f" ({', '.join(shown)})" if shown else "")
         else:
             label = _label(run, keys)
         groups[label].append(run)

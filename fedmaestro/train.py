@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lod, models
-from .config import LR_SCHEDULES, Config, TrainConfig
+from .config import LR_SCHEDULES, Config, PartitionConfig, TrainConfig
 from .models.transformer import PAD_INDEX
 
 __all__ = [
@@ -44,6 +44,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"config: device={name!r} but CUDA is not available here; use device=auto or device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"config: device={name!r} but Apple's MPS is not available here; use device=auto or device=cpu")
     return device
 
 
@@ -62,7 +64,26 @@ def unused_settings(train: TrainConfig, device_name: str) -> list[str]:
     if train.gamma != defaults.gamma and not train.milestones:
         notices.append(f"train.gamma={train.gamma:g} multiplies the LR at train.milestones, and there are none "
                        f"(lr_schedule={train.lr_schedule})")
+    if train.full_pass and train.sampler not in lod.SAMPLING_MODES:
+        notices.append(f"train.full_pass=true adds a full-rank pass where ranks are sampled; train.sampler="
+                       f"{train.sampler} samples none, so the two passes would be one network and it is skipped")
+    if train.distill_weight != defaults.distill_weight and not train.full_pass:
+        notices.append(f"train.distill_weight={train.distill_weight:g} weighs the distillation of train.full_pass, "
+                       f"which is off")
     return notices
+
+
+PARTITION_KEYS = {"alpha": "dirichlet", "min_partition_size": "dirichlet", "classes_per_partition": "pathological",
+                  "class_assignment": "pathological", "shards_per_partition": "shard"}  # each scheme's own settings
+
+
+def unused_partition_settings(partition: PartitionConfig) -> list[str]:
+    """Notices for ``partition`` settings the scheme does not read (given values only, as ``unused_settings``)."""
+    defaults = PartitionConfig()
+    return [f"partition.{key}={getattr(partition, key)} is read by partition={scheme} only; "
+            f"partition={partition.scheme} does not use it"
+            for key, scheme in PARTITION_KEYS.items()
+            if partition.scheme != scheme and getattr(partition, key) != getattr(defaults, key)]
 
 
 @dataclass(frozen=True)
@@ -126,7 +147,13 @@ def build_model(cfg: Config) -> nn.Module:
         kwargs.setdefault("num_classes", cfg.dataset.num_classes)
         if cfg.dataset.input_shape:
             kwargs.setdefault("in_channels", cfg.dataset.input_shape[0])
-    model = models.build(cfg.model.name, **kwargs)
+    try:
+        model = models.build(cfg.model.name, **kwargs)
+    except TypeError as e:  # a keyword the model's constructor does not take
+        if "argument" not in str(e):
+            raise
+        raise ValueError(f"config: model.kwargs={dict(cfg.model.kwargs)} does not fit model.name={cfg.model.name}: "
+                         f"{e}; drop or rename the key (see fedmaestro/models/)") from None
     _check_model_fits_data(model, cfg, kwargs)
     if cfg.model.factorize:
         lod.factorize(model, skip=kept_dense(cfg))

@@ -190,8 +190,9 @@ class MaestroStrategy(Strategy):
                 notice = None
             time.sleep(0.2)
         if len(nodes) != n:
-            raise RuntimeError(f"the federation has {len(nodes)} nodes after {timeout:.0f} s but fl.num_clients={n}; "
-                               f"run as many SuperNodes as clients (simulation: num-supernodes={n})")
+            raise TimeoutError(f"the federation has {len(nodes)} nodes after {timeout:.0f} s but fl.num_clients={n}; "
+                               f"run as many SuperNodes as clients (simulation: num-supernodes={n}), or wait longer "
+                               f"for them (strategy.connect_timeout={timeout:g})")
         payload = json.dumps(to_dict(self.cfg), sort_keys=True)
         messages = [Message(RecordDict({P.CONFIG: ConfigRecord({P.RUN_CONFIG: payload})}), dst_node_id=node,
                             message_type=MessageType.QUERY) for node in nodes]
@@ -215,8 +216,9 @@ class MaestroStrategy(Strategy):
             node_of[pid], examples_of[pid], tests_of[pid] = m.metadata.src_node_id, examples, tests
         if sorted(node_of) != list(range(n)):
             missing = sorted(set(range(n)) - set(node_of))
-            raise RuntimeError(f"partition ids must be 0..{n - 1} (fl.num_clients={n}); got {sorted(node_of)}, "
-                               f"missing {missing[:10]} (a node that did not answer within {timeout:.0f} s?)")
+            raise TimeoutError(f"partition ids must be 0..{n - 1} (fl.num_clients={n}); got {sorted(node_of)}, "
+                               f"missing {missing[:10]}: nodes that did not answer the start-up query within "
+                               f"strategy.connect_timeout={timeout:g} s (raise it), or nodes of another federation")
         self.node_of, self.examples_of, self.tests_of = node_of, examples_of, tests_of
         return node_of
 
@@ -616,7 +618,26 @@ class MaestroStrategy(Strategy):
                     close(*job)
                 result.arrays = arrays
         self.runlog.finish(self.global_model)
+        self._refuse_untrained(num_rounds)
         return result
+
+    def _refuse_untrained(self, num_rounds: int) -> None:
+        """A run in which no round got a valid reply ends with an error (its records and model are written): the
+        model it leaves is the initial one, which a run that exits 0 would pass off as trained."""
+        records = self.runlog.records
+        if not records or any(r["clients"]["valid"] for r in records):
+            return
+        dropped = {pid: why for r in records for pid, why in r["clients"]["dropped"].items()}
+        faults = ", ".join(f"{t.name}: dropout {t.dropout:g}, straggler {t.straggler:g}" for t in self.cfg.devices.tiers)
+        if not dropped:
+            raise TimeoutError(f"no client answered any of the {num_rounds} rounds before the round's timeout "
+                               f"(strategy.round_timeout={self.cfg.strategy.round_timeout:g} s; {faults}): the model "
+                               f"is the initial one. Raise strategy.round_timeout or lower the tiers' fault "
+                               f"probabilities")
+        pid, why = next(iter(dropped.items()))
+        raise RuntimeError(f"no round of the {num_rounds} got a valid reply (every reply was dropped, e.g. client "
+                           f"{pid}'s: {why.splitlines()[0]}): the model is the initial one; the warnings above "
+                           f"say why each was dropped")
 
     def _federated_eval(self, grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord) -> MetricRecord | None:
         messages = list(self.configure_evaluate(rnd, arrays, config, grid))

@@ -102,7 +102,7 @@ class RunLog:
         return {
             "rounds": len(self.records), "accuracy": last.get("accuracy"), "loss": last.get("loss"),
             "params": last.get("params"), "params_deployed": last.get("params_deployed"),
-            "params_rel": last.get("params_rel"), "macs_deployed": last.get("macs_deployed"),
+            "params_rel": last.get("params_rel"), "macs": last.get("macs"), "macs_deployed": last.get("macs_deployed"),
             "macs_rel": last.get("macs_rel"), "total_rank": last.get("total_rank"),
             "mb_down": last.get("bytes_down", 0) / 1e6, "mb_up": last.get("bytes_up", 0) / 1e6,
             "wall_s": self.wall, "startup_s": self.startup_s,
@@ -128,7 +128,7 @@ class RunLog:
         return s
 
     def table(self, s: dict) -> Table:
-        table = Table(title=f"federated run: {s['rounds']} rounds, {s['mb_down'] + s['mb_up']:.2f} MB "
+        table = Table(title=f"federated run: {s['rounds']} round{'s' if s['rounds'] != 1 else ''}, {s['mb_down'] + s['mb_up']:.2f} MB "
                             f"({s['mb_down']:.2f} down + {s['mb_up']:.2f} up), {s['wall_s']:.1f} s "
                             f"+ {s['startup_s'] or 0:.1f} s start-up")
         for col in ("model", "accuracy", "loss", "params (deployed)", "x dense", "MACs (deployed)", "x dense", "rank"):

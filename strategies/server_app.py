@@ -76,7 +76,7 @@ def preflight(cfg: Config, run_dir: Path, server_has_data: bool = True) -> int:
 
     MaestroStrategy(cfg, None, show_progress=False)  # the model and the tiers' budgets
     try:
-        local.client_data(cfg)
+        local.client_data(cfg, report=lambda message: log.warning("%s", message))
     except FileNotFoundError as e:
         if server_has_data:
             raise

@@ -528,6 +528,24 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", "mode=centralized", "train.epochs=5", "progress=false",
+                             f"hydra.run.dir={run_dir}"],  # a whole epoch of Fashion-MNIST: many seconds
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "config.json").is_file():
+        time.sleep(0.05)  # config.json: the data is loaded and training starts
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert not (run_dir / "checkpoint.pt").is_file()
+    assert f"interrupted before the run's first checkpoint: nothing to resume in {run_dir}; start it again" in err
+    assert "keeps what was done" not in err
+
+
+@pytest.mark.slow
 def test_ctrl_c_in_a_sweep_says_how_to_continue_the_sweep_and_that_command_continues_it(tmp_path):
     sweep_dir, root = tmp_path / "sweep", Path(__file__).resolve().parents[1]
     # a preset under paper/: its name holds a '/', which must not nest the job directories
@@ -807,7 +825,7 @@ def test_sweep_table_and_figures_from_run_directories(tmp_path, capsys):
 def test_values_that_would_run_nothing_or_fail_late_are_refused_up_front(tmp_path):
     from fedmaestro.config import FLConfig
 
-    with pytest.raises(ValueError, match=r"seed=-3 is invalid: must be >= 0"):
+    with pytest.raises(ValueError, match=r"seed=-3 is invalid: must be in \[0, 2\*\*32\)"):
         Config(seed=-3)
     with pytest.raises(ValueError, match=r"fl.rounds=0 is invalid: must be >= 1"):
         FLConfig(rounds=0)
@@ -869,6 +887,7 @@ def test_a_sweep_over_a_device_key_keeps_its_rows_apart():
     runs = []
     for budget in (0.25, 0.5):
         cfg = to_dict(tiny())
+        cfg["mode"] = "federated"  # (a centralized run does not read devices: its label leaves them out)
         cfg["devices"]["tiers"][0]["budget"] = budget
         record = {"round": 1, "accuracy": budget, "params_deployed": 100, "params_rel": 1.0, "macs_deployed": 1000,
                   "macs_rel": 1.0, "total_rank": 10, "wall_s": 1.0, "bytes_down": 1, "bytes_up": 1}

@@ -25,7 +25,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from clients import client_app as real_client
 from clients import local
-from fedmaestro import checkpoint, data, nested, tiers
+from fedmaestro import checkpoint, data, lod, nested, tiers
 from fedmaestro import protocol as P
 from fedmaestro.train import evaluate
 from strategies import server_app
@@ -325,8 +325,8 @@ def test_a_node_that_is_not_this_projects_client_fails_at_start_up_with_the_fix(
 def test_too_few_nodes_are_reported_while_waiting_and_then_refused_with_the_fix(tmp_path, caplog):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "strategy.connect_timeout=1")
     with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"), \
-            pytest.raises(RuntimeError, match=r"the federation has 3 nodes after 1 s but fl.num_clients=4.*"
-                                              r"num-supernodes=4"):
+            pytest.raises(TimeoutError, match=r"the federation has 3 nodes after 1 s but fl.num_clients=4.*"
+                                              r"num-supernodes=4.*strategy.connect_timeout=1"):
         MaestroStrategy(cfg, run_dir, show_progress=False).start(LocalGrid(real_client.app, 3))
     waiting = [m for m in caplog.messages if m.startswith("waiting for the federation's nodes")]
     assert len(waiting) == 1 and "3 of fl.num_clients=4 connected" in waiting[0] and "num-supernodes=4" in waiting[0]
@@ -366,13 +366,29 @@ def test_a_round_without_valid_replies_leaves_the_model_unchanged(tmp_path, capl
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1")
     strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
     before = strategy.global_model.arrays()
-    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"):
+    with caplog.at_level(logging.WARNING, logger="fedmaestro.strategy"), \
+            pytest.raises(RuntimeError, match=r"no round of the 1 got a valid reply \(every reply was dropped, e.g. "
+                                              r"client \d's: .*client exploded\): the model is the initial one"):
         strategy.start(LocalGrid(faulty_app({p: "raise" for p in range(4)}), 4))
     after = strategy.global_model.arrays()
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert any("no valid reply" in m and "left unchanged" in m for m in caplog.messages)
-    r = records(run_dir)[0]
+    r = records(run_dir)[0]  # the run's records, checkpoint and model are written before the error
     assert r["clients"]["valid"] == [] and "train_loss" not in r and not r["shrunk"]
+    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "model.pt").is_file()
+
+    class Silent(LocalGrid):  # no reply ever comes before the round's timeout
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                return []
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=2", name="silent")
+    with pytest.raises(TimeoutError, match=r"no client answered any of the 2 rounds before the round's timeout "
+                                           r"\(strategy.round_timeout=600 s; .*\): the model is the initial one"):
+        MaestroStrategy(cfg, run_dir, show_progress=False).start(Silent(real_client.app, 4))
+    assert len(records(run_dir)) == 2
 
 
 def test_dropouts_and_stragglers_miss_the_deadline_and_the_round_goes_on(tmp_path, caplog):
@@ -697,7 +713,7 @@ def test_the_flwr_run_serverapp_writes_the_runs_log_as_python_m_fedmaestro_does(
     server_app.app._main(LocalGrid(real_client.app, 4), context)
     text = (tmp_path / "run" / "fedmaestro.log").read_text()
     assert "][fedmaestro.strategy][INFO] - MaestroStrategy: 1 rounds" in text  # the start-up summary
-    assert "federated run: 1 rounds" in text and "global (full rank)" in text  # what echo printed: the summary table
+    assert "federated run: 1 round," in text and "global (full rank)" in text  # what echo printed: the summary table
     assert not logging.getLogger("fedmaestro").handlers  # the handler goes with the run
 
 
@@ -892,11 +908,15 @@ def test_a_parameter_budget_is_solved_into_caps_and_params_rel_counts_the_deploy
     r = records(run_dir)[0]
     assert r["params"] == 66_274 > r["params_deployed"] == 44_426 == gm.dense.params  # full rank: cheaper dense
     assert r["params_rel"] == 1.0 and r["tiers"]["tiny"]["params_rel"] <= 0.3
-    # the lasso's stop rule reads the deployed size too (1.0x, where the factors held are 1.49x): a 1.0x target is
-    # met at once, so lambda is 0 from round 1
-    cfg, _ = make_cfg(tmp_path, "devices=homogeneous", "train.lambda_gl=0.1", "train.lambda_stop_params=1.0",
+    # the lasso's stop rule reads the deployed size too (1.0x at full rank, where the factors held are 1.49x): a
+    # 0.99x target is met once fc1 is cut to rank 60, whose factors (22,560) cost less than its dense weight (30,720)
+    cfg, _ = make_cfg(tmp_path, "devices=homogeneous", "train.lambda_gl=0.1", "train.lambda_stop_params=0.99",
                       name="stop")
-    assert MaestroStrategy(cfg, None, show_progress=False).round_training() == (0.0, cfg.train.sampler)
+    strategy = MaestroStrategy(cfg, None, show_progress=False)
+    assert strategy.round_training() == (0.1, cfg.train.sampler)  # 1.0x: above 0.99x, the lasso is on
+    lod.truncate(strategy.global_model.model, {"fc1": 60})
+    assert strategy.global_model.footprint(strategy.global_model.model)["params_rel"] < 0.99
+    assert strategy.round_training() == (0.0, cfg.train.sampler)
 
 
 def test_local_training_reads_the_rounds_batch_order_and_reports_the_example_mean_loss(tmp_path, monkeypatch):

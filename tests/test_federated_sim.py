@@ -106,6 +106,9 @@ def test_a_simulation_whose_clients_all_diverge_ends_with_one_error_naming_the_f
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "error: round 1: the training of every client that answered diverged (3 of 3 sampled; training loss is " \
            "NaN or infinite); lower train.lr (now 1e+06) or set train.grad_clip" in proc.stderr, proc.stderr[-3000:]
+    # each client answers that it diverged: no client traceback, one line per dropped reply
+    assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert (proc.stdout + proc.stderr).count("dropped the reply of client") == 3
     assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text()  # no round ended
 
 

@@ -57,11 +57,11 @@ from __future__ import annotations
 from .loader import BatchLoader, epoch_seed
 from .memory import NORMALIZATION, InMemoryDataset, random_crop_flip
 from .partition import SCHEMES, partition, split_clients, split_local
-from .registry import DATASETS, clear_cache, labels, load, subset, unaugmented
+from .registry import DATASETS, check_num_classes, clear_cache, labels, load, subset, unaugmented
 from .text import TranslationDataset, Vocab
 
 __all__ = [
     "DATASETS", "SCHEMES", "NORMALIZATION", "load", "labels", "subset", "partition", "split_local", "split_clients",
     "BatchLoader", "InMemoryDataset", "TranslationDataset", "Vocab", "random_crop_flip", "epoch_seed",
-    "clear_cache", "unaugmented",
+    "clear_cache", "unaugmented", "check_num_classes",
 ]

@@ -55,7 +55,8 @@ def describe(cfg) -> tuple[list[ClientSummary], dict]:
     labels = dataset_labels(train)
     p = cfg.partition
     params = dict(alpha=p.alpha, min_partition_size=p.min_partition_size,
-                  classes_per_partition=p.classes_per_partition, shards_per_partition=p.shards_per_partition)
+                  classes_per_partition=p.classes_per_partition, class_assignment=p.class_assignment,
+                  shards_per_partition=p.shards_per_partition)
     parts = partition(labels, p.scheme, cfg.fl.num_clients, cfg.seed, **params)
     splits = split_clients(parts, cfg.data.local_test_fraction, cfg.seed)
     shown = {"alpha": p.alpha, "min_partition_size": p.min_partition_size} if p.scheme == "dirichlet" else \

@@ -207,9 +207,12 @@ def _partition(labels: np.ndarray, scheme: str, n: int, seed: int, p: dict) -> l
                              f"partition would be empty ({e}); {_empty_fix(scheme)}") from e
         unused = np.setdiff1d(np.unique(labels), labels[np.concatenate(out)])
         if unused.size:
+            fix = (f"use at least {classes} clients" if p["class_assignment"] == "first-deterministic" else
+                   "partition.class_assignment=first-deterministic (client i holds class i mod C) with at least "
+                   f"{classes} clients")
             warnings.warn(f"partition: pathological split leaves classes {unused.tolist()} in no partition "
-                          f"({n} partitions x {k} classes); use at least {classes} clients or more classes per "
-                          f"partition to train on every class", stacklevel=3)
+                          f"({n} partitions x {k} classes, class_assignment={p['class_assignment']}); {fix} to "
+                          f"train on every class", stacklevel=3)
     else:
         s = _positive_int("shards_per_partition", p["shards_per_partition"], "set it >= 1")
         if n * s > labels.size:

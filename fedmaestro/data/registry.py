@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from . import paths, synthetic, text, vision
 from .memory import NORMALIZATION, InMemoryDataset
 
-__all__ = ["DATASETS", "load", "labels", "subset", "unaugmented", "check_name", "clear_cache"]
+__all__ = ["DATASETS", "load", "labels", "subset", "unaugmented", "check_name", "check_num_classes", "clear_cache"]
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet", "multi30k", "synthetic")
 AUGMENTED = ("cifar10", "cifar100")  # random crop (pad 4) + horizontal flip on training splits
@@ -109,6 +109,27 @@ def labels(dataset: Dataset) -> np.ndarray:
         return np.asarray(targets, dtype=np.int64)
     raise TypeError(f"labels: cannot read the labels of a {type(dataset).__name__} without decoding it; "
                     f"give it a .targets attribute or use a data set from fedmaestro.data.load")
+
+
+def check_num_classes(dataset: Dataset, num_classes: int) -> None:
+    """Refuse a ``dataset.num_classes`` that does not fit the data set's classes, before a model is trained with it:
+    MNIST, Fashion-MNIST and CIFAR have a known count; an ImageFolder's labels must lie below it."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    name = getattr(base, "name", None)
+    known = {**{k: v[1] for k, v in vision.MNIST_LIKE.items()}, **{k: v[4] for k, v in vision.CIFAR.items()}}
+    if isinstance(base, InMemoryDataset) and name in known:
+        if num_classes != known[name]:
+            raise ValueError(f"config: dataset.num_classes={num_classes} but {name} has {known[name]} classes; set "
+                             f"dataset.num_classes={known[name]} (or drop the override: conf/dataset/{name}.yaml sets it)")
+        return
+    if isinstance(base, text.TranslationDataset) or (isinstance(base, InMemoryDataset) and not base.classification):
+        return
+    found = labels(dataset)
+    if found.size and (found.min() < 0 or found.max() >= num_classes):
+        raise ValueError(f"config: dataset.num_classes={num_classes} but the data set's labels go up to "
+                         f"{int(found.max())}; set dataset.num_classes={int(found.max()) + 1} or more")
 
 
 def subset(dataset: Dataset, n: int) -> Dataset:

@@ -56,7 +56,7 @@ def factorize(model: nn.Module, skip: Iterable[str] = ()) -> nn.Module:
                if type(m) in (nn.Linear, nn.Conv2d) and not _covered(name, skip)]
     if not targets:
         raise ValueError(f"factorize: {type(model).__name__} has no nn.Linear or nn.Conv2d outside skip={list(skip)}; "
-                         "nothing to factorize")
+                         "nothing to factorize (to train the dense model, set model.factorize=false)")
     replacements = [(name, _to_lod(name, module)) for name, module in targets]  # all checks before any swap
     for name, module in replacements:
         _set_child(model, name, module)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -9,6 +11,8 @@ from .factorize import layers
 from .layers import LoDLayer, replace_data
 
 __all__ = ["importance", "shrink", "truncate", "cut_rank"]
+
+log = logging.getLogger(__name__)
 
 
 def _exact_tail_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -58,13 +62,17 @@ def shrink(model: nn.Module, eps: float, optimizer: torch.optim.Optimizer | None
     Physical: parameters, gradients and optimizer state (SGD momentum, Adam moments) become smaller.
     Returns the new rank of every LoD layer.
     """
-    ranks = {}
+    ranks, held = {}, False
     for name, layer in layers(model):
         if layer.rank > 0:
+            held = True
             below = torch.nonzero(_importance64(layer) <= eps)  # in float64: float16 would round 1e-8 to 0
             if len(below):
                 cut_rank(layer, int(below[0]), optimizer)
         ranks[name] = layer.rank
+    if held and not any(ranks.values()):
+        log.warning("progressive shrinking cut every LoD layer to rank 0 (eps_ps=%g is above every column's "
+                    "importance): the model now computes its biases only; lower train.eps_ps or train.lambda_gl", eps)
     return ranks
 
 
