@@ -28,7 +28,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from . import checkpoint
 from .console import echo, log_to_run_files
-from .config import resolve, to_dict, unknown_key
+from .config import Config, resolve, to_dict, unknown_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # the Hydra configs: inside the installed package (a wheel maps conf/ to fedmaestro/conf), else the checkout's conf/
@@ -127,6 +127,7 @@ class RunDirGuard(Callback):
                     checkpoint.check_resumable(state["config"], to_dict(job),
                                                checkpoint.resume_ignored(mode, job.dataset.name) + ignored)
         except (FileExistsError, ValueError) as e:
+            checkpoint.discard_unused_run_dir(run_path)  # (made above: a refused run leaves no directory)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
@@ -182,7 +183,8 @@ def composition_error(e: Exception) -> str:
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
         where = getattr(cause, "object_type", None)
-        if "." not in str(key) and "[" not in str(key) and dataclasses.is_dataclass(where):  # inside a list's entry
+        if "." not in str(key) and "[" not in str(key) and dataclasses.is_dataclass(where) and where is not Config:
+            # a key inside a list's entry (devices.tiers=[{...}]): OmegaConf names it without its path
             close = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(where)], n=1)
             return (f"config: unknown keys (not in the schema, fedmaestro/config.py): {key}, in an entry of type "
                     f"{where.__name__}" + (f" (did you mean {close[0]}?)" if close else ""))
@@ -190,7 +192,8 @@ def composition_error(e: Exception) -> str:
     if cause is not None and key:
         message = str(cause).splitlines()[0]
         if "is not a ListConfig" in message:
-            message += f" Give a list: {key}=[...] (e.g. {key}=[a,b])"
+            given = getattr(cause, "value", None)
+            message += f" Give a list: {key}=[{given if isinstance(given, (str, int, float)) else '...'}]"
         elif "could not be converted to Integer" in message:
             message += "; give a whole number (no decimal point or exponent)"
         return f"config: {key}: {message}"
@@ -283,7 +286,7 @@ def _hydra_main(cfg: DictConfig) -> int | None:
         return run_mode(cfg, run_dir, sweep=sweep)
     except KeyboardInterrupt:  # the whole sweep stops too
         resumable = cfg.get("mode") in ("federated", "centralized", "hpo")
-        if resumable and not sweep and checkpoint.held_run(run_dir) is None:
+        if resumable and not sweep and checkpoint.held_run(run_dir) is None and not cfg.get("checkpoint"):
             print(f"\ninterrupted before the run's first checkpoint: nothing to resume in {run_dir}; start it again",
                   file=sys.stderr)
             resumable = None

@@ -8,6 +8,7 @@ from its config, then the state dict resizes every LoD layer to the saved ranks)
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -62,7 +63,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", key: str = 
                                 f"or checkpoint.pt>")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, OSError) as e:  # never retried without weights_only (OSError: truncated)
+    except (pickle.UnpicklingError, EOFError) as e:  # never retried without weights_only
+        raise ValueError(_not_a_checkpoint(path, e)) from e
+    except OSError as e:  # torch's zip reader on a truncated file (EINVAL); permissions and I/O errors are not ours
+        if e.errno != errno.EINVAL:
+            raise
         raise ValueError(_not_a_checkpoint(path, e)) from e
     except RuntimeError as e:  # a torch.save file's format; any other RuntimeError (devices, memory) is not ours
         if "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
@@ -145,7 +150,7 @@ def check_resumable(saved: dict, current: dict, ignored: tuple[str, ...] = IGNOR
 RUN_NAMES = {"federated": "federated run", "centralized": "centralized run", "hpo": "lambda search",
              "deploy": "deployment", "theory": "theory run"}
 # what a finished run leaves besides its checkpoint, which a user may delete to save space: the run is still there
-FINISHED_RUN_FILES = {"model.pt": None, "summary.json": "federated", "hpo.json": "hpo", "theory.json": "theory"}
+FINISHED_RUN_FILES = {"hpo.json": "hpo", "theory.json": "theory", "summary.json": "federated", "model.pt": None}
 
 
 def _mode_of(run_dir: Path) -> str | None:
@@ -167,9 +172,9 @@ def held_run(run_dir: str | Path) -> tuple[str | None, Path] | None:
         return "hpo", searches[0]
     if (run_dir / "deploy.json").is_file():
         return "deploy", run_dir / "deploy.json"
-    for name, mode in FINISHED_RUN_FILES.items():
+    for name, mode in FINISHED_RUN_FILES.items():  # a mode's own file first: a search's dir has no config.json
         if (run_dir / name).is_file():
-            return _mode_of(run_dir) or mode, run_dir / name
+            return mode or _mode_of(run_dir), run_dir / name
     return None
 
 

@@ -12,6 +12,7 @@ import copy
 import difflib
 import math
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -39,9 +40,23 @@ def _check(key: str, value: Any, ok: bool, rule: str) -> None:
         raise ValueError(f"config: {key}={value!r} is invalid: {rule}")
 
 
+# A stored config (a checkpoint's, a config.json) was valid when its run started: the checks added since
+# (``_check_new``) are for new runs, and skipped while one is read back (``resolve`` of a dict), so that a model
+# trained before them still loads, deploys and plots.
+_READING_STORED: ContextVar[bool] = ContextVar("reading_stored_config", default=False)
+
+
+def _check_new(key: str, value: Any, ok: bool, rule: str) -> None:
+    """``_check`` for a rule added on 2026-12-03: new runs only."""
+    if not _READING_STORED.get():
+        _check(key, value, ok, rule)
+
+
 def _check_finite(prefix: str, section: Any) -> None:
     """Every float of a config section (and of its lists) is a finite number: inf and nan are refused here, by
-    key, before a range check could let them through or a run turn them into a NaN loss."""
+    key, before a range check could let them through or a run turn them into a NaN loss (new runs only)."""
+    if _READING_STORED.get():
+        return
     for f in fields(section):
         value = getattr(section, f.name)
         for v in value if isinstance(value, list) else [value]:
@@ -155,7 +170,10 @@ class TrainConfig:
         _check("train.lr", self.lr, self.lr > 0, "must be > 0")
         _check("train.lambda_gl", self.lambda_gl, self.lambda_gl >= 0, "must be >= 0")
         _check("train.lambda_stop_params", self.lambda_stop_params,
-               self.lambda_stop_params is None or 0 < self.lambda_stop_params < 1,
+               self.lambda_stop_params is None or 0 < self.lambda_stop_params <= 1,
+               "must be null or a fraction in (0, 1] of the dense model's parameters")
+        _check_new("train.lambda_stop_params", self.lambda_stop_params,
+                   self.lambda_stop_params is None or self.lambda_stop_params < 1,
                "must be null or a fraction in (0, 1) of the dense model's parameters (the model starts at or below "
                "1.0x, so 1 would stop the lasso before the first epoch; null keeps it on all along)")
         _check("train.finetune_after_stop", self.finetune_after_stop,
@@ -215,7 +233,7 @@ class DevicesConfig:
         _check("devices.tiers", len(self.tiers), len(self.tiers) > 0, "give at least one tier")
         names = [t.name for t in self.tiers]
         _check("devices.tiers.name", names, len(set(names)) == len(names), "tier names must be unique")
-        _check("devices.tiers", [f"{t.name}: dropout {t.dropout:g} + straggler {t.straggler:g}" for t in self.tiers],
+        _check_new("devices.tiers", [f"{t.name}: dropout {t.dropout:g} + straggler {t.straggler:g}" for t in self.tiers],
                any(t.dropout + t.straggler < 1 for t in self.tiers),
                "no client of any tier could ever answer a round in time (dropout + straggler = 1 in every tier); "
                "lower a tier's fault probabilities")
@@ -299,12 +317,12 @@ class DeployConfig:
         _check("deploy.stop_macs", self.stop_macs, 0 <= self.stop_macs < 1, "must be in [0, 1)")
         _check("deploy.stop_params", self.stop_params, self.stop_params is None or 0 <= self.stop_params < 1,
                "must be in [0, 1) or null")
-        _check("deploy.min_accuracy", self.min_accuracy, self.min_accuracy is None or 0 <= self.min_accuracy <= 1,
+        _check_new("deploy.min_accuracy", self.min_accuracy, self.min_accuracy is None or 0 <= self.min_accuracy <= 1,
                "must be null or an accuracy in [0, 1] (a fraction, not a percentage)")
         for key, stop in (("target_macs", self.stop_macs), ("target_params", self.stop_params)):
             below = [v for v in getattr(self, key) if stop is not None and v < stop]
             stop_key = key.replace("target", "stop")
-            _check(f"deploy.{key}", getattr(self, key), not below,
+            _check_new(f"deploy.{key}", getattr(self, key), not below,
                    f"{below} lie below deploy.{stop_key}={stop:g}, where the greedy curve stops before reaching them; "
                    f"lower deploy.{stop_key}" if below else "")
         _check_choice("deploy.criterion", self.criterion, DEPLOY_CRITERIA)
@@ -381,11 +399,12 @@ class Config:
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
-        _check("seed", self.seed, 0 <= self.seed < 2 ** 32,
+        _check("seed", self.seed, self.seed >= 0, "must be >= 0 (numpy's and torch's generators take no negative seed)")
+        _check_new("seed", self.seed, self.seed < 2 ** 32,
                "must be in [0, 2**32) (numpy's and torch's generators take no negative seed, torch none of 2**63 or "
                "more, and the runs derive further seeds from it)")
-        _check("fl.federated_eval_every", self.fl.federated_eval_every,
-               not self.fl.federated_eval_every or self.data.local_test_fraction > 0,
+        _check_new("fl.federated_eval_every", self.fl.federated_eval_every,
+                   self.mode != "federated" or not self.fl.federated_eval_every or self.data.local_test_fraction > 0,
                "needs local test splits to evaluate on, but data.local_test_fraction=0 holds none out: set "
                "data.local_test_fraction (0.1) or fl.federated_eval_every=0")
         _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
@@ -413,6 +432,11 @@ def resolve(cfg: DictConfig | Config | dict) -> Config:
         if interpolated:
             raise ValueError(f"config: a stored config holds interpolations, which are not resolved from files or "
                              f"messages: {', '.join(interpolated[:5])}; write the values themselves")
+        token = _READING_STORED.set(True)
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+        finally:
+            _READING_STORED.reset(token)
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     except InterpolationResolutionError as e:  # ${oc.env:UNSET}, ${a.key.that.is.not.there}

@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _plot(parser, args)
     except (ValueError, FileNotFoundError) as e:  # a damaged record or curve file: one line, not a traceback
+        from .__main__ import is_user_error
+
+        if not is_user_error(e):  # raised inside a library: a bug, with its traceback
+            raise
         parser.exit(2, f"error: {e}\n")
 
 
@@ -53,6 +57,9 @@ def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             written.append(plot_deploy(curves, d / "deploy.png", targets=deploy_targets(settings)))
         elif (d / "metrics.jsonl").is_file() and len(args.dirs) == 1:
             records = read_records(d)
+            if not records:
+                parser.error(f"{d / 'metrics.jsonl'} holds no complete record (the run stopped before its first "
+                             f"epoch or round ended)")
             written += plot_federated(d) if records and "round" in records[0] else plot_centralized(d)
         else:
             sweep_dirs.append(d)

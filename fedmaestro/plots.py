@@ -36,6 +36,7 @@ __all__ = ["read_records", "plot_centralized", "plot_federated", "Run", "find_ru
            "plot_sweep", "read_curve", "plot_deploy", "deploy_targets", "DPI"]
 
 log = logging.getLogger(__name__)
+_WARNED_CUT: set[Path] = set()  # metrics.jsonl files whose cut-off last line was reported (once each)
 
 DPI = 120
 IGNORED_IN_LABELS = ("seed", "resume", "checkpoint", "progress", "device", "data.root", "train.threads",
@@ -53,7 +54,10 @@ def read_records(run_dir: str | Path) -> list[dict]:
             records.append(json.loads(line))
         except ValueError:
             if i == len(lines) - 1:  # what a run killed while appending its last record leaves
-                log.warning("%s: its last line is cut off (a run killed while writing it?); plotted without it", path)
+                if path not in _WARNED_CUT:
+                    _WARNED_CUT.add(path)
+                    log.warning("%s: its last line is cut off (a run killed while writing it?); plotted without it",
+                                path)
                 break
             raise ValueError(f"{path}: line {i + 1} is not a JSON record; the file is damaged (records are one "
                              f"JSON object a line)") from None

@@ -309,6 +309,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     is called after every step (progress bars). The loss is summed on the device: no host sync per step.
     """
     model.train()
+    # a batch of one example cannot train BatchNorm (no variance over a 1 x 1 map): skipped, as drop_last would
+    single_batch_fails = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     proximal = train.lambda_gl > 0 and train.hgl_mode == "proximal"
     penalty = train.lambda_gl > 0 and train.hgl_mode == "subgradient"
     use_amp = scaler is not None
@@ -317,6 +319,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     total_loss = torch.zeros((), device=device)
     examples, steps, start = 0, 0, time.perf_counter()
     for batch in loader:
+        if single_batch_fails and len(batch[1]) == 1:
+            continue
         if sampler is not None:
             sampler.step()
         with torch.autocast(device.type, enabled=use_amp):
@@ -417,7 +421,8 @@ def recalibrate_batchnorm(model: nn.Module, loader, task: Task, device: torch.de
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
-            task.forward(model, batch, device)
+            if len(batch[1]) > 1:  # (one example: no variance to estimate, and BatchNorm refuses it)
+                task.forward(model, batch, device)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return True

@@ -214,6 +214,9 @@ class MaestroStrategy(Strategy):
             if pid in node_of:
                 raise RuntimeError(f"two nodes ({node_of[pid]}, {m.metadata.src_node_id}) claim partition-id {pid}")
             node_of[pid], examples_of[pid], tests_of[pid] = m.metadata.src_node_id, examples, tests
+        if sorted(node_of) != list(range(n)) and len(node_of) == n:  # every node answered, with other ids
+            raise ValueError(f"the nodes' partition ids are {sorted(node_of)}, not 0..{n - 1} (fl.num_clients={n}): "
+                             f"start the SuperNodes with partition-id 0..{n - 1} and num-partitions={n}")
         if sorted(node_of) != list(range(n)):
             missing = sorted(set(range(n)) - set(node_of))
             raise TimeoutError(f"partition ids must be 0..{n - 1} (fl.num_clients={n}); got {sorted(node_of)}, "
@@ -242,6 +245,10 @@ class MaestroStrategy(Strategy):
         self.dtypes = {name: a.dtype for name, a in self.current.items()}
         layout = self.global_model.layout
         self.global_model.load(self.current)  # the caps follow the ranks of the arrays given
+        before = self.global_model.ranks()
+        self._cut_to_tiers(f"before round {server_round}")  # (given arrays from Flower's own Strategy.start: uncut)
+        if self.global_model.ranks() != before:
+            self.current = self.global_model.arrays()
         pids = tiers.sample_clients(c.fl.num_clients, c.fl.clients_per_round, c.seed, server_round)
         faults = tiers.draw_faults(pids, self.dropout, self.straggler, c.seed, server_round)
         tier_caps = self.caps_of_tiers()
@@ -618,10 +625,10 @@ class MaestroStrategy(Strategy):
                     close(*job)
                 result.arrays = arrays
         self.runlog.finish(self.global_model)
-        self._refuse_untrained(num_rounds)
+        self.refuse_untrained(num_rounds)
         return result
 
-    def _refuse_untrained(self, num_rounds: int) -> None:
+    def refuse_untrained(self, num_rounds: int) -> None:
         """A run in which no round got a valid reply ends with an error (its records and model are written): the
         model it leaves is the initial one, which a run that exits 0 would pass off as trained."""
         records = self.runlog.records

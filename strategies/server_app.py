@@ -98,10 +98,11 @@ def preflight(cfg: Config, run_dir: Path, server_has_data: bool = True) -> int:
 
 def finish_done_run(run_dir: Path, cfg: Config, done: int) -> str:
     """Says so, and writes the final model and figures where an interruption after the last checkpoint left none."""
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    strategy.resume()
     if not (run_dir / "model.pt").is_file():
-        strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
-        strategy.resume()
         strategy.runlog.finish(strategy.global_model)
+    strategy.refuse_untrained(done)  # a run whose every round went without a valid reply stays a failed run
     return (f"{run_dir}: the run has done all fl.rounds={cfg.fl.rounds} rounds (its checkpoint is at round {done}); "
             "raise fl.rounds to continue it")
 

@@ -68,7 +68,7 @@ def test_an_unknown_key_inside_a_list_entry_is_named_with_its_closest_key():
     ("devices.tiers=[{name: a, dropuot: 0.2}]", "unknown keys (not in the schema, fedmaestro/config.py): dropuot, in an "
                                                "entry of type TierConfig (did you mean dropout?)"),
     ("model.skip=fc1", "model.skip: Invalid value assigned: str is not a ListConfig, list or tuple. Give a list: "
-                       "model.skip=[...]"),
+                       "model.skip=[fc1]"),
     ("fl.num_clients=1e3", "fl.num_clients: Value '1000.0' of type 'float' could not be converted to Integer; give a "
                            "whole number"),
     ("train.lr=${oc.env:FEDMAESTRO_NO_SUCH_VARIABLE}", "train.lr: the interpolation does not resolve"),
@@ -233,6 +233,7 @@ def test_the_pathological_class_assignment_is_a_setting_and_its_warning_is_repor
     overrides = ["partition=pathological", "partition.classes_per_partition=2", "fl.num_clients=4", "fl.clients_per_round=2",
                  "data.subset=600"]
     reported: list[str] = []
+    local.forget_data()  # (built by an earlier test, the partitions would be reused and nothing reported)
     first = local.client_data(compose(overrides)[0], report=reported.append)
     assert len(reported) == 1 and "leaves classes" in reported[0] and "use at least 10 clients" in reported[0]
     deterministic = local.client_data(compose(overrides + ["partition.class_assignment=deterministic"])[0])
@@ -254,3 +255,99 @@ def test_sweep_labels_name_only_what_a_runs_mode_reads_and_full_keys_where_short
     federated = SimpleNamespace(flat={"mode": "federated", **values})
     assert _settings(centralized, keys) == ["epochs=20", "train.eval_every=1"]
     assert _settings(federated, keys) == ["rounds=20", "train.eval_every=1"]
+
+
+def test_a_root_key_typo_is_named_as_a_root_key():
+    done = cli("mode=centralized", "seedd=1")
+    assert done.returncode == 2 and "error: config: unknown keys (not in the schema, fedmaestro/config.py): seedd " \
+                                    "(did you mean seed?)" in done.stderr, done.stderr[-2000:]
+    done = cli("mode=centralized", "train.milestones=5")
+    assert "Give a list: train.milestones=[5]" in done.stderr, done.stderr[-2000:]
+
+
+BASE = ["mode=centralized", "data.subset=200", "data.test_subset=100", "train.epochs=1", "progress=false"]
+
+
+def test_a_refused_resume_leaves_no_new_directory(tmp_path):
+    base = BASE
+    assert cli(*base, f"hydra.run.dir={tmp_path / 'a'}").returncode == 0
+    done = cli(*base, "train.lr=0.5", "resume=true", f"checkpoint={tmp_path / 'a'}",
+               f"hydra.run.dir={tmp_path / 'new' / 'b'}")
+    assert done.returncode == 2 and "the checkpoint was written with a different config" in done.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_models_whose_stored_config_predates_a_new_check_still_load(tmp_path):
+    from fedmaestro.centralized import load_model
+
+    assert cli(*BASE, f"hydra.run.dir={tmp_path}").returncode == 0
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state["config"]["train"]["lambda_stop_params"] = 1.0  # valid until 2026-12-03
+    state["config"]["seed"] = 2 ** 40
+    state["config"]["deploy"]["min_accuracy"] = 85.0
+    state["config"]["train"]["lr"] = float("inf")
+    torch.save(state, tmp_path / "old.pt")
+    _, loaded = load_model(tmp_path / "old.pt")
+    assert loaded.train.lambda_stop_params == 1.0 and loaded.seed == 2 ** 40
+    with pytest.raises(ValueError, match=r"train.lambda_stop_params=1.0 is invalid"):  # a new run: refused
+        TrainConfig(lambda_stop_params=1.0)
+
+
+def test_a_search_directory_is_named_as_one_when_its_lambda_checkpoints_are_gone(tmp_path):
+    (tmp_path / "hpo.json").write_text("{}")
+    (tmp_path / "model.pt").write_text("{}")
+    assert checkpoint.held_run(tmp_path) == ("hpo", tmp_path / "hpo.json")
+
+
+def test_a_federated_run_that_never_got_a_valid_reply_stays_failed_when_resumed(tmp_path):
+    from clients import client_app
+    from strategies.local_grid import LocalGrid
+    from strategies.maestro import MaestroStrategy
+    from strategies.server_app import compose, finish_done_run
+
+    overrides = ["data.subset=600", "data.test_subset=200", "fl.num_clients=4", "fl.clients_per_round=2", "fl.rounds=1",
+                 "progress=false", f"hydra.run.dir={tmp_path}"]
+
+    class Silent(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                return []
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg = compose(overrides)[0]
+    with pytest.raises(TimeoutError, match="no client answered any of the 1 rounds"):
+        MaestroStrategy(cfg, tmp_path, show_progress=False).start(Silent(client_app.app, 4))
+    with pytest.raises(TimeoutError, match="no client answered any of the 1 rounds"):
+        finish_done_run(tmp_path, compose(overrides + ["resume=true"])[0], 1)
+
+
+def test_nodes_with_the_wrong_partition_ids_are_told_so(tmp_path):
+    from clients import client_app
+    from fedmaestro import protocol as P
+    from strategies.local_grid import LocalGrid
+    from strategies.maestro import MaestroStrategy
+    from strategies.server_app import compose
+
+    cfg = compose(["data.subset=600", "fl.num_clients=4", "fl.clients_per_round=2", "fl.rounds=1", "progress=false",
+                   f"hydra.run.dir={tmp_path}"])[0]
+    grid = LocalGrid(client_app.app, 4)
+    for node, context in grid.contexts.items():  # ids 1..4, as a SuperNode started with 1-based ids would give
+        context.node_config[P.PARTITION_ID] = int(context.node_config[P.PARTITION_ID]) + 1
+    with pytest.raises(ValueError, match=r"the nodes' partition ids are \[1, 2, 3, 4\], not 0..3 .*num-partitions=4"):
+        MaestroStrategy(cfg, tmp_path, show_progress=False).start(grid)
+
+
+def test_a_last_batch_of_one_example_is_skipped_where_batchnorm_cannot_train_on_it():
+    from fedmaestro.train import make_optimizer, task_for, train_epoch
+
+    model = models.build("vgg19", in_channels=1, num_classes=10)  # 28 x 28 inputs: its last feature maps are 1 x 1
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 1, 2])
+    train = TrainConfig(batch_size=2, lr=0.01)
+    stats = train_epoch(model, [(x[:2], y[:2]), (x[2:], y[2:])], make_optimizer(model, train), train,
+                        task_for("fashion_mnist"), torch.device("cpu"))
+    assert stats["steps"] == 1 and stats["num_examples"] == 2
+    lenet = models.build("lenet")  # no BatchNorm: every example trains
+    stats = train_epoch(lenet, [(x[:2], y[:2]), (x[2:], y[2:])], make_optimizer(lenet, train), train,
+                        task_for("fashion_mnist"), torch.device("cpu"))
+    assert stats["steps"] == 2 and stats["num_examples"] == 3

@@ -825,7 +825,7 @@ def test_sweep_table_and_figures_from_run_directories(tmp_path, capsys):
 def test_values_that_would_run_nothing_or_fail_late_are_refused_up_front(tmp_path):
     from fedmaestro.config import FLConfig
 
-    with pytest.raises(ValueError, match=r"seed=-3 is invalid: must be in \[0, 2\*\*32\)"):
+    with pytest.raises(ValueError, match=r"seed=-3 is invalid: must be >= 0"):
         Config(seed=-3)
     with pytest.raises(ValueError, match=r"fl.rounds=0 is invalid: must be >= 1"):
         FLConfig(rounds=0)

@@ -429,6 +429,21 @@ def test_flowers_own_start_waiting_past_the_deadline_still_drops_stragglers(tmp_
     assert all("told to fail this round (straggler)" in why for why in strategy.round_info["dropped"].values())
 
 
+def test_flowers_own_start_cuts_the_global_model_to_what_its_tiers_hold(tmp_path):
+    from flwr.serverapp.strategy import Strategy
+
+    from strategies.maestro import _to_record
+
+    cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers_macs", "fl.rounds=1")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    uncut = strategy.global_model.ranks()  # (MaestroStrategy.start cuts before round 1; Flower's start does not)
+    held = strategy.global_model.held_ranks(cfg.devices.tiers)  # the budget-1.0 tier's MAC cap holds less
+    assert sum(held.values()) < sum(uncut.values())
+    Strategy.start(strategy, LocalGrid(real_client.app, 4), _to_record(strategy.global_model.arrays()), num_rounds=1,
+                   timeout=30)
+    assert all(strategy.global_model.ranks()[n] <= held[n] for n in held)
+
+
 # --- shrinking, resume, baselines, budgets --------------------------------------------------------------------
 def test_shrinking_cuts_the_global_model_and_the_next_caps_follow(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "train.eps_ps=0.5", "fl.clients_per_round=4")
