@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -64,7 +65,18 @@ def is_user_error(e: BaseException) -> bool:
     if tb is None:
         return False
     path = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return PROJECT_DIR in path.parents and "site-packages" not in path.parts
+    return any(package in path.parents for package in _our_packages())
+
+
+def _our_packages() -> list[Path]:
+    """The directories of this project's packages, wherever they are installed (a checkout, or site-packages
+    for a wheel), found without importing them."""
+    found = []
+    for name in ("fedmaestro", "clients", "strategies"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            found.append(Path(spec.origin).resolve().parent)
+    return found
 
 
 # the modes whose run directory holds results a new run would overwrite

@@ -141,11 +141,18 @@ def test_a_wheel_carries_the_configs_and_its_cli_finds_them(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w",
                     str(tmp_path / "dist")], cwd=tmp_path / "src", check=True, capture_output=True)
     [wheel] = (tmp_path / "dist").glob("fedmaestro-*.whl")
-    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    site = tmp_path / "site-packages"  # where pip would put it
+    zipfile.ZipFile(wheel).extractall(site)
     configs = sorted(str(p.relative_to(root / "conf")) for p in (root / "conf").rglob("*.yaml"))
-    shipped = sorted(str(p.relative_to(tmp_path / "site/fedmaestro/conf"))
-                     for p in (tmp_path / "site/fedmaestro/conf").rglob("*.yaml"))
+    shipped = sorted(str(p.relative_to(site / "fedmaestro/conf")) for p in (site / "fedmaestro/conf").rglob("*.yaml"))
     assert shipped == configs and "experiment/paper/lenet_fmnist.yaml" in shipped
     out = subprocess.run([sys.executable, "-c", "import fedmaestro.__main__ as m; print(m.CONF_DIR)"], cwd=tmp_path,
-                         env={"PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(tmp_path / "site" / "fedmaestro" / "conf")
+                         env={"PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(site / "fedmaestro" / "conf")
+    # a bad value is one line there too (the project's own errors are told apart from a library's by where its
+    # packages are, site-packages included)
+    out = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=centralized", "train.lr=-1",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env={"PYTHONPATH": str(site)},
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "error: config: train.lr=-1" in out.stderr and "Traceback" not in out.stderr, \
+        out.stderr[-2000:]
