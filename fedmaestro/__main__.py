@@ -29,7 +29,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from . import checkpoint
 from .console import echo, log_to_run_files
-from .config import Config, resolve, to_dict, unknown_key
+from .config import MODES, Config, resolve, to_dict, unknown_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 # the Hydra configs: inside the installed package (a wheel maps conf/ to fedmaestro/conf), else the checkout's conf/
@@ -79,8 +79,6 @@ def _our_packages() -> list[Path]:
     return found
 
 
-# the modes whose run directory holds results a new run would overwrite
-GUARDED_RUNS = ("federated", "centralized", "hpo", "deploy", "theory")
 NOT_RESUMED = ("deploy", "theory")  # modes that always start afresh (resume=true is not read)
 
 
@@ -118,9 +116,9 @@ class RunDirGuard(Callback):
                   f"you can write to (hydra.run.dir=<dir>)", file=sys.stderr)
             sys.exit(2)
         mode = config.get("mode")
-        if mode not in GUARDED_RUNS:
+        if mode not in MODES:  # (a mode that does not exist: resolve says so, in run_mode)
             return
-        run_dir = config.hydra.run.dir
+        run_dir = run_path
         resume = bool(config.get("resume")) and mode not in NOT_RESUMED
         try:
             checkpoint.refuse_overwrite(run_dir, resume, mode, source=config.get("checkpoint"))
@@ -150,7 +148,7 @@ class RunDirGuard(Callback):
                  if o.is_sweep_override()}
         mode = config.get("mode")
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        if {"mode", "resume"} & swept or mode not in GUARDED_RUNS or (bool(config.get("resume")) and mode not in NOT_RESUMED):
+        if {"mode", "resume"} & swept or mode not in MODES or (bool(config.get("resume")) and mode not in NOT_RESUMED):
             # each job checks its own directory (run_mode), after Hydra has rewritten the job's .hydra/ files:
             # kept here, for a job that is refused to get its own back (on_job_end)
             self.kept = {path: path.read_bytes() for path in [sweep_dir / "multirun.yaml",
@@ -238,11 +236,11 @@ def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
                          f"linear maps from scratch (theory.*, seed); drop checkpoint=")
     if config.checkpoint and config.mode in ("centralized", "federated") and not config.resume:
         raise ValueError(checkpoint.unread_checkpoint(config.checkpoint))
-    if config.mode in GUARDED_RUNS:  # RunDirGuard checks single runs; this, a sweep's jobs too
-        checkpoint.refuse_overwrite(run_dir, config.resume, config.mode,
-                                    "hydra.sweep.dir" if sweep else "hydra.run.dir", source=config.checkpoint)
-        if sweep and config.resume and config.mode not in NOT_RESUMED and checkpoint.held_run(run_dir) is None:
-            _warn_of_other_runs(run_dir)
+    # RunDirGuard checks single runs; this, a sweep's jobs too
+    checkpoint.refuse_overwrite(run_dir, config.resume, config.mode, "hydra.sweep.dir" if sweep else "hydra.run.dir",
+                                source=config.checkpoint)
+    if sweep and config.resume and config.mode not in NOT_RESUMED and checkpoint.held_run(run_dir) is None:
+        _warn_of_other_runs(run_dir)
     if config.mode in ("centralized", "hpo", "federated"):
         from .train import unused_partition_settings, unused_settings
         partition = unused_partition_settings(config.partition) if config.mode == "federated" else []

@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["save", "load", "config_diff", "check_resumable", "refuse_overwrite", "resume_ignored", "resume_path",
            "missing_resume_source", "unread_checkpoint",
-           "note_run_dir", "discard_unused_run_dir", "get_dotted", "IGNORED_KEYS", "ROUNDING_KEYS", "num_workers_matters"]
+           "note_run_dir", "discard_unused_run_dir", "get_dotted"]
 
 # Keys that may change between an interrupted run and its resumption: where and how fast it runs
-# (the data root may move with the run between machines). train.num_workers is one only for the
-# in-memory data sets (``num_workers_matters``).
+# (the data root may move with the run between machines). train.num_workers is one too, but for ImageNet
+# (``resume_ignored``, ``WHY_KEPT``): the in-memory sets never start loader workers, and Multi30k's items draw
+# nothing random.
 IGNORED_KEYS = ("resume", "checkpoint", "progress", "device", "data.root", "train.threads",
                 "fl.client_cpus", "fl.client_gpus")
 # Of those, the ones that change float rounding (other kernels, other thread counts): such a resume goes
@@ -37,14 +38,6 @@ ROUNDING_KEYS = ("device", "train.threads", "fl.client_cpus", "fl.client_gpus")
 # Why a key that looks like one of how fast a run goes must stay as it was (said when a resume changes it)
 WHY_KEPT = {"train.num_workers": "ImageNet's random crops come from torch's RNG without loader workers and from "
                                  "each worker's seed with them: another count trains on other crops"}
-
-
-def num_workers_matters(dataset: str) -> bool:
-    """Whether ``train.num_workers`` changes what a run computes: only for ImageNet, read through torch's
-    DataLoader, whose random crops come from torch's global RNG without workers and from per-worker
-    seeds with them. The in-memory sets never start loader workers, and Multi30k's items draw nothing
-    random."""
-    return dataset == "imagenet"
 
 
 def save(path: str | Path, state: dict[str, Any]) -> None:
@@ -214,7 +207,7 @@ def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:
     if mode == "federated":
         return IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout",
                                "strategy.overlap_eval", "train.num_workers")
-    return IGNORED_KEYS + ("train.epochs",) + (() if num_workers_matters(dataset) else ("train.num_workers",))
+    return IGNORED_KEYS + ("train.epochs",) + (() if dataset == "imagenet" else ("train.num_workers",))
 
 
 def missing_resume_source(path: Path, run_dir: str | Path) -> str:

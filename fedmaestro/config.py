@@ -1,9 +1,10 @@
 """Structured configs: the schema of every key under conf/, validated before any work starts.
 
 Hydra composes conf/config.yaml over these dataclasses (registered in the ConfigStore as
-``base_config``), so an unknown key or a value of the wrong type fails at
-composition; ``resolve(cfg)`` then builds the dataclasses, whose ``__post_init__`` checks the
-values and names the key, the value and what is allowed.
+``base_config``), so a value of the wrong type (and an unknown key without ``+``) fails at
+composition; ``resolve(cfg)`` then builds the dataclasses, names the unknown keys composition let
+through (``+train.lrr=...``), and ``__post_init__`` checks the values, naming the key, the value and
+what is allowed. Checks added after runs were stored (``_check_new``) apply to new runs only.
 """
 
 from __future__ import annotations

@@ -24,16 +24,8 @@ from torch import nn
 
 from . import lod
 
-__all__ = ["Layout", "rank_axes", "prefix", "aggregate", "check_arrays", "state_arrays", "load_arrays",
+__all__ = ["Layout", "prefix", "aggregate", "check_arrays", "state_arrays", "load_arrays",
            "num_bytes", "contiguous", "batchnorm_names", "pool_batchnorm", "load_batchnorm"]
-
-
-def rank_axes(model: nn.Module) -> dict[str, int | None]:
-    """Every state-dict name of ``model`` -> 0 for the ``u``/``v`` of an LoD layer, None otherwise.
-
-    LoD layers are found with ``isinstance`` (``lod.layers``), never by matching parameter names.
-    """
-    return Layout.of(model).axes
 
 
 @dataclass(frozen=True)

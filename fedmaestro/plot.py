@@ -60,7 +60,7 @@ def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             if not records:
                 parser.error(f"{d / 'metrics.jsonl'} holds no complete record (the run stopped before its first "
                              f"epoch or round ended)")
-            written += plot_federated(d) if records and "round" in records[0] else plot_centralized(d)
+            written += plot_federated(d) if "round" in records[0] else plot_centralized(d)
         else:
             sweep_dirs.append(d)
     if sweep_dirs:

@@ -1,8 +1,10 @@
-"""Figures and tables of the centralized runs: PNG files written into the run (or sweep) directory.
+"""Figures and tables of runs: PNG files written into the run (or sweep) directory.
 
 * ``plot_centralized(run_dir)``: ``total_rank.png`` (Fig. 4a / 8: total rank sum_i r_i over training),
   ``ranks_per_layer.png`` (Fig. 4b / 9: every layer's final rank against its full rank) and
   ``training.png`` (Fig. 4c / 10: training loss, test accuracy and deployed parameters per epoch).
+* ``plot_federated(run_dir)``: accuracy against rounds and against MB sent, total rank per round, every tier's
+  accuracy per round.
 * ``sweep_table(runs)`` / ``plot_sweep(runs, out_dir)``: a lambda sweep (``--multirun``) as Table 11
   (accuracy, inference MACs and parameters, training cost relative to the dense model) and Fig. 12
   (accuracy against parameters and MACs), plus every run's ranks per layer and total rank over
@@ -100,14 +102,15 @@ def plot_centralized(run_dir: str | Path) -> list[Path]:
     paths.append(_save(fig, run_dir / "training.png"))
     ranks = [r.get("ranks") or {} for r in records]
     if ranks[-1]:
+        full = _full_ranks(run_dir, ranks[0])
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot([0] + epochs, [_full_total(run_dir, ranks[0])] + [r["total_rank"] for r in records], marker=".")
+        ax.plot([0] + epochs, [sum(full.values())] + [r["total_rank"] for r in records], marker=".")
         ax.set(xlabel="epoch", ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 4a)",
                ylim=(0, None))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         paths.append(_save(fig, run_dir / "total_rank.png"))
-        paths.append(_plot_layer_ranks({"final": ranks[-1]}, _full_ranks(run_dir, ranks[0]),
+        paths.append(_plot_layer_ranks({"final": ranks[-1]}, full,
                                        run_dir / "ranks_per_layer.png", "Ranks per layer after training (Fig. 4b)"))
     return paths
 
@@ -181,10 +184,6 @@ def _full_ranks(run_dir: Path, first: dict[str, int]) -> dict[str, int]:
         except (ValueError, KeyError) as err:  # a config this version cannot rebuild: say so, fall back
             print(f"plots: cannot rebuild the model of {config} ({err}); full ranks taken from epoch 1")
     return dict(first)
-
-
-def _full_total(run_dir: Path, first: dict[str, int]) -> int:
-    return sum(_full_ranks(run_dir, first).values())
 
 
 def _plot_layer_ranks(series: dict[str, dict[str, int]], full: dict[str, int], path: Path, title: str) -> Path:

@@ -149,7 +149,7 @@ class MaestroStrategy(Strategy):
                 log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier of devices=%s "
                             "trains the whole model (budgets do not apply)", c.devices.name)
         else:
-            shrinks = c.train.shrink and c.train.eps_ps is not None and c.strategy.shrink_every > 0
+            shrinks = c.train.shrink and c.strategy.shrink_every > 0
             log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
                      "lambda %g%s, %s", c.fl.rounds, c.fl.clients_per_round,
                      c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
@@ -226,11 +226,14 @@ class MaestroStrategy(Strategy):
         return node_of
 
     # --- train -------------------------------------------------------------------------------------
-    def _cut_to_tiers(self, when: str) -> None:
+    def _cut_to_tiers(self, when: str) -> bool:
+        """Cut the global model to the ranks its budget-1.0 tiers hold; True if it was cut."""
         before = self.global_model.ranks()
-        if self.global_model.cut_to_tiers(self.cfg.devices.tiers):
+        cut = self.global_model.cut_to_tiers(self.cfg.devices.tiers)
+        if cut:
             log.info("%s: the global model was cut to the ranks its tiers of budget 1.0 hold, %s -> %s (columns "
                      "above every tier's caps would never be trained)", when, before, self.global_model.ranks())
+        return cut
 
     def caps_of_tiers(self) -> list[dict[str, int]]:
         """Every tier's caps at the global model's current ranks (empty dicts for a dense model)."""
@@ -245,9 +248,7 @@ class MaestroStrategy(Strategy):
         self.dtypes = {name: a.dtype for name, a in self.current.items()}
         layout = self.global_model.layout
         self.global_model.load(self.current)  # the caps follow the ranks of the arrays given
-        before = self.global_model.ranks()
-        self._cut_to_tiers(f"before round {server_round}")  # (given arrays from Flower's own Strategy.start: uncut)
-        if self.global_model.ranks() != before:
+        if self._cut_to_tiers(f"before round {server_round}"):  # (arrays from Flower's own Strategy.start: uncut)
             self.current = self.global_model.arrays()
         pids = tiers.sample_clients(c.fl.num_clients, c.fl.clients_per_round, c.seed, server_round)
         faults = tiers.draw_faults(pids, self.dropout, self.straggler, c.seed, server_round)
@@ -379,7 +380,7 @@ class MaestroStrategy(Strategy):
             by_tier.setdefault(sent.tier, []).append((arrays, w))
         self.global_model.pool_batchnorm(by_tier, self.full_tiers, before=self.current)
         c = self.cfg
-        shrink_now = (self.global_model.factorized and c.train.shrink and c.train.eps_ps is not None
+        shrink_now = (self.global_model.factorized and c.train.shrink
                       and c.strategy.shrink_every > 0 and server_round % c.strategy.shrink_every == 0)
         info["shrunk"] = bool(shrink_now and self.global_model.shrink(c.train.eps_ps))
         if info["shrunk"]:  # the caps fall with the ranks, and may now leave columns to no tier
@@ -602,7 +603,7 @@ class MaestroStrategy(Strategy):
                 if fed is not None:
                     record.update({"fed_accuracy": fed[P.ACCURACY], "fed_loss": fed[P.LOSS]})
                     result.evaluate_metrics_clientapp[rnd] = fed
-                if train_metrics is not None and "valid-replies" in train_metrics and train_metrics["valid-replies"]:
+                if train_metrics["valid-replies"]:  # (aggregate_train always counts them)
                     record["train_loss"] = train_metrics[P.TRAIN_LOSS]
                     result.train_metrics_clientapp[rnd] = train_metrics
                 info = self.round_info
@@ -611,8 +612,7 @@ class MaestroStrategy(Strategy):
                     "clients": {k: info[k] for k in ("sampled", "valid", "dropped", "late", "faults", "per_tier")},
                     "shrunk": info["shrunk"], "lambda_gl": info["lambda_gl"], "sampler": info["sampler"],
                 })
-                client_s = train_metrics[P.TRAIN_SECONDS] if train_metrics is not None and \
-                    P.TRAIN_SECONDS in train_metrics else 0.0
+                client_s = train_metrics.get(P.TRAIN_SECONDS, 0.0)
                 # overlapped, what the next round changes is copied now: the model's cuts and the checkpoint's state
                 overlap = c.strategy.overlap_eval and rnd < num_rounds
                 state = self.model_state(rnd)

@@ -105,7 +105,7 @@ class _Named(nn.Module):
 
 def test_rank_axes_find_lod_layers_by_type_not_by_name():
     model = lod.factorize(_Named(), skip=["u"])
-    axes = nested.rank_axes(model)
+    axes = nested.Layout.of(model).axes
     assert axes["fc.u"] == 0 and axes["fc.v"] == 0
     assert axes["u.weight"] is None and axes["u.bias"] is None and axes["fc.bias"] is None
     assert axes["bn.running_mean"] is None and axes["bn.num_batches_tracked"] is None
