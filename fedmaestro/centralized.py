@@ -268,9 +268,11 @@ class Trainer:
             if shrunk:
                 self.cost.refresh()
         evaluated = (self.epoch + 1) % t.eval_every == 0 or self.epoch + 1 == t.epochs
-        if self.factorized and (shrunk or evaluated):
+        if shrunk or evaluated:
             # BatchNorm's running statistics mix the sub-models the epoch sampled (and ranks since cut):
-            # re-estimated at the model's ranks before it is evaluated (or saved: the last epoch evaluates)
+            # re-estimated at the model's ranks before it is evaluated (or saved: the last epoch evaluates).
+            # A dense model's too, so that both are scored alike (and the SVD baseline starts where its dense
+            # run ended); a model without BatchNorm is left as it is
             self.calib_loader.set_epoch(self.epoch)
             recalibrate_batchnorm(self.model, self.calib_loader, self.task, self.device)
         self.epoch += 1

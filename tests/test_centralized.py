@@ -667,11 +667,13 @@ def test_batchnorm_recalibration_reads_the_training_split_without_augmentation(t
 
 
 @pytest.mark.slow
-def test_batchnorm_is_recalibrated_at_the_models_ranks_before_every_evaluation(tmp_path):
+@pytest.mark.parametrize("factorize", [True, False])
+def test_batchnorm_is_recalibrated_at_the_models_ranks_before_every_evaluation(tmp_path, factorize):
     """Training samples sub-models, so the running statistics BatchNorm gathers mix them; an evaluated
-    epoch (here without any shrinking) re-estimates them at the model's ranks first."""
+    epoch (here without any shrinking) re-estimates them at the model's ranks first. A dense model's too, so
+    that dense and factorized runs are scored alike."""
     cfg = tiny(epochs=2, eval_every=2, shrink=False, lambda_gl=0.0)
-    cfg.model.name = "resnet18"
+    cfg.model.name, cfg.model.factorize = "resnet18", factorize
     trainer = Trainer(cfg, tmp_path, (patterns(64, 0), patterns(32, 1, train=False)))
     running = lambda: {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}  # noqa: E731
     trainer.run_epoch()  # not evaluated: the statistics are training's
