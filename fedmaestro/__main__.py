@@ -118,14 +118,13 @@ class RunDirGuard(Callback):
         mode = config.get("mode")
         if mode not in MODES:  # (a mode that does not exist: resolve says so, in run_mode)
             return
-        run_dir = run_path
         resume = bool(config.get("resume")) and mode not in NOT_RESUMED
         try:
-            checkpoint.refuse_overwrite(run_dir, resume, mode, source=config.get("checkpoint"))
-            path = checkpoint.resume_path(config.get("checkpoint"), run_dir)
+            checkpoint.refuse_overwrite(run_path, resume, mode, source=config.get("checkpoint"))
+            path = checkpoint.resume_path(config.get("checkpoint"), run_path)
             ignored = ()
             if mode == "hpo":  # a search's lambdas, each trained with its own lambda_gl and hpo.eval_every
-                path = next(iter(sorted(Path(run_dir).glob("lambda_*/checkpoint.pt"))), path)
+                path = next(iter(sorted(Path(run_path).glob("lambda_*/checkpoint.pt"))), path)
                 ignored = ("train.lambda_gl", "train.eval_every")
             if resume and path.is_file():
                 try:  # a config that does not resolve fails later, in run_mode, with its own message

@@ -175,8 +175,8 @@ class TrainConfig:
                "must be null or a fraction in (0, 1] of the dense model's parameters")
         _check_new("train.lambda_stop_params", self.lambda_stop_params,
                    self.lambda_stop_params is None or self.lambda_stop_params < 1,
-               "must be null or a fraction in (0, 1) of the dense model's parameters (the model starts at or below "
-               "1.0x, so 1 would stop the lasso before the first epoch; null keeps it on all along)")
+                   "must be null or a fraction in (0, 1) of the dense model's parameters (the model starts at or below "
+                   "1.0x, so 1 would stop the lasso before the first epoch; null keeps it on all along)")
         _check("train.finetune_after_stop", self.finetune_after_stop,
                not self.finetune_after_stop or self.lambda_stop_params is not None,
                "needs train.lambda_stop_params (the params target that ends the lasso and starts the fine-tuning)")
@@ -235,9 +235,9 @@ class DevicesConfig:
         names = [t.name for t in self.tiers]
         _check("devices.tiers.name", names, len(set(names)) == len(names), "tier names must be unique")
         _check_new("devices.tiers", [f"{t.name}: dropout {t.dropout:g} + straggler {t.straggler:g}" for t in self.tiers],
-               any(t.dropout + t.straggler < 1 for t in self.tiers),
-               "no client of any tier could ever answer a round in time (dropout + straggler = 1 in every tier); "
-               "lower a tier's fault probabilities")
+                   any(t.dropout + t.straggler < 1 for t in self.tiers),
+                   "no client of any tier could ever answer a round in time (dropout + straggler = 1 in every tier); "
+                   "lower a tier's fault probabilities")
         largest = max(t.budget for t in self.tiers)
         _check("devices.tiers.budget", [t.budget for t in self.tiers], largest == 1.0,
                "the largest budget must be 1.0: budgets are fractions of the global model's ranks, and the global "
@@ -319,13 +319,13 @@ class DeployConfig:
         _check("deploy.stop_params", self.stop_params, self.stop_params is None or 0 <= self.stop_params < 1,
                "must be in [0, 1) or null")
         _check_new("deploy.min_accuracy", self.min_accuracy, self.min_accuracy is None or 0 <= self.min_accuracy <= 1,
-               "must be null or an accuracy in [0, 1] (a fraction, not a percentage)")
+                   "must be null or an accuracy in [0, 1] (a fraction, not a percentage)")
         for key, stop in (("target_macs", self.stop_macs), ("target_params", self.stop_params)):
             below = [v for v in getattr(self, key) if stop is not None and v < stop]
             stop_key = key.replace("target", "stop")
             _check_new(f"deploy.{key}", getattr(self, key), not below,
-                   f"{below} lie below deploy.{stop_key}={stop:g}, where the greedy curve stops before reaching them; "
-                   f"lower deploy.{stop_key}" if below else "")
+                       f"{below} lie below deploy.{stop_key}={stop:g}, where the greedy curve stops before reaching "
+                       f"them; lower deploy.{stop_key}" if below else "")
         _check_choice("deploy.criterion", self.criterion, DEPLOY_CRITERIA)
         _check("deploy.eval_every", self.eval_every, self.eval_every > 0, "must be > 0")
 
@@ -402,12 +402,12 @@ class Config:
         _check_choice("mode", self.mode, MODES)
         _check("seed", self.seed, self.seed >= 0, "must be >= 0 (numpy's and torch's generators take no negative seed)")
         _check_new("seed", self.seed, self.seed < 2 ** 32,
-               "must be in [0, 2**32) (numpy's and torch's generators take no negative seed, torch none of 2**63 or "
-               "more, and the runs derive further seeds from it)")
+                   "must be in [0, 2**32) (numpy's and torch's generators take no negative seed, torch none of 2**63 or "
+                   "more, and the runs derive further seeds from it)")
         _check_new("fl.federated_eval_every", self.fl.federated_eval_every,
                    self.mode != "federated" or not self.fl.federated_eval_every or self.data.local_test_fraction > 0,
-               "needs local test splits to evaluate on, but data.local_test_fraction=0 holds none out: set "
-               "data.local_test_fraction (0.1) or fl.federated_eval_every=0")
+                   "needs local test splits to evaluate on, but data.local_test_fraction=0 holds none out: set "
+                   "data.local_test_fraction (0.1) or fl.federated_eval_every=0")
         _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "must be auto, cpu, cuda, cuda:N or mps")
 
@@ -469,27 +469,24 @@ def _unknown_keys(given: Any, known: Any, path: str = "") -> list[str]:
 
 
 def unknown_key(dotted: str) -> str:
-    """``dotted`` (a key the schema lacks, e.g. ``train.epoch`` or ``devices.tiers[0].dropuot``) with the closest
-    key that exists, if any."""
+    """``dotted`` (a key the schema lacks, e.g. ``train.epoch`` or ``devices.tiers[0].dropuot``) up to its first
+    part the schema lacks, with the closest key that exists there, if any."""
     known: Any = to_dict(Config())
-    *parents, leaf = dotted.split(".")
-    for part in parents:
+    done: list[str] = []
+    for part in dotted.split("."):
         name, index = re.fullmatch(r"(.*?)((?:\[\d+\])*)", part).groups()
-        if not isinstance(known, dict) or name not in known:
+        if not isinstance(known, dict):
             break
+        if name not in known:
+            path = ".".join(done)
+            close = difflib.get_close_matches(name, [str(k) for k in known], n=1)
+            return ((f"{path}.{name}" if path else name)
+                    + (f" (did you mean {path + '.' if path else ''}{close[0]}?)" if close else ""))
         known = known[name]
         for _ in re.findall(r"\[\d+\]", index):  # an entry of a list: every entry has the first one's keys
             known = known[0] if isinstance(known, list) and known else None
-    else:
-        if isinstance(known, dict) and leaf not in known:
-            close = difflib.get_close_matches(leaf, [str(k) for k in known], n=1)
-            return dotted + (f" (did you mean {dotted[:-len(leaf)]}{close[0]}?)" if close else "")
-    given: dict = {}
-    node = given
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = None
-    return (_unknown_keys(given, to_dict(Config())) or [dotted])[0]
+        done.append(part)
+    return dotted
 
 
 def _interpolations(node: Any, path: str = "") -> list[str]:
