@@ -208,7 +208,12 @@ def composition_error(e: Exception) -> str:
         return f"config: {key}: {message}"
     message = str(e).split("\nConfig search path:")[0].strip()  # a missing option: Hydra lists the ones there are
     if isinstance(e, OverrideParseException):  # its message does not say which override
-        message = f"{e.override}: {message}"
+        key, _, value = str(e.override).partition("=")
+        hint = ""
+        if re.search(r"[=,]", value) and not re.search(r"[\[\]{}'\"]", value):
+            hint = (f"\na value holding '=' or ',' (a --multirun job's directory name) must be quoted for Hydra: "
+                    f"{_override(key, value)}")
+        message = f"{e.override}: {message}{hint}"
     return message.replace("\n\n", "\n")
 
 

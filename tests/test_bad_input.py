@@ -83,6 +83,15 @@ def test_the_command_line_names_the_key_and_the_fix(tmp_path, override, message)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_sweep_jobs_directory_given_unquoted_is_answered_with_the_quoted_override(tmp_path):
+    job = tmp_path / "0_train.lambda_gl=1e-4,seed=0"  # a --multirun job's directory name
+    done = cli("mode=deploy", f"checkpoint={job}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"must be quoted for Hydra: \"checkpoint='{job}'\"" in done.stderr, done.stderr[-2000:]
+    quoted = cli("mode=deploy", f"checkpoint='{job}'")  # the advice parses: the run now fails on the missing directory
+    assert quoted.returncode == 2 and f"checkpoint {job} does not exist" in quoted.stderr, quoted.stderr[-2000:]
+
+
 def test_the_number_of_classes_must_fit_the_data_set():
     images = torch.zeros(6, 1, 28, 28, dtype=torch.uint8)
     known = data.InMemoryDataset(images, torch.tensor([0, 1, 2, 3, 4, 9]), train=True, name="fashion_mnist",

@@ -37,16 +37,17 @@ import warnings
 
 import numpy as np
 
+from ..config import CLASS_ASSIGNMENTS
+from ..config import PARTITION_SCHEMES as SCHEMES
+
 __all__ = ["SCHEMES", "PARAMS", "partition", "split_local", "split_clients"]
 
-SCHEMES = ("iid", "dirichlet", "pathological", "shard")
 PARAMS = {  # scheme -> its parameters and their defaults
     "iid": {},
     "dirichlet": {"alpha": 0.5, "min_partition_size": 10, "self_balancing": False},
     "pathological": {"classes_per_partition": 2, "class_assignment": "first-deterministic"},
     "shard": {"shards_per_partition": 2},
 }
-CLASS_ASSIGNMENTS = ("first-deterministic", "deterministic", "random")
 _ALL_PARAMS = {k for p in PARAMS.values() for k in p}
 _CACHE: dict = {}  # (labels digest, scheme, num_partitions, seed, params) -> partitions; a few per process
 _CACHE_SIZE = 8
