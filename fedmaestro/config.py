@@ -27,6 +27,7 @@ HGL_MODES = ("subgradient", "proximal")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("multistep", "inverse_sqrt")
 DEPLOY_CRITERIA = ("loss", "loss_per_mac", "loss_per_param")
+LOSS_REDUCTIONS = ("mean", "sum")
 PARTITION_SCHEMES = ("iid", "dirichlet", "pathological", "shard")
 CLASS_ASSIGNMENTS = ("first-deterministic", "deterministic", "random")  # pathological (flwr-datasets' modes)
 
@@ -134,6 +135,10 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # adam
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
+    # the data loss that lambda * HGL is added to: the mean over the batch's predictions (examples, or target tokens
+    # for translation), or their sum, as the paper's Transformer code (from Pufferfish) trains; the records' loss is
+    # the mean either way. With sum, lambda weighs ~ 1 / (predictions per batch) as much against the data
+    loss_reduction: str = "mean"
     lambda_gl: float = 0.0  # HGL strength
     # HGL off (lambda 0) from the first epoch (federated: round) that starts with the model's deployed
     # params at or below this fraction of the dense model's; null = HGL all along
@@ -165,6 +170,7 @@ class TrainConfig:
         _check("train.threads", self.threads, self.threads is None or self.threads > 0, "must be a positive int or null")
         _check("train.eval_every", self.eval_every, self.eval_every > 0, "must be > 0 (epochs between evaluations)")
         _check_choice("train.hgl_mode", self.hgl_mode, HGL_MODES)
+        _check_choice("train.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("train.sampler", self.sampler, SAMPLER_MODES)
         _check("train.epochs", self.epochs, self.epochs >= 0, "must be >= 0")
         _check("train.batch_size", self.batch_size, self.batch_size > 0, "must be > 0")

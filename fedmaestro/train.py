@@ -107,6 +107,12 @@ class Task:
                                    label_smoothing=self.label_smoothing)
         return F.cross_entropy(output, target, label_smoothing=self.label_smoothing)
 
+    def predictions(self, target: torch.Tensor) -> torch.Tensor | int:
+        """How many predictions ``loss`` averages over: the examples, or the target tokens but padding."""
+        if self.kind == "translation":
+            return (target != PAD_INDEX).sum()  # a tensor: no host sync in the training step
+        return target.shape[0]
+
     def score(self, output: torch.Tensor, target: torch.Tensor) -> tuple[float, int]:
         """(number correct, number counted)."""
         if self.kind == "translation":
@@ -295,8 +301,9 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
                 cost: RankCost | None = None, on_step: Callable[[int], None] | None = None) -> dict:
     """One pass over ``loader``; returns {"loss", "num_examples", "steps", "seconds"}.
 
-    Per step (Algorithm 1, lines 3-7): ``sampler.step()`` sets the active ranks, the loss
-    (+ ``lambda_gl`` * HGL in ``subgradient`` mode) is back-propagated through the sampled
+    Per step (Algorithm 1, lines 3-7): ``sampler.step()`` sets the active ranks, the loss (the mean over the
+    batch's predictions, or with ``loss_reduction=sum`` their sum; + ``lambda_gl`` * HGL in ``subgradient``
+    mode) is back-propagated through the sampled
     sub-model, the optimizer steps; in ``proximal`` mode the exact HGL proximal operator with
     threshold lr * lambda follows the step. ``full_pass`` adds the "w/ full-training" ablation: a
     full-rank pass trained on the labels, which also teaches the sampled pass (self-distillation,
@@ -309,6 +316,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     single_batch_fails = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     proximal = train.lambda_gl > 0 and train.hgl_mode == "proximal"
     penalty = train.lambda_gl > 0 and train.hgl_mode == "subgradient"
+    summed = train.loss_reduction == "sum"
     use_amp = scaler is not None
     full_pass = train.full_pass and sampler is not None and sampler.mode in lod.SAMPLING_MODES
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,6 +337,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             if full_pass:
                 objective = objective + task.loss(teacher_out, target)
                 objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
+            if summed:  # the means above times the predictions they average over
+                objective = objective * task.predictions(target)
             if penalty:
                 objective = objective + train.lambda_gl * lod.hgl_penalty(model)
         optimizer.zero_grad(set_to_none=True)

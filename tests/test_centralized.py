@@ -795,7 +795,8 @@ def test_every_paper_preset_composes_into_a_valid_centralized_config(name, tmp_p
         "vgg19": dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, milestones=[150, 250]),
         "resnet50": dict(optimizer="sgd", weight_decay=1e-4),
         "resnet50_partial": dict(optimizer="sgd", weight_decay=1e-4),
-        "transformer": dict(optimizer="adam", grad_clip=0.25, label_smoothing=0.1, warmup_epochs=10),
+        "transformer": dict(optimizer="adam", grad_clip=0.25, label_smoothing=0.1, warmup_epochs=10,
+                            loss_reduction="sum"),
     }[cfg.model.name]
     if name == "lenet_fmnist_smoke":
         recipe.pop("epochs")

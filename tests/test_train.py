@@ -365,6 +365,50 @@ def test_losses_smooth_the_labels_and_skip_padding():
     assert train_module.Task("translation").loss(out, tgt).item() == pytest.approx(expected.item())
 
 
+def test_a_summed_loss_weighs_the_lasso_against_every_target_token():
+    """loss_reduction=sum (the paper's Transformer code): one SGD step is the gradient of the label-smoothed
+    cross-entropy summed over the non-padding target tokens + lambda HGL, written out by hand here; the
+    reported loss stays the mean per token."""
+    vocab = 8
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 4)
+            self.proj = lod.LoDLinear(4, vocab)
+
+        def forward(self, src, tgt_in):
+            return self.proj(self.emb(tgt_in))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    reference = Tiny()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    reference.load_state_dict(init)
+    tgt = torch.tensor([[2, 3, 4, 5, 6], [2, 5, 7, train_module.PAD_INDEX, train_module.PAD_INDEX]])
+    batch = (torch.zeros(2, 3, dtype=torch.long), tgt)
+    t = TrainConfig(loss_reduction="sum", lambda_gl=0.05, label_smoothing=0.1, momentum=0.0, lr=0.1,
+                    weight_decay=0.0)
+    stats = train_epoch(model, [batch], make_optimizer(model, t), t, task_for("multi30k", 0.1), CPU)
+    out, y = reference(batch[0], tgt[:, :-1]), tgt[:, 1:]
+    keep = y != train_module.PAD_INDEX  # 4 + 2 tokens
+    summed = F.cross_entropy(out[keep], y[keep], label_smoothing=0.1, reduction="sum")
+    grads = torch.autograd.grad(summed + 0.05 * lod.hgl_penalty(reference), list(reference.parameters()))
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), grads):
+            p -= t.lr * g
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    assert stats["loss"] == pytest.approx(summed.item() / 6, rel=1e-5)
+    mean_model = Tiny()
+    mean_model.load_state_dict(init)
+    t_mean = TrainConfig(**{**vars(t), "loss_reduction": "mean"})  # the default: the data term's step is 1/6 as long
+    train_epoch(mean_model, [batch], make_optimizer(mean_model, t_mean), t_mean, task_for("multi30k", 0.1), CPU)
+    assert not torch.allclose(mean_model.emb.weight, model.emb.weight, atol=1e-4)
+    with pytest.raises(ValueError, match="train.loss_reduction"):
+        TrainConfig(loss_reduction="token")
+
+
 def test_gradients_are_clipped_to_the_configured_norm():
     data = batches(1)
     t = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, sampler="none", grad_clip=0.1)
