@@ -149,7 +149,8 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match=r"is not a checkpoint or model file written by fedmaestro") as e:
             checkpoint.load(path)
         failures.add(type(e.value.__cause__).__name__)
-    assert failures  # (which error torch raises depends on where the file ends: all of them are one message)
+    # which error torch raises depends on where the file ends: all of them are one message, with the cause kept
+    assert "NoneType" not in failures
 
 
 def _finished_run(run_dir: Path, mode: str = "centralized", files=("model.pt", "metrics.jsonl")) -> None:

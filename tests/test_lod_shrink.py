@@ -86,21 +86,25 @@ def test_hgl_penalty_of_a_model_without_lod_layers_is_zero():
 
 # --- HGL proximal step -----------------------------------------------------------------------------
 
-def test_proximal_step_on_a_hand_example():
+@pytest.mark.parametrize("make", [lambda: lod.LoDLinear(2, 2, bias=False),
+                                  lambda: lod.LoDConv2d(1, 2, (1, 2), bias=False)],  # V (rank, 1, 1, 2): 4-D rows
+                         ids=["linear", "conv"])
+def test_proximal_step_on_a_hand_example(make):
     """Rows (columns of U) c1 = (3, 0), c2 = (0, 1/2), threshold 1.
 
     Smallest group first: ||c2|| = 1/2 <= 1 -> c2 = 0 (an exact zero). Then G1 = (c1, 0):
     ||G1|| = 3 -> scaled by 1 - 1/3: c1 = (2, 0).
     """
-    layer = lod.LoDLinear(2, 2, bias=False).double()
+    layer = make().double()
     with torch.no_grad():
         layer.u.copy_(torch.tensor([[3.0, 0.0], [0.0, 0.5]]))
-        layer.v.copy_(torch.tensor([[0.0, 6.0], [8.0, 0.0]]))
+        layer.v.copy_(torch.tensor([[0.0, 6.0], [8.0, 0.0]]).view(layer.v.shape))
     lod.hgl_proximal_step(nn.Sequential(layer), 1.0)
     assert layer.u.tolist() == [[2.0, 0.0], [0.0, 0.0]]
     # V: c2 = (8, 0) -> (7, 0); G1 = ((0, 6), (7, 0)), norm sqrt(85) -> both scaled by 1 - 1/sqrt(85)
     s = 1 - 1 / math.sqrt(85)
-    torch.testing.assert_close(layer.v, torch.tensor([[0.0, 6 * s], [7 * s, 0.0]], dtype=torch.float64), **TOL)
+    torch.testing.assert_close(layer.v.reshape(2, 2), torch.tensor([[0.0, 6 * s], [7 * s, 0.0]], dtype=torch.float64),
+                               **TOL)
 
 
 def test_proximal_step_is_the_exact_prox():
@@ -158,6 +162,17 @@ def test_importance_on_a_hand_example():
     # b = 1: ||U|| ||V|| = sqrt(4 + 1e-6) sqrt(9 + 1e-6); b = 2: 1e-3 * 1e-3
     torch.testing.assert_close(imp, torch.tensor([math.sqrt(4 + 1e-6) * math.sqrt(9 + 1e-6), 1e-6],
                                                  dtype=torch.float64), **TOL)
+
+
+def test_importance_of_a_conv_layer_counts_every_kernel_position():
+    layer = lod.LoDConv2d(1, 2, (1, 2), bias=False).double()  # V rows are (1, 1, 2) kernels
+    with torch.no_grad():
+        layer.u.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        layer.v.copy_(torch.tensor([[1.0, 2.0], [0.0, 3.0]]).view(layer.v.shape))
+    # b = 1: ||U|| ||V|| = sqrt(1 + 4) sqrt(1 + 4 + 9); b = 2: 2 * 3
+    torch.testing.assert_close(lod.importance(layer), torch.tensor([math.sqrt(5) * math.sqrt(14), 6.0],
+                                                                   dtype=torch.float64), **TOL)
+    assert lod.shrink(nn.Sequential(layer), 6.0) == {"0": 1}  # importance 6 <= eps: cut to b - 1 = 1
 
 
 def test_shrink_cuts_at_the_first_importance_below_eps():

@@ -70,6 +70,7 @@ def test_aggregate_without_replies_copies_current():
     ({"u": np.zeros((2, 2)), "x": np.zeros(1)}, 1.0, r"unexpected arrays \['x'\]"),
     ({"u": np.zeros((2, 2))}, 0.0, "weights sum to 0"),
     ({"u": np.zeros((2, 2))}, float("nan"), "finite"),
+    ({"u": np.zeros((2, 2))}, -1.0, ">= 0"),
 ])
 def test_aggregate_rejects_replies_that_do_not_fit(reply, weight, match):
     with pytest.raises(ValueError, match=match):
@@ -187,3 +188,19 @@ def test_batchnorm_statistics_pool_by_the_law_of_total_variance():
     # the statistics of the union of the data: group a = 1 point per unit of weight, ...
     x = np.concatenate([np.array([-1.0, 1.0]), 2 + np.array([-1.0, 1.0] * 3)])  # means 0 / 2, variances 1 / 1
     assert (x.mean(), x.var()) == pytest.approx((1.5, 1.75))
+
+
+def test_aggregate_rounds_flags_and_counters_and_a_tie_of_flags_sets_them():
+    replies = [({"flag": np.array([True, True]), "count": np.array(3)}, 1.0),
+               ({"flag": np.array([False, True]), "count": np.array(4)}, 1.0)]
+    out = nested.aggregate({"flag": np.array([False, False]), "count": np.array(0)}, replies, {"flag": None, "count": None})
+    assert out["flag"].tolist() == [True, True] and out["flag"].dtype == np.bool_  # mean 0.5: a tie sets the flag
+    assert out["count"] == 4 and out["count"].dtype == np.array(0).dtype  # 3.5 rounds half to even
+
+
+def test_pooled_batchnorm_variance_is_never_negative_from_rounding():
+    # equal means, zero variances: the law of total variance gives 0, which float64 computes here as -5.6e-17
+    m = np.float32(0.4793158769607544)
+    replies = [({"bn.running_mean": np.array([m], np.float32), "bn.running_var": np.zeros(1, np.float32)}, float(c))
+               for c in (3, 5, 7)]
+    assert nested.pool_batchnorm(replies, ["bn"])["bn.running_var"].tolist() == [0.0]

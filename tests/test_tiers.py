@@ -97,6 +97,16 @@ def test_draw_faults_probabilities_and_exclusivity():
         tiers.draw_faults([0], {0: 0.7}, {0: 0.5}, seed=0, rnd=1)
 
 
+def test_a_clients_fault_does_not_depend_on_which_other_clients_were_sampled():
+    pids = list(range(200))
+    p_drop, p_late = {p: 0.3 for p in pids}, {p: 0.3 for p in pids}
+    everyone = tiers.draw_faults(pids, p_drop, p_late, seed=0, rnd=1)
+    assert tiers.draw_faults(pids[::-1], p_drop, p_late, seed=0, rnd=1) == everyone
+    for pid in (0, 7, 199):
+        assert tiers.draw_faults([pid], p_drop, p_late, seed=0, rnd=1).get(pid) == everyone.get(pid)
+    assert tiers.draw_faults(pids[100:], p_drop, p_late, seed=0, rnd=1) == {p: f for p, f in everyone.items() if p >= 100}
+
+
 def test_derive_seed_depends_on_every_key():
     assert tiers.derive_seed(0, 1, 2) == tiers.derive_seed(0, 1, 2)
     assert len({tiers.derive_seed(0, 1, 2), tiers.derive_seed(0, 2, 1), tiers.derive_seed(1, 1, 2)}) == 3
