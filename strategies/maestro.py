@@ -102,6 +102,7 @@ class MaestroStrategy(Strategy):
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, test_set=None, show_progress: bool = True,
                  launched_at: float | None = None):
         self.cfg = copy.deepcopy(cfg)  # never the caller's object
+        self._config: dict | None = None  # to_dict(self.cfg), see _config_dict
         if needs_data_facts(self.cfg):
             # the vocabulary's fingerprint and size come from the data set, as in centralized mode; the clients get
             # them with the run config, build the same embedding and refuse a data copy with another vocabulary
@@ -477,12 +478,19 @@ class MaestroStrategy(Strategy):
             replies += list(grid.send_and_receive(faulty, timeout=max(deadline - time.time(), 0.001)))
         return replies
 
+    def _config_dict(self) -> dict:
+        """``to_dict(self.cfg)`` (an OmegaConf round trip of ~20 ms), made again only when ``start`` has changed
+        the one setting that may change during a run, ``strategy.round_timeout``."""
+        if self._config is None or self._config["strategy"]["round_timeout"] != self.cfg.strategy.round_timeout:
+            self._config = to_dict(self.cfg)
+        return copy.deepcopy(self._config)
+
     def model_state(self, rnd: int) -> dict:
         """The checkpoint without its records (``RunLog.state_dict``): the config, the round, the model, the
         byte counts."""
         batchnorm = {key: {name: torch.from_numpy(a) for name, a in stats.items()}
                      for key, stats in self.global_model.batchnorm_stats.items()}
-        return {"config": to_dict(self.cfg), "round": rnd, "model": self.global_model.model.state_dict(),
+        return {"config": self._config_dict(), "round": rnd, "model": self.global_model.model.state_dict(),
                 "batchnorm_stats": batchnorm, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up}
 
     def load_state_dict(self, state: dict) -> int:
