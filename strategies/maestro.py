@@ -8,7 +8,9 @@ can drive the four hooks too, without checkpoints, faults' ordering or records):
    allowed by its tier's caps ``k_i = ceil(p r_i)`` of the current ranks (or solved from a MAC/param
    cap), every other array whole, and the round's config. Bytes are counted exactly.
 2. replies are awaited until the round's deadline (``strategy.round_timeout``); clients told to fail
-   (``devices.tiers[].dropout`` / ``straggler``) answer only after it.
+   (``devices.tiers[].dropout`` / ``straggler``) answer only after it. In the simulation the messages go
+   out longest expected training first, one more than the engine has workers at a time
+   (``_send_longest_first``), so that no worker idles at the end of a round while another trains.
 3. ``aggregate_train``: every reply is validated (an error, missing or extra arrays, missing metrics, a shape
    other than what was sent, a wrong dtype, a non-finite value, arrays that do not decode, metrics that
    are not finite numbers, a partition id other than the node's, a num-examples other than the one the
@@ -34,6 +36,7 @@ import copy
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -117,6 +120,10 @@ class MaestroStrategy(Strategy):
         self.straggler = {pid: tier_cfgs[t].straggler for pid, t in enumerate(self.tier_of)}
         self.node_of: dict[int, int] = {}  # partition id -> Flower node id (learned in identify)
         self.examples_of: dict[int, float] = {}  # partition id -> training examples it announced (identify)
+        self.seconds_of: dict[int, float] = {}  # partition id -> its last reply's training seconds (dispatch order)
+        # messages pushed and unanswered at a time, longest expected training first (_send_longest_first); None:
+        # all at once. The simulation sets it (its workers take the messages first in, first out)
+        self.dispatch_window: int | None = None
         self.tests_of: dict[int, int] = {}  # partition id -> local test examples it announced (identify)
         self.sent: dict[int, Sent] = {}  # node id -> what it was sent this round
         self.current: dict[str, np.ndarray] = {}  # the global arrays the round's messages were cut from
@@ -374,6 +381,7 @@ class MaestroStrategy(Strategy):
             info["shrunk"] = False
             return None, MetricRecord({"valid-replies": 0})
         weights = [w for _, _, w, _ in valid]
+        self.seconds_of.update({sent.partition_id: float(m[P.TRAIN_SECONDS]) for sent, _, _, m in valid})
         merged = nested.aggregate(self.current, [(arrays, w) for _, arrays, w, _ in valid], self.global_model.layout.axes)
         self.global_model.load(merged)
         by_tier: dict[int, list] = {}
@@ -463,6 +471,41 @@ class MaestroStrategy(Strategy):
                              "clients": len(rows)})
 
     # --- the run -------------------------------------------------------------------------------------
+    def expected_seconds(self, pid: int) -> float:
+        """A client's expected training time, for the order of dispatch: its last measured train seconds; else its
+        examples at the median seconds per example of its tier's measured clients (of all tiers; else 1)."""
+        if pid in self.seconds_of:
+            return self.seconds_of[pid]
+        rates = {p: s / max(self.examples_of.get(p, 1), 1) for p, s in self.seconds_of.items()}
+        mine = [r for p, r in rates.items() if self.tier_of[p] == self.tier_of[pid]] or list(rates.values()) or [1.0]
+        return statistics.median(mine) * self.examples_of.get(pid, 1)
+
+    def _send_longest_first(self, grid: Grid, messages: list[Message], deadline: float) -> list[Message]:
+        """Send ``messages`` longest expected training first, ``dispatch_window`` of them pushed and unanswered at
+        a time, and collect the replies that arrive before ``deadline``.
+
+        Flower's simulation engine queues the messages pushed since its last sweep in the order its nodes were
+        registered (partition-id order), and its W workers take them first in, first out: a round whose
+        longest clients come last ends with one worker training them while the others idle. With W + 1
+        messages in flight, a worker that finishes finds the next one queued, and the longest go first (LPT
+        scheduling). The order changes no record: the aggregation sorts the replies by partition id."""
+        order = sorted(messages, key=lambda m: (-self.expected_seconds(self.sent[m.metadata.dst_node_id].partition_id),
+                                                self.sent[m.metadata.dst_node_id].partition_id))
+        in_flight: set[str] = set()
+        replies: list[Message] = []
+        while True:
+            free = self.dispatch_window - len(in_flight)
+            if free > 0 and order and time.time() < deadline:
+                in_flight.update(grid.push_messages(order[:free]))
+                order = order[free:]
+            if not in_flight or time.time() >= deadline:
+                return replies
+            got = list(grid.pull_messages(in_flight))
+            replies += got
+            in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not got:
+                time.sleep(getattr(grid, "pull_interval", 0.01))
+
     def _exchange(self, grid: Grid, messages: list[Message], deadline: float) -> list[Message]:
         """Send the round's messages and collect the replies that arrive before ``deadline``.
 
@@ -473,7 +516,10 @@ class MaestroStrategy(Strategy):
         """
         healthy = [m for m in messages if self.sent[m.metadata.dst_node_id].fault == P.NO_FAULT]
         faulty = [m for m in messages if self.sent[m.metadata.dst_node_id].fault != P.NO_FAULT]
-        replies = list(grid.send_and_receive(healthy, timeout=max(deadline - time.time(), 0.001))) if healthy else []
+        if self.dispatch_window and healthy:
+            replies = self._send_longest_first(grid, healthy, deadline)
+        else:
+            replies = list(grid.send_and_receive(healthy, timeout=max(deadline - time.time(), 0.001))) if healthy else []
         if faulty:
             replies += list(grid.send_and_receive(faulty, timeout=max(deadline - time.time(), 0.001)))
         return replies

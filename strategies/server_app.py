@@ -27,6 +27,7 @@ from fedmaestro.console import run_log_file
 from fedmaestro.config import Config, resolve, to_dict
 
 from .maestro import MaestroStrategy
+from .simulation import num_workers
 
 __all__ = ["app", "make_app", "serve", "compose", "preflight", "OVERRIDES_KEY"]
 
@@ -135,6 +136,8 @@ def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | No
         if interrupted is not None:
             _stop_when(interrupted, grid)
     strategy = MaestroStrategy(cfg, run_dir, launched_at=launched_at)
+    if isinstance(grid, InMemoryGrid):  # the simulation's workers take the messages first in, first out
+        strategy.dispatch_window = num_workers(cfg) + 1
     return strategy.start(grid)
 
 

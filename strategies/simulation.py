@@ -24,7 +24,7 @@ from pathlib import Path
 from fedmaestro.config import Config
 from fedmaestro.console import echo
 
-__all__ = ["run", "simulate", "backend_config", "check_resources"]
+__all__ = ["run", "simulate", "backend_config", "check_resources", "num_workers"]
 
 log = logging.getLogger("fedmaestro.simulation")
 
@@ -36,6 +36,20 @@ def backend_config(cfg: Config) -> dict:
     resources = {"num_cpus": float(cfg.fl.client_cpus), "num_gpus": float(cfg.fl.client_gpus)}
     return {"client_resources": resources,
             "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}}
+
+
+def num_workers(cfg: Config, cpus: int | None = None, gpus: int | None = None) -> int:
+    """How many clients Ray trains side by side: floor(CPUs / fl.client_cpus), and at most floor(GPUs /
+    fl.client_gpus) where client_gpus > 0. ``cpus``: the machine's (default: all of them, as Ray counts them
+    without a cgroup limit; counting more workers than Ray starts only weakens the dispatch order)."""
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    workers = int(cpus // cfg.fl.client_cpus)
+    if cfg.fl.client_gpus > 0:
+        if gpus is None:
+            import torch
+            gpus = torch.cuda.device_count()
+        workers = min(workers, int(gpus // cfg.fl.client_gpus))
+    return max(1, workers)
 
 
 def check_resources(cfg: Config, cpus: int | None = None, gpus: int | None = None) -> None:

@@ -114,6 +114,68 @@ def test_runs_repeat_exactly_and_ignore_flower_node_ids(tmp_path):
     assert timeless(records(c)) != timeless(ra)  # the seed matters
 
 
+class FirstInFirstOutGrid(LocalGrid):
+    """A LocalGrid whose clients answer one per pull, in the order they were pushed (a simulation engine's queue),
+    and which notes the partition ids of the train messages in push order and the most of them unanswered."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pushed: list[int] = []
+        self.most_unanswered = 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        self.pushed += [self.nodes[m.metadata.dst_node_id] for m in messages if m.metadata.message_type == "train"]
+        unanswered = [m for m in self._pending.values() if m.metadata.message_type == "train"]
+        self.most_unanswered = max(self.most_unanswered, len(unanswered))
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        first = next((mid for mid in self._pending if mid in wanted), None)
+        return super().pull_messages([first]) if first is not None else []
+
+
+def test_the_simulation_dispatches_the_longest_clients_first_a_window_at_a_time_and_records_do_not_change(tmp_path):
+    class Noting(MaestroStrategy):
+        def _send_longest_first(self, grid, messages, deadline):
+            pids = [self.sent[m.metadata.dst_node_id].partition_id for m in messages]
+            self.expected.append({p: self.expected_seconds(p) for p in pids})
+            self.known.append(dict(self.seconds_of))
+            return super()._send_longest_first(grid, messages, deadline)
+
+    cfg, plain = make_cfg(tmp_path, "fl.rounds=3", name="plain")
+    run(cfg, plain)
+    cfg, windowed = make_cfg(tmp_path, "fl.rounds=3", name="windowed")
+    strategy = Noting(cfg, windowed, show_progress=False)
+    strategy.expected, strategy.known, strategy.dispatch_window = [], [], 2
+    grid = FirstInFirstOutGrid(real_client.app, cfg.fl.num_clients)
+    strategy.start(grid)
+    assert timeless(records(windowed)) == timeless(records(plain))  # the order changes no record
+    assert grid.most_unanswered == 2  # never more than the window
+    order = [sorted(e, key=lambda p: (-e[p], p)) for e in strategy.expected]
+    assert grid.pushed == [p for o in order for p in o]  # longest expected training first, every round
+    first, later = strategy.expected[0], strategy.expected[-1]
+    # round 1 knows no client's seconds: its examples (the same rate for all); later rounds, the seconds measured
+    assert len({first[p] / strategy.examples_of[p] for p in first}) == 1
+    measured = [p for p in later if p in strategy.known[-1]]
+    assert measured and all(later[p] == strategy.known[-1][p] for p in measured)
+
+
+def test_the_simulation_counts_the_clients_ray_trains_side_by_side():
+    from fedmaestro.config import Config
+    from strategies.simulation import num_workers
+
+    cfg = Config()
+    cfg.fl.client_cpus = 1.0
+    assert num_workers(cfg, cpus=2) == 2 and num_workers(cfg, cpus=1) == 1
+    cfg.fl.client_cpus = 0.5
+    assert num_workers(cfg, cpus=3) == 6
+    cfg.fl.client_gpus = 0.5  # at most two on one GPU
+    assert num_workers(cfg, cpus=8, gpus=1) == 2
+
+
 def test_federated_evaluation_runs_every_n_rounds_and_in_the_last_one(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "fl.federated_eval_every=2", "data.local_test_fraction=0.2",
                             "devices=homogeneous")
@@ -691,21 +753,27 @@ def test_every_device_preset_solves_its_caps(tmp_path, devices):
 
 def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypatch):
     """The in-memory grid sleeps pull_interval between looks for replies: at Flower's 0.1 s a round's end
-    is seen up to 0.1 s late. serve() lowers it to IN_MEMORY_POLL_S before the strategy starts."""
+    is seen up to 0.1 s late. serve() lowers it to IN_MEMORY_POLL_S before the strategy starts, and has the
+    strategy keep one more message in flight than the simulation has workers."""
+    from fedmaestro.config import Config
+    from strategies.simulation import num_workers
+
     grid = InMemoryGrid.__new__(InMemoryGrid)  # no link state needed: only the attribute is read
     grid.pull_interval = 0.1
     seen = []
 
     class Recorder:
+        dispatch_window = None
+
         def __init__(self, *args, **kwargs):
             pass
 
         def start(self, g):
-            seen.append(g.pull_interval)
+            seen.append((g.pull_interval, self.dispatch_window))
 
     monkeypatch.setattr(server_app, "MaestroStrategy", Recorder)
-    server_app.serve(grid, None, None)
-    assert seen == [server_app.IN_MEMORY_POLL_S] and server_app.IN_MEMORY_POLL_S < 0.1
+    server_app.serve(grid, Config(), None)
+    assert seen == [(server_app.IN_MEMORY_POLL_S, num_workers(Config()) + 1)] and server_app.IN_MEMORY_POLL_S < 0.1
 
 
 class UntouchedGrid:
