@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "sim_train_phase_s": sim_train, "sim_server_eval_s": sim_eval,
             "sim_client_train_s_sum": sim_client, "floor_client_train_s_sum": compute,
             "replay_server_eval_s": statistics.mean(t["eval_s"] for t in floor_steady),
+            "sim_tail_s": sim_train - sim_client / workers,
         },
         "records_identical": same,
     }
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"floor s/round                    {floor:7.2f} s  (clients' training {compute:.2f} s back to back / {workers})")
     print(f"ratio                            {sim_round / floor:7.2f} x  (target <= {TARGET})")
     print(f"clients' training inside the sim {sim_client:7.2f} s summed ({sim_client / compute:.2f}x their time alone)")
+    print(f"round's tail and messaging       {sim_train - sim_client / workers:7.2f} s  (train phase minus the clients' "
+          f"training inside the sim / {workers}: workers idle at the round's end, messages, polling)")
     print(f"records of sim and replay identical: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

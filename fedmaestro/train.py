@@ -337,16 +337,19 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             if full_pass:
                 objective = objective + task.loss(teacher_out, target)
                 objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
-            if summed:  # the means above times the predictions they average over
-                objective = objective * task.predictions(target)
+            # summed: the gradient of n * (the means above) + lambda HGL, as n * that of (the means + lambda / n HGL),
+            # scaled by n after the backward pass: float16 gradients of the sum would overflow GradScaler's scale
+            n_predictions = task.predictions(target) if summed else 1
             if penalty:
-                objective = objective + train.lambda_gl * lod.hgl_penalty(model)
+                objective = objective + (train.lambda_gl / n_predictions) * lod.hgl_penalty(model)
         optimizer.zero_grad(set_to_none=True)
         if use_amp:
             scaler.scale(objective).backward()
             scaler.unscale_(optimizer)
         else:
             objective.backward()
+        if summed:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], n_predictions)
         if train.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         stepped = True

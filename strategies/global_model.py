@@ -28,6 +28,7 @@ __all__ = ["GlobalModel"]
 
 # LeNet's three models on 2 cores: 0.30 s at 500, 0.59 s at 1000 (whose conv1 output, 14 MB, leaves the cache)
 EVAL_BATCH = 500
+EVAL_KEPT_BYTES = 256 * 2 ** 20  # the largest prepared test set the server keeps between rounds (test_shards)
 EVAL_SHARDS = 4  # test-set shards evaluated side by side (fixed: the sums must not depend on the cores)
 
 
@@ -162,13 +163,15 @@ class GlobalModel:
     @property
     def test_shards(self) -> list:
         """The central test set cut into ``EVAL_SHARDS`` fixed shards of batches. An in-memory set's batches are
-        made once and kept (the server scores them every round; for Fashion-MNIST the indexing and normalization
-        cost ~40 ms a round, the kept batches 31 MB); other sets' are read on every pass."""
+        made once and kept where they take at most ``EVAL_KEPT_BYTES`` as float32 (the server scores them every
+        round; for Fashion-MNIST the indexing and normalization cost ~40 ms a round, the kept batches 31 MB; CIFAR's
+        123 MB); other sets' are read on every pass."""
         if self._test_shards is None:
             test_set = self.test_loader.dataset
             shards = [data.BatchLoader(test_set, EVAL_BATCH, shuffle=False, indices=idx)
                       for idx in np.array_split(np.arange(len(test_set)), EVAL_SHARDS) if idx.size]
-            if isinstance(test_set, data.InMemoryDataset) and not (test_set.augment and test_set.train):
+            if (isinstance(test_set, data.InMemoryDataset) and not (test_set.augment and test_set.train)
+                    and test_set.inputs.numel() * 4 <= EVAL_KEPT_BYTES):
                 shards = [list(shard) for shard in shards]
             self._test_shards = shards
         return self._test_shards

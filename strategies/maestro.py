@@ -488,23 +488,28 @@ class MaestroStrategy(Strategy):
         registered (partition-id order), and its W workers take them first in, first out: a round whose
         longest clients come last ends with one worker training them while the others idle. With W + 1
         messages in flight, a worker that finishes finds the next one queued, and the longest go first (LPT
-        scheduling). The order changes no record: the aggregation sorts the replies by partition id."""
+        scheduling). The order changes no record where every client answers in time (the aggregation sorts the
+        replies by partition id); where the deadline cuts a round, the clients still waiting to be sent are the
+        late ones (the shortest), not the last partition ids, and what they were never sent is not counted."""
         order = sorted(messages, key=lambda m: (-self.expected_seconds(self.sent[m.metadata.dst_node_id].partition_id),
                                                 self.sent[m.metadata.dst_node_id].partition_id))
         in_flight: set[str] = set()
         replies: list[Message] = []
-        while True:
-            free = self.dispatch_window - len(in_flight)
-            if free > 0 and order and time.time() < deadline:
+        while time.time() < deadline:
+            while order and len(in_flight) < self.dispatch_window:  # (a message the grid refuses frees its slot)
+                free = self.dispatch_window - len(in_flight)
                 in_flight.update(grid.push_messages(order[:free]))
                 order = order[free:]
-            if not in_flight or time.time() >= deadline:
-                return replies
+            if not in_flight:
+                break
             got = list(grid.pull_messages(in_flight))
             replies += got
             in_flight.difference_update(m.metadata.reply_to_message_id for m in got)
             if not got:
                 time.sleep(getattr(grid, "pull_interval", 0.01))
+        for msg in order:  # never sent: the round's deadline came first; they count as late, their bytes never went
+            self.bytes_down -= sum(_payload_bytes(r) for r in msg.content.array_records.values())
+        return replies
 
     def _exchange(self, grid: Grid, messages: list[Message], deadline: float) -> list[Message]:
         """Send the round's messages and collect the replies that arrive before ``deadline``.

@@ -129,15 +129,15 @@ def _stop_when(interrupted: threading.Event, grid: InMemoryGrid) -> None:
 
 
 def serve(grid: Grid, cfg: Config, run_dir: Path | None, launched_at: float | None = None,
-          interrupted: threading.Event | None = None) -> Result:
-    """Run the strategy on ``grid``; ``interrupted``: set by the simulation adapter on Ctrl-C."""
+          interrupted: threading.Event | None = None, dispatch_window: int | None = None) -> Result:
+    """Run the strategy on ``grid``; ``interrupted``: set by the simulation adapter on Ctrl-C; ``dispatch_window``:
+    the strategy's (``MaestroStrategy.dispatch_window``), which the simulation adapter knows from its workers."""
     if isinstance(grid, InMemoryGrid):  # a poll of the in-process state costs microseconds; a late one, up to 0.1 s
         grid.pull_interval = min(grid.pull_interval, IN_MEMORY_POLL_S)
         if interrupted is not None:
             _stop_when(interrupted, grid)
     strategy = MaestroStrategy(cfg, run_dir, launched_at=launched_at)
-    if isinstance(grid, InMemoryGrid):  # the simulation's workers take the messages first in, first out
-        strategy.dispatch_window = num_workers(cfg) + 1
+    strategy.dispatch_window = dispatch_window
     return strategy.start(grid)
 
 
@@ -145,13 +145,14 @@ def make_app(cfg: Config, run_dir: Path | None, launched_at: float | None = None
              interrupted: threading.Event | None = None, failed: list[BaseException] | None = None) -> ServerApp:
     """A ServerApp bound to an already composed Config (the simulation adapter's). ``failed``: where an exception
     of the run goes, for the adapter to raise in the main thread once the simulation has ended (Flower would
-    log it with a traceback and end the simulation as if the run had succeeded)."""
+    log it with a traceback and end the simulation as if the run had succeeded). The engine's workers take the
+    messages first in, first out: the strategy keeps one more in flight than there are workers, longest first."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, cfg, run_dir, launched_at, interrupted)
+            serve(grid, cfg, run_dir, launched_at, interrupted, dispatch_window=num_workers(cfg) + 1)
         except Exception as e:  # noqa: BLE001  (handed to the main thread, which raises it)
             if failed is None or isinstance(e, RunInterrupted):
                 raise

@@ -39,16 +39,17 @@ def backend_config(cfg: Config) -> dict:
 
 
 def num_workers(cfg: Config, cpus: int | None = None, gpus: int | None = None) -> int:
-    """How many clients Ray trains side by side: floor(CPUs / fl.client_cpus), and at most floor(GPUs /
-    fl.client_gpus) where client_gpus > 0. ``cpus``: the machine's (default: all of them, as Ray counts them
-    without a cgroup limit; counting more workers than Ray starts only weakens the dispatch order)."""
+    """How many clients Ray trains side by side, counted as Ray's actor pool does: int(CPUs / fl.client_cpus),
+    and at most int(GPUs / fl.client_gpus) where client_gpus > 0. ``cpus``: the machine's (default: all of
+    them; Ray counts fewer under a container's CPU quota, and a count above Ray's only weakens the order in
+    which the strategy dispatches, never the parallelism)."""
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    workers = int(cpus // cfg.fl.client_cpus)
+    workers = int(cpus / cfg.fl.client_cpus)
     if cfg.fl.client_gpus > 0:
         if gpus is None:
             import torch
             gpus = torch.cuda.device_count()
-        workers = min(workers, int(gpus // cfg.fl.client_gpus))
+        workers = min(workers, int(gpus / cfg.fl.client_gpus))
     return max(1, workers)
 
 

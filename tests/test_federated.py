@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -161,6 +162,67 @@ def test_the_simulation_dispatches_the_longest_clients_first_a_window_at_a_time_
     assert len({first[p] / strategy.examples_of[p] for p in first}) == 1
     measured = [p for p in later if p in strategy.known[-1]]
     assert measured and all(later[p] == strategy.known[-1][p] for p in measured)
+
+
+class RefusingGrid(FirstInFirstOutGrid):
+    """Refuses the train messages to some partitions (a store the link state refuses: no message id comes back),
+    and, with ``answers=False``, never answers a train message."""
+
+    def __init__(self, *args, refused=(), answers=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refused, self.answers = set(refused), answers
+
+    def push_messages(self, messages):
+        return super().push_messages([m for m in messages if m.metadata.message_type != "train"
+                                      or self.nodes[m.metadata.dst_node_id] not in self.refused])
+
+    def pull_messages(self, message_ids):
+        if not self.answers:
+            message_ids = [i for i in message_ids if self._pending[i].metadata.message_type != "train"]
+        return super().pull_messages(message_ids)
+
+
+def _round_one_messages(tmp_path, grid):
+    cfg, run_dir = make_cfg(tmp_path, "fl.num_clients=6", "fl.clients_per_round=6")
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    strategy.dispatch_window = 2
+    arrays = ArrayRecord({k: Array(v) for k, v in strategy.global_model.arrays().items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    return strategy, messages
+
+
+def test_messages_the_grid_refuses_do_not_hold_back_the_rest_of_the_round(tmp_path):
+    grid = RefusingGrid(real_client.app, 6)
+    strategy, messages = _round_one_messages(tmp_path, grid)
+    longest_first = sorted(range(6), key=lambda p: (-strategy.expected_seconds(p), p))
+    grid.refused = set(longest_first[:4])  # the first two windows
+    replies = strategy._send_longest_first(grid, messages, time.time() + 60)
+    assert grid.pushed == longest_first[4:] and len(replies) == 2  # the windows refused, the others still go
+
+
+def test_messages_the_deadline_kept_from_being_sent_are_not_counted_as_sent(tmp_path):
+    grid = RefusingGrid(real_client.app, 6, answers=False)
+    strategy, messages = _round_one_messages(tmp_path, grid)
+    sent_bytes = strategy.bytes_down
+    per_message = [_payload_bytes(m.content.array_records[P.ARRAYS]) for m in messages]
+    assert sum(per_message) == sent_bytes
+    replies = strategy._send_longest_first(grid, messages, time.time() + 0.3)
+    assert replies == [] and len(grid.pushed) == 2  # the window: nothing answered, nothing more went out
+    pushed = {strategy.node_of[p] for p in grid.pushed}
+    assert strategy.bytes_down == sum(b for m, b in zip(messages, per_message) if m.metadata.dst_node_id in pushed)
+
+
+def test_the_server_keeps_a_small_test_sets_batches_and_scores_the_same_either_way(tmp_path, monkeypatch):
+    from strategies import global_model
+
+    cfg, run_dir = make_cfg(tmp_path)
+    kept = MaestroStrategy(cfg, run_dir, show_progress=False).global_model
+    assert all(isinstance(shard, list) for shard in kept.test_shards)  # (made on first use)
+    monkeypatch.setattr(global_model, "EVAL_KEPT_BYTES", 1000)  # too small for 500 images: read on every pass
+    read = MaestroStrategy(cfg, tmp_path / "read", show_progress=False).global_model
+    assert all(isinstance(shard, data.BatchLoader) for shard in read.test_shards)
+    caps = [None, {name: 1 for name in kept.layout.layers}]
+    assert kept.evaluate_many(caps) == read.evaluate_many(caps) == kept.evaluate_many(caps)
 
 
 def test_the_simulation_counts_the_clients_ray_trains_side_by_side():
@@ -753,8 +815,9 @@ def test_every_device_preset_solves_its_caps(tmp_path, devices):
 
 def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypatch):
     """The in-memory grid sleeps pull_interval between looks for replies: at Flower's 0.1 s a round's end
-    is seen up to 0.1 s late. serve() lowers it to IN_MEMORY_POLL_S before the strategy starts, and has the
-    strategy keep one more message in flight than the simulation has workers."""
+    is seen up to 0.1 s late. serve() lowers it to IN_MEMORY_POLL_S before the strategy starts. The simulation
+    adapter's ServerApp (make_app) has the strategy keep one more message in flight than Ray has workers;
+    ``flwr run``'s (whose workers its federation config sets) sends all at once."""
     from fedmaestro.config import Config
     from strategies.simulation import num_workers
 
@@ -763,8 +826,6 @@ def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypat
     seen = []
 
     class Recorder:
-        dispatch_window = None
-
         def __init__(self, *args, **kwargs):
             pass
 
@@ -773,7 +834,11 @@ def test_the_simulation_grid_is_polled_more_often_than_flowers_default(monkeypat
 
     monkeypatch.setattr(server_app, "MaestroStrategy", Recorder)
     server_app.serve(grid, Config(), None)
-    assert seen == [(server_app.IN_MEMORY_POLL_S, num_workers(Config()) + 1)] and server_app.IN_MEMORY_POLL_S < 0.1
+    assert seen == [(server_app.IN_MEMORY_POLL_S, None)] and server_app.IN_MEMORY_POLL_S < 0.1
+    calls = []
+    monkeypatch.setattr(server_app, "serve", lambda *args, **kwargs: calls.append(kwargs))
+    server_app.make_app(Config(), None)._main(grid, None)
+    assert calls == [{"dispatch_window": num_workers(Config()) + 1}]
 
 
 class UntouchedGrid:

@@ -365,28 +365,33 @@ def test_losses_smooth_the_labels_and_skip_padding():
     assert train_module.Task("translation").loss(out, tgt).item() == pytest.approx(expected.item())
 
 
+class TinyTranslator(nn.Module):
+    def __init__(self, vocab: int = 8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 4)
+        self.proj = lod.LoDLinear(4, vocab)
+
+    def forward(self, src, tgt_in):
+        return self.proj(self.emb(tgt_in))
+
+
+def translation_batch():
+    tgt = torch.tensor([[2, 3, 4, 5, 6], [2, 5, 7, train_module.PAD_INDEX, train_module.PAD_INDEX]])  # 4 + 2 tokens
+    return torch.zeros(2, 3, dtype=torch.long), tgt
+
+
 def test_a_summed_loss_weighs_the_lasso_against_every_target_token():
     """loss_reduction=sum (the paper's Transformer code): one SGD step is the gradient of the label-smoothed
     cross-entropy summed over the non-padding target tokens + lambda HGL, written out by hand here; the
     reported loss stays the mean per token."""
-    vocab = 8
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(vocab, 4)
-            self.proj = lod.LoDLinear(4, vocab)
-
-        def forward(self, src, tgt_in):
-            return self.proj(self.emb(tgt_in))
-
+    Tiny = TinyTranslator
     torch.manual_seed(0)
     model = Tiny()
     reference = Tiny()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     reference.load_state_dict(init)
-    tgt = torch.tensor([[2, 3, 4, 5, 6], [2, 5, 7, train_module.PAD_INDEX, train_module.PAD_INDEX]])
-    batch = (torch.zeros(2, 3, dtype=torch.long), tgt)
+    batch = translation_batch()
+    tgt = batch[1]
     t = TrainConfig(loss_reduction="sum", lambda_gl=0.05, label_smoothing=0.1, momentum=0.0, lr=0.1,
                     weight_decay=0.0)
     stats = train_epoch(model, [batch], make_optimizer(model, t), t, task_for("multi30k", 0.1), CPU)
@@ -407,6 +412,42 @@ def test_a_summed_loss_weighs_the_lasso_against_every_target_token():
     assert not torch.allclose(mean_model.emb.weight, model.emb.weight, atol=1e-4)
     with pytest.raises(ValueError, match="train.loss_reduction"):
         TrainConfig(loss_reduction="token")
+
+
+def test_a_summed_loss_reaches_the_grad_scaler_at_the_size_of_the_mean():
+    """Under mixed precision the scaler multiplies what it is given by 2^16: the sum over ~3,000 target tokens
+    would overflow float16 gradients and skip steps, so the summed loss's gradient is the mean's (+ lambda / n
+    HGL) scaled by n after the backward pass."""
+    class RecordingScaler:  # GradScaler at scale 1 that notes what it was asked to scale
+        def __init__(self):
+            self.scaled = []
+
+        def scale(self, loss):
+            self.scaled.append(float(loss.detach()))
+            return loss
+
+        def unscale_(self, optimizer):
+            pass
+
+        def step(self, optimizer):
+            optimizer.step()
+
+        def update(self):
+            pass
+
+        def get_scale(self):
+            return 1.0
+
+    torch.manual_seed(0)
+    model, scaler = TinyTranslator(), RecordingScaler()
+    x, tgt = translation_batch()
+    with torch.no_grad():
+        out, y = model(x, tgt[:, :-1]), tgt[:, 1:]
+        keep = y != train_module.PAD_INDEX
+        mean = F.cross_entropy(out[keep], y[keep]).item() + 0.05 / 6 * lod.hgl_penalty(model).item()
+    t = TrainConfig(loss_reduction="sum", lambda_gl=0.05, momentum=0.0, lr=0.1)
+    train_epoch(model, [(x, tgt)], make_optimizer(model, t), t, task_for("multi30k"), CPU, scaler=scaler)
+    assert scaler.scaled == [pytest.approx(mean, rel=2e-2)]  # (CPU autocast: bfloat16 matmuls)
 
 
 def test_gradients_are_clipped_to_the_configured_norm():
