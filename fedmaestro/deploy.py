@@ -382,7 +382,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         check_baseline(model_cfg, sources["svd"][1], cfg.deploy.svd_baseline)  # before data loads or any search
     ctx = _context(cfg, model_cfg, device)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the inputs are known good
-    echo(f"deploy: losses on one batch of deploy.batch_size={cfg.deploy.batch_size} training examples, accuracy on "
+    held = len(ctx.batch[1])  # deploy.batch_size, or the whole training set where it holds fewer
+    echo(f"deploy: losses on one batch of {held:,} training examples (deploy.batch_size={cfg.deploy.batch_size}"
+         f"{'' if held == cfg.deploy.batch_size else ': the training set holds no more'}), accuracy on "
          f"{len(ctx.test_loader.dataset):,} test examples (the data settings are this command's: data.root, "
          f"data.test_subset={cfg.data.test_subset})", markup=False)
     curves, exports = {}, []

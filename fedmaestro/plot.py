@@ -76,7 +76,11 @@ def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                    "mode=theory draws its figures when it runs; a lambda search's runs are its lambda_* directories")
             parser.error(f"no runs (metrics.jsonl + config.json) below {', '.join(map(str, sweep_dirs))} ({why})")
         out = args.out or sweep_dirs[0]
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file, or a place no directory can be made
+            parser.error(f"--out {out}: cannot be the directory of the sweep's figures ({e.strerror}); give a "
+                         f"directory that exists or can be made")
         written += plot_sweep(runs, out, notes=[line for line in reported if line.startswith("left out")])
         written += [out / "sweep.md", out / "sweep.csv"]
         print((out / "sweep.md").read_text())

@@ -329,9 +329,15 @@ def _settings(run: Run, keys: list[str]) -> list[str]:
             if not any(k == u or k.startswith(u) for u in unread)]
 
 
+# what a dense (non-factorized) run does not read: the factors' lasso, rank sampling and shrinking
+UNREAD_BY_DENSE = ("model.factorize", "model.skip", "model.skip_last", "train.lambda_gl", "train.lambda_stop_params",
+                   "train.finetune_after_stop", "train.hgl_mode", "train.eps_ps", "train.shrink", "train.sampler",
+                   "train.full_pass", "train.distill_weight", "strategy.shrink_every")
+
+
 def _label(run: Run, keys: list[str]) -> str:
-    if run.dense:
-        rest = [k for k in keys if k not in ("model.factorize", "train.lambda_gl") and not k.startswith("train.")]
+    if run.dense:  # named by the settings it reads (train.lr: yes; train.eps_ps: no), so like runs alone are averaged
+        rest = [k for k in keys if k not in UNREAD_BY_DENSE]
         return "Non-Factorized" + "".join(f", {setting}" for setting in _settings(run, rest))
     parts = [f"λ={run.lambda_gl:g}"] + _settings(run, [k for k in keys if k not in ("model.factorize", "train.lambda_gl")])
     return "Maestro (" + ", ".join(parts) + ")"
@@ -378,7 +384,8 @@ def sweep_table(runs: list[Run]) -> list[dict]:
         lasts = [m.last for m in members]
         evaluated = [m.last.get("accuracy") for m in members if m.last.get("accuracy") is not None]
         row = {"variant": label, "dense": members[0].dense, "lambda_gl": members[0].lambda_gl, "runs": len(members),
-               "epochs": lasts[0][members[0].unit], "finished": all(m.finished for m in members)}
+               "epochs": min(m.last[m.unit] for m in members),  # where runs of a row stopped apart: the fewest
+               "finished": all(m.finished for m in members)}
         row["acc"], row["acc_std"] = _mean_std(evaluated) if evaluated else (math.nan, math.nan)
         for key, name in (("macs_deployed", "macs"), ("params_deployed", "params"), ("macs_rel", "macs_rel"),
                           ("params_rel", "params_rel"), ("train_macs_rel", "train_macs_rel"),

@@ -467,5 +467,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     table.add_row("(d) adaptivity, Fig. 7", f"rank {adapt.rank_before_removal} before the removal at step "
                   f"{adapt.remove_at}, {adapt.final_rank} at the end")
     echo(table)
+    diverged = [name for name, values in (("(a) SVD", svd.final), ("(b) PCA", pca.final),
+                                          ("(c) order", np.concatenate([order.lod_loss, order.svd_loss])))
+                if not np.all(np.isfinite(np.asarray(values, dtype=float)))]
+    if diverged:  # SGD blew up: the curves end in NaN (theory.json writes them as null)
+        echo(f"theory: SGD diverged in {', '.join(diverged)} (non-finite numbers above); lower theory.lr (now "
+             f"{tc.lr:g}) or raise theory.batch_size", style="yellow", markup=False)
     echo(f"plots and theory.json in {run_dir}", markup=False)
     return result

@@ -267,6 +267,22 @@ def test_sweep_labels_name_only_what_a_runs_mode_reads_and_full_keys_where_short
     assert _settings(federated, keys) == ["rounds=20", "train.eval_every=1"]
 
 
+def test_dense_runs_of_a_sweep_are_averaged_only_where_they_differ_in_the_seed_alone():
+    from fedmaestro.plots import Run, _flatten, _label, _varying_keys
+
+    def run(factorize, lr, eps, seed):
+        config = {"mode": "centralized", "seed": seed, "model": {"factorize": factorize},
+                  "train": {"lr": lr, "eps_ps": eps, "lambda_gl": 0.0 if not factorize else 1e-3}}
+        return Run(Path("."), config, [{"epoch": 1}], _flatten(config))
+
+    runs = [run(False, 0.01, 1e-5, 0), run(False, 0.01, 1e-5, 1), run(False, 0.5, 1e-5, 0), run(True, 0.01, 1e-3, 0)]
+    keys = _varying_keys(runs)
+    labels = [_label(r, keys) for r in runs]
+    # the learning rate names a dense run (two such runs are not seeds of one); the lasso's threshold does not
+    assert labels[:3] == ["Non-Factorized, lr=0.01", "Non-Factorized, lr=0.01", "Non-Factorized, lr=0.5"]
+    assert labels[3] == "Maestro (λ=0.001, eps_ps=0.001, lr=0.01)"
+
+
 def test_a_root_key_typo_is_named_as_a_root_key():
     done = cli("mode=centralized", "seedd=1")
     assert done.returncode == 2 and "error: config: unknown keys (not in the schema, fedmaestro/config.py): seedd " \

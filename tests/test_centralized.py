@@ -981,6 +981,9 @@ def test_sweep_of_federated_runs_unfinished_and_failed_jobs(tmp_path, capsys):
     with (both / "sweep.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {"mb", "acc"} <= set(rows[0]) and sorted(bool(r["mb"]) for r in rows) == [False, True]
+    with pytest.raises(SystemExit) as e:  # --out a file: one line, not a traceback
+        plot.main([str(sweep / "0_lam=1e-4"), str(central), "--out", str(central / "config.json")])
+    assert e.value.code == 2 and "cannot be the directory of the sweep's figures" in capsys.readouterr().err
 
 
 def test_a_redrawn_deploy_figure_keeps_the_runs_targets(tmp_path, monkeypatch):

@@ -252,6 +252,20 @@ def test_describe_reports_bad_input_and_fails(tmp_path, capsys):
     assert "not_a_dataset" in capsys.readouterr().err
 
 
+def test_describe_refuses_a_plot_it_cannot_write_before_loading_anything_or_says_why_it_could_not(tmp_path, capsys):
+    root = _mnist_root(tmp_path / "data", n=30)
+    args = [f"data.root={root}", "dataset=mnist", "partition=iid", "fl.num_clients=3"]
+    for plot, hint in ((tmp_path / "split.txt", tmp_path / "split.png"), (tmp_path, tmp_path / "partitions.png")):
+        with pytest.raises(SystemExit) as e:  # a name matplotlib would not write as PNG, or write elsewhere
+            describe.main(args + ["--plot", str(plot)])
+        assert e.value.code == 2 and f"e.g. --plot {hint}" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert describe.main(args + ["--plot", str(blocker / "split.png")]) == 2  # its directory cannot be made
+    assert f"error: --plot {blocker / 'split.png'}: cannot be written" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_describe_runs_as_a_module(tmp_path):
     root = _mnist_root(tmp_path / "data", n=60)
     result = subprocess.run([sys.executable, "-m", "fedmaestro.data.describe", f"data.root={root}", "dataset=mnist",

@@ -150,3 +150,15 @@ def test_cli_theory_mode_writes_the_plots(tmp_path):
     assert result["config"]["steps"] == 200
     assert "LoD on linear maps" in done.stdout
     assert "device and train.threads are not used" in done.stdout  # train.threads=2: named, not silently ignored
+
+
+def test_a_diverged_theory_run_says_so(tmp_path, capsys):
+    from fedmaestro.config import Config
+
+    cfg = Config(mode="theory", theory=TheoryConfig(steps=20, lr=100.0, shrink_every=10))
+    result = theory.run(cfg, tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert None in result["svd"]["relative_distance_per_k"]  # non-finite numbers, written as null
+    assert "SGD diverged in (a) SVD" in out and "lower theory.lr (now 100)" in out
+    theory.run(Config(mode="theory", theory=TheoryConfig(steps=20, shrink_every=10)), tmp_path / "ok")
+    assert "SGD diverged" not in capsys.readouterr().out

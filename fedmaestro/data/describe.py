@@ -172,20 +172,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="PNG file (default: outputs/describe/...)")
     parser.add_argument("--no-plot", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    if args.plot is not None and not args.no_plot and (args.plot.suffix.lower() != ".png" or args.plot.is_dir()):
+        parser.error(f"--plot {args.plot}: give the PNG file to write (a name ending in .png), e.g. "
+                     f"--plot {args.plot / 'partitions.png' if args.plot.is_dir() else args.plot.with_suffix('.png')}")
     from hydra.errors import HydraException
+
+    from ..__main__ import composition_error
 
     try:
         cfg = compose(args.overrides)
         rows, facts = describe(cfg)
     except (ValueError, FileNotFoundError, HydraException) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {composition_error(e) if isinstance(e, HydraException) else e}", file=sys.stderr)
         return 2
     print_summary(rows, facts)
     if not args.no_plot:
         params = "".join(f"-{k}{v}" for k, v in facts["params"].items())  # alpha=0.1 and 0.5 get two files
         path = args.plot or Path("outputs/describe") / (
             f"{facts['dataset']}-{facts['scheme']}{params}-{facts['clients']}clients-seed{facts['seed']}.png")
-        print(f"plot: {plot_summary(rows, facts, path)}")
+        try:
+            print(f"plot: {plot_summary(rows, facts, path)}")
+        except OSError as e:  # a parent that is a file, or a place no directory can be made
+            print(f"error: --plot {path}: cannot be written ({e.strerror}); give a .png file in a directory that "
+                  f"exists or can be made", file=sys.stderr)
+            return 2
     return 0
 
 
