@@ -542,7 +542,8 @@ class MaestroStrategy(Strategy):
         batchnorm = {key: {name: torch.from_numpy(a) for name, a in stats.items()}
                      for key, stats in self.global_model.batchnorm_stats.items()}
         return {"config": self._config_dict(), "round": rnd, "model": self.global_model.model.state_dict(),
-                "batchnorm_stats": batchnorm, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up}
+                "batchnorm_stats": batchnorm, "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+                "train_seconds": dict(self.seconds_of)}  # the dispatch order's measurements
 
     def load_state_dict(self, state: dict) -> int:
         checkpoint.check_resumable(state["config"], to_dict(self.cfg),
@@ -551,6 +552,7 @@ class MaestroStrategy(Strategy):
         self.global_model.batchnorm_stats = {key: {name: t.numpy() for name, t in stats.items()}
                                              for key, stats in state.get("batchnorm_stats", {}).items()}
         self.bytes_down, self.bytes_up = int(state["bytes_down"]), int(state["bytes_up"])
+        self.seconds_of = {int(p): float(s) for p, s in state.get("train_seconds", {}).items()}
         self.runlog.load_state_dict(state)
         return int(state["round"])
 

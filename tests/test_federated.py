@@ -587,8 +587,10 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     cfg, full = make_cfg(tmp_path, "fl.rounds=3", "train.eps_ps=0.3", name="full")
     run(cfg, full)
     cfg, part = make_cfg(tmp_path, "fl.rounds=2", "train.eps_ps=0.3", name="part")
-    run(cfg, part)
+    interrupted, _ = run(cfg, part)
     cfg, part = make_cfg(tmp_path, "fl.rounds=3", "train.eps_ps=0.3", "resume=true", name="part")
+    resumed = MaestroStrategy(cfg, part, show_progress=False)
+    assert resumed.resume() == 2 and resumed.seconds_of == interrupted.seconds_of != {}  # the dispatch order's too
     run(cfg, part)
     assert timeless(records(part)) == timeless(records(full))
     assert records(full)[-1]["total_rank"] < 236  # shrinking happened, and was resumed through
