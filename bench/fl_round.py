@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import statistics
@@ -62,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from strategies.local_grid import LocalGrid
     from strategies.maestro import MaestroStrategy
     from strategies.server_app import compose
+    from strategies.simulation import num_workers
     from strategies.simulation import run as run_simulation
 
     overrides = ["fl.rounds=10"] + list(args.overrides)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, int(cfg.fl.client_cpus))  # torch threads per client
     # clients that can train side by side: Ray's slots, the cores their threads fill, the clients of a round
-    workers = max(1, min(math.floor(cpus / cfg.fl.client_cpus), cpus // threads, cfg.fl.clients_per_round))
+    workers = max(1, min(num_workers(cfg, cpus), cpus // threads, cfg.fl.clients_per_round))
 
     # 1. the simulation
     run_simulation(cfg, work / "sim", launched_at=launched)

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import lod, models
 from .config import Config, PartitionConfig, TrainConfig
+from .data.partition import PARAMS as PARTITION_PARAMS
 from .models.transformer import PAD_INDEX
 
 __all__ = [
@@ -73,8 +74,9 @@ def unused_settings(train: TrainConfig, device_name: str) -> list[str]:
     return notices
 
 
-PARTITION_KEYS = {"alpha": "dirichlet", "min_partition_size": "dirichlet", "classes_per_partition": "pathological",
-                  "class_assignment": "pathological", "shards_per_partition": "shard"}  # each scheme's own settings
+# each scheme's own settings (those of data.partition's PARAMS that the config has): setting -> scheme
+PARTITION_KEYS = {key: scheme for scheme, params in PARTITION_PARAMS.items() for key in params
+                  if key in PartitionConfig.__dataclass_fields__}
 
 
 def unused_partition_settings(partition: PartitionConfig) -> list[str]:

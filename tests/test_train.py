@@ -418,25 +418,13 @@ def test_a_summed_loss_reaches_the_grad_scaler_at_the_size_of_the_mean():
     """Under mixed precision the scaler multiplies what it is given by 2^16: the sum over ~3,000 target tokens
     would overflow float16 gradients and skip steps, so the summed loss's gradient is the mean's (+ lambda / n
     HGL) scaled by n after the backward pass."""
-    class RecordingScaler:  # GradScaler at scale 1 that notes what it was asked to scale
+    class RecordingScaler(_SteppingScaler):  # one that notes what it was asked to scale (and scales by 1)
         def __init__(self):
             self.scaled = []
 
         def scale(self, loss):
             self.scaled.append(float(loss.detach()))
             return loss
-
-        def unscale_(self, optimizer):
-            pass
-
-        def step(self, optimizer):
-            optimizer.step()
-
-        def update(self):
-            pass
-
-        def get_scale(self):
-            return 1.0
 
     torch.manual_seed(0)
     model, scaler = TinyTranslator(), RecordingScaler()
