@@ -279,6 +279,13 @@ def test_cifar_from_python_batches(tmp_path, name):
     assert train.train and train.augment and not test.train
 
 
+def test_a_data_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "data").write_text("")
+    for name in ("fashion_mnist", "cifar10", "multi30k"):  # fashion_mnist fell back to the Debian package silently
+        with pytest.raises(ValueError, match=r"data root .*data is a file, not a directory: point data.root"):
+            data.load(name, tmp_path / "data")
+
+
 def test_cifar_missing_files_name_folder_and_url(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"cifar10: missing data_batch_1, .*data_batch_5 in .*"
                                                 r"cifar-10-batches-py .*cifar-10-python.tar.gz"):
@@ -294,6 +301,10 @@ def test_cifar_missing_files_name_folder_and_url(tmp_path):
     ("truncated", "corrupt or truncated CIFAR batch"),
     ("keys", "not a CIFAR batch: needs keys 'data' and 'labels'"),
     ("shape", r"data of shape \(4, 100\)"),
+    ("label shape", r"'labels' must be a list of integers, found int64 of shape \(4, 1\)"),
+    ("label type", r"'labels' must be a list of integers, found float64"),
+    ("pixels", r"pixels must be integers in 0..255, found int64 values outside that"),
+    ("pixel type", r"pixels must be integers in 0..255, found float32 data"),
 ])
 def test_corrupt_cifar_batches(tmp_path, damage, message):
     make_cifar(tmp_path)
@@ -306,6 +317,14 @@ def test_corrupt_cifar_batches(tmp_path, damage, message):
         path.write_bytes(pickle.dumps({"images": 1}))
     elif damage == "shape":
         path.write_bytes(pickle.dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4}))
+    elif damage == "label shape":  # would have failed in np.concatenate without naming the file
+        path.write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [[0]] * 4}))
+    elif damage == "label type":  # 3.5 would have become class 3
+        path.write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 3.5, 2]}))
+    elif damage == "pixels":  # 300 would have wrapped round to 44
+        path.write_bytes(pickle.dumps({"data": np.full((4, 3072), 300), "labels": [0] * 4}))
+    elif damage == "pixel type":
+        path.write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.float32), "labels": [0] * 4}))
     with pytest.raises(ValueError, match=message) as err:
         data.load("cifar10", tmp_path)
     assert str(path) in str(err.value) and "cifar-10-python.tar.gz" in str(err.value)
@@ -610,6 +629,15 @@ def test_multi30k_batches_are_padded_with_index_1(tmp_path):
     small = data.subset(ds, 2)
     assert isinstance(small, data.TranslationDataset) and len(small) == 2
     assert torch.equal(small[1][1], ds[1][1]) and small.vocab is ds.vocab
+
+
+def test_multi30k_reads_past_a_byte_order_mark(tmp_path):
+    make_multi30k(tmp_path)
+    (tmp_path / "train.en").write_text("\ufeffA man rides.\n" * 5, encoding="utf-8")  # as Windows editors write
+    (tmp_path / "train.de").write_text("Ein Mann reitet.\n" * 5, encoding="utf-8")
+    train = data.load("multi30k", tmp_path)
+    assert train.vocab.decode(train[0][0]) == ["a", "man", "rides", "."]  # no <unk> for the mark
+    assert len(train.head(99)) == 5 and len(train.head(2)) == 2  # head(n) past the end: every pair, as subset
 
 
 def test_multi30k_errors(tmp_path):

@@ -144,8 +144,10 @@ def test_partitions_never_touch_the_network(monkeypatch):
     (lambda: data.partition(SORTED_LABELS, "dirichlett", 4, 0), ValueError,
      r"unknown scheme 'dirichlett'; choose one of \['iid', 'dirichlet', 'pathological', 'shard'\]"),
     (lambda: data.partition(SORTED_LABELS, "dirichlet", 4, 0, alpha=0), ValueError,
-     r"alpha=0 must be > 0 .*set partition.alpha to a positive number"),
-    (lambda: data.partition(SORTED_LABELS, "dirichlet", 4, 0, alpha=-1.5), ValueError, r"alpha=-1.5 must be > 0"),
+     r"alpha=0 must be finite and > 0 .*set partition.alpha to a positive number"),
+    (lambda: data.partition(SORTED_LABELS, "dirichlet", 4, 0, alpha=-1.5), ValueError, r"alpha=-1.5 must be finite and > 0"),
+    (lambda: data.partition(SORTED_LABELS, "dirichlet", 4, 0, alpha=float("inf")), ValueError,
+     r"alpha=inf must be finite and > 0"),
     (lambda: data.partition(np.arange(5) % 2, "iid", 6, 0), ValueError,
      r"more partitions \(6\) than samples \(5\); use fewer clients \(fl.num_clients <= 5\)"),
     (lambda: data.partition(np.arange(20) % 2, "dirichlet", 10, 0, alpha=0.5, min_partition_size=3), ValueError,
@@ -250,6 +252,9 @@ def test_describe_reports_bad_input_and_fails(tmp_path, capsys):
     assert "more partitions (40) than samples (30)" in capsys.readouterr().err
     assert describe.main(["dataset=not_a_dataset", "--no-plot"]) == 2
     assert "not_a_dataset" in capsys.readouterr().err
+    # a class count the federated run refuses is refused here too, not previewed
+    assert describe.main([f"data.root={root}", "dataset=mnist", "dataset.num_classes=5", "--no-plot"]) == 2
+    assert "dataset.num_classes=5 but mnist has 10 classes" in capsys.readouterr().err
 
 
 def test_describe_refuses_a_plot_it_cannot_write_before_loading_anything_or_says_why_it_could_not(tmp_path, capsys):

@@ -21,7 +21,7 @@ import numpy as np
 
 from .partition import partition, split_clients
 from .registry import labels as dataset_labels
-from .registry import load, subset
+from .registry import check_num_classes, load, subset
 
 __all__ = ["ClientSummary", "summarize", "describe", "print_summary", "plot_summary", "main"]
 
@@ -50,6 +50,7 @@ def summarize(labels: np.ndarray, partitions: list[np.ndarray], splits, num_clas
 def describe(cfg) -> tuple[list[ClientSummary], dict]:
     """Partition the configured data set as the federated mode does; (rows, facts about the run)."""
     train = load(cfg.dataset.name, cfg.data.root, train=True)
+    check_num_classes(train, cfg.dataset.num_classes)  # the federated run refuses such a config: so does its preview
     if cfg.data.subset:
         train = subset(train, cfg.data.subset)
     labels = dataset_labels(train)

@@ -138,7 +138,7 @@ def _empty_fix(scheme: str) -> str:
 def partition(labels, scheme: str, num_partitions: int, seed: int, **params) -> list[np.ndarray]:
     """``num_partitions`` arrays of indices into the data set whose labels are given (see the module docstring).
 
-    Raises ValueError naming the problem and the fix for: an unknown scheme or parameter, alpha <= 0,
+    Raises ValueError naming the problem and the fix for: an unknown scheme or parameter, an alpha not finite and > 0,
     more partitions than samples, a partition that would be empty or smaller than ``min_partition_size``.
     """
     labels, n, p = _check(labels, scheme, num_partitions, params)
@@ -161,8 +161,8 @@ def _partition(labels: np.ndarray, scheme: str, n: int, seed: int, p: dict) -> l
         out = _indices(part, n)
     elif scheme == "dirichlet":
         alpha = p["alpha"]
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not alpha > 0:
-            raise ValueError(f"partition: alpha={alpha!r} must be > 0 (the Dirichlet concentration: 0.1 is very "
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 < alpha < np.inf:
+            raise ValueError(f"partition: alpha={alpha!r} must be finite and > 0 (the Dirichlet concentration: 0.1 is very "
                              f"skewed, 1 moderate, 100 nearly IID); set partition.alpha to a positive number")
         minimum = p["min_partition_size"]
         if isinstance(minimum, bool) or not isinstance(minimum, (int, np.integer)) or minimum < 0:

@@ -25,7 +25,11 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     """The absolute data root (see the module docstring for the order)."""
     if root is None:
         root = os.environ.get(ENV_ROOT) or DEFAULT_ROOT
-    return Path(root).expanduser().resolve()
+    path = Path(root).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"data root {root} is a file, not a directory: point data.root (or {ENV_ROOT}) at the "
+                         f"folder that holds the data sets")
+    return path
 
 
 def network_available(url: str) -> bool:

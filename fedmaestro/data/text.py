@@ -133,7 +133,8 @@ class TranslationDataset(Dataset):
                 self._tgt[self._tgt_off[i]:self._tgt_off[i + 1]])
 
     def head(self, n: int) -> "TranslationDataset":
-        """The first ``n`` pairs (same vocabulary)."""
+        """The first ``n`` pairs (same vocabulary); all of them where ``n`` exceeds their number."""
+        n = min(n, len(self))
         out = TranslationDataset.__new__(TranslationDataset)
         out.vocab, out.split = self.vocab, self.split
         out._src, out._src_off = self._src[:int(self._src_off[n])], self._src_off[:n + 1]
@@ -176,10 +177,10 @@ def _split_file(folder: Path, split: str, lang: str) -> Path:
 def _read_lines(path: Path) -> list[str]:
     try:
         if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as f:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a token
                 text = f.read()
         else:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
     except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt, truncated or not UTF-8 text ({type(e).__name__}: {e}); "
                          f"replace it: {HOW}") from e

@@ -130,8 +130,17 @@ def _read_cifar_batch(path: Path, label_key: str, fix: str) -> tuple[np.ndarray,
     if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
         keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
         raise ValueError(f"{path}: not a CIFAR batch: needs keys 'data' and {label_key!r}, found {keys}; {fix}")
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(entry[label_key], dtype=np.int64)
+    try:
+        data, labels = np.asarray(entry["data"]), np.asarray(entry[label_key])
+    except ValueError as e:  # ragged lists
+        raise ValueError(f"{path}: not a CIFAR batch ({e}); {fix}") from e
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise ValueError(f"{path}: CIFAR batch's {label_key!r} must be a list of integers, found {labels.dtype} of "
+                         f"shape {labels.shape}; {fix}")
+    if data.size and (data.dtype.kind not in "iu" or (data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255))):
+        raise ValueError(f"{path}: CIFAR batch's pixels must be integers in 0..255, found {data.dtype} "
+                         f"{'values' if data.dtype.kind in 'iu' else 'data'} outside that; {fix}")
+    data, labels = data.astype(np.uint8, copy=False), labels.astype(np.int64, copy=False)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
         raise ValueError(f"{path}: CIFAR batch has data of shape {data.shape} and {labels.shape[0]} labels; "
                          f"expected (N, 3072) with N labels; {fix}")
