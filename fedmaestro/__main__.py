@@ -118,6 +118,8 @@ class RunDirGuard(Callback):
         mode = config.get("mode")
         if mode not in MODES:  # (a mode that does not exist: resolve says so, in run_mode)
             return
+        if mode == "hpo" and config.get("checkpoint"):
+            return  # run_mode says that a search does not read checkpoint=, before anything is read from it
         resume = bool(config.get("resume")) and mode not in NOT_RESUMED
         try:
             checkpoint.refuse_overwrite(run_path, resume, mode, source=config.get("checkpoint"))

@@ -55,7 +55,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", key: str = 
         raise FileNotFoundError(f"{key} {path} does not exist; give {key}=<a run directory, or its model.pt "
                                 f"or checkpoint.pt>")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, EOFError) as e:  # never retried without weights_only
         raise ValueError(_not_a_checkpoint(path, e)) from e
     except OSError as e:  # torch's zip reader on a truncated file (EINVAL); permissions and I/O errors are not ours
@@ -66,11 +66,15 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", key: str = 
         if "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
             raise
         raise ValueError(_not_a_checkpoint(path, e)) from e
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("model"), dict)):
+        raise ValueError(_not_a_checkpoint(path, "it holds no 'config' and 'model' entries"))  # a tensor's torch.save
+    return state
 
 
-def _not_a_checkpoint(path: Path, e: BaseException) -> str:
-    return (f"{path} is not a checkpoint or model file written by fedmaestro (torch.load with weights_only=True "
-            f"refused it: {type(e).__name__}); give a run directory, its model.pt or checkpoint.pt")
+def _not_a_checkpoint(path: Path, why: BaseException | str) -> str:
+    why = why if isinstance(why, str) else f"torch.load with weights_only=True refused it: {type(why).__name__}"
+    return (f"{path} is not a checkpoint or model file written by fedmaestro ({why}); give a run directory, its "
+            f"model.pt or checkpoint.pt")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -187,6 +191,10 @@ def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str 
     own_dir = f"give the new run its own directory ({dir_key}=...)"
     if there != mode:
         raise FileExistsError(f"{where}, not a {RUN_NAMES.get(mode, mode + ' run')}; {own_dir}")
+    if mode == "hpo" and path == Path(run_dir) / "checkpoint.pt":  # a search keeps its lambdas' in lambda_*/
+        raise FileExistsError(f"{Path(run_dir)} holds one lambda of a lambda search: a run here would start a search "
+                              f"inside it, over its model.pt; resume the search with "
+                              f"{dir_key}={Path(run_dir).resolve().parent}, or {own_dir}")
     if mode in ("deploy", "theory"):
         raise FileExistsError(f"{where}; {own_dir}")
     resumable = path.name == "checkpoint.pt"

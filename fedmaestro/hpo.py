@@ -159,6 +159,10 @@ def _training_cost(last: dict, cfg: Config) -> float:
 def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResult:
     """Algorithm 2; every lambda trains in ``run_dir/lambda_<value>``. Writes the summary files."""
     h = cfg.hpo
+    if not cfg.model.factorize:
+        raise ValueError("mode=hpo searches train.lambda_gl, the lasso on a factorized model's ranks, but "
+                         "model.factorize=false leaves no rank to prune: set model.factorize=true (a dense model "
+                         "trains with mode=centralized)")
     if cfg.train.epochs < 1:
         raise ValueError(f"mode=hpo: train.epochs={cfg.train.epochs}; every lambda must train at least one epoch "
                          f"(Algorithm 2 evaluates every hpo.eval_every={h.eval_every} epochs): set train.epochs >= 1")

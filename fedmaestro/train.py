@@ -255,8 +255,9 @@ class RankCost:
 
         self.layers = lod.layers(self.model)
         pixels: dict[int, int] = {}
-        hooks = [layer.register_forward_hook(
-            lambda m, i, o: pixels.__setitem__(id(m), o.numel() // m.out_dim)) for _, layer in self.layers]
+        hooks = [layer.register_forward_hook(  # summed: a layer called twice in a forward costs twice
+            lambda m, i, o: pixels.__setitem__(id(m), pixels.get(id(m), 0) + o.numel() // m.out_dim))
+            for _, layer in self.layers]
         with lod.full_rank(self.model):
             total = measure(self.model, example=self.example)
         for h in hooks:

@@ -628,7 +628,7 @@ def test_the_resume_hint_quotes_a_directory_hydra_would_misread():
 def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     from fedmaestro import checkpoint
 
-    checkpoint.save(tmp_path / "checkpoint.pt", {"epoch": 1, "weights": torch.arange(4.0)})
+    checkpoint.save(tmp_path / "checkpoint.pt", {"config": {}, "model": {"weights": torch.arange(4.0)}, "epoch": 1})
     real_save = torch.save
 
     def killed_while_writing(state, f):
@@ -638,9 +638,9 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_p
 
     monkeypatch.setattr(checkpoint.torch, "save", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(tmp_path / "checkpoint.pt", {"epoch": 2, "weights": torch.zeros(4)})
+        checkpoint.save(tmp_path / "checkpoint.pt", {"config": {}, "model": {"weights": torch.zeros(4)}, "epoch": 2})
     state = checkpoint.load(tmp_path / "checkpoint.pt")
-    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.arange(4.0))
+    assert state["epoch"] == 1 and torch.equal(state["model"]["weights"], torch.arange(4.0))
 
 
 def test_checkpoints_and_models_load_with_weights_only(tmp_path):
@@ -1117,6 +1117,14 @@ def test_a_file_holding_pickled_objects_is_refused_without_running_them(tmp_path
     with pytest.raises(ValueError, match=r"is not a checkpoint or model file written by fedmaestro"):
         checkpoint.load(tmp_path / "checkpoint.pt")
     assert not _Payload.ran
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), {"config": {}}, {"model": {}}, {"config": [], "model": {}}])
+def test_a_torch_file_that_fedmaestro_did_not_write_is_refused_by_name(tmp_path, content):
+    torch.save(content, tmp_path / "checkpoint.pt")  # loaded with weights_only, then a traceback or a KeyError
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a checkpoint or model file written by fedmaestro \(it "
+                                         r"holds no 'config' and 'model' entries\)"):
+        checkpoint.load(tmp_path / "checkpoint.pt")
 
 
 def test_train_threads_sets_the_processes_torch_threads_and_null_leaves_them():

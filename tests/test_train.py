@@ -98,6 +98,22 @@ def test_rank_cost_counts_the_sampled_submodel_exactly():
     assert cost.macs == expected_macs + 8 * (measure(model, example=EXAMPLE).macs + full.macs)
 
 
+def test_rank_cost_counts_a_layer_called_twice_in_a_forward_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(10, 10), nn.Linear(10, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(self.fc(x)))
+
+    model, example = lod.factorize(Twice()), (torch.zeros(1, 10),)
+    cost = RankCost(model, example)
+    dict(lod.layers(model))["fc"].active_rank = 3
+    cost.add_step(1)
+    assert cost.macs == measure(model, example=example).macs == 144  # 284 when the second call overwrote the first
+
+
 def test_training_cost_at_full_rank_matches_table_11_params():
     # Table 11, lambda = 0: 1.49x parameters in training = the full-rank factorized LeNet over the dense one.
     cost = RankCost(lenet(), EXAMPLE)
