@@ -114,6 +114,10 @@ def check_vocabulary(cfg: Config, dataset) -> None:
     if vocab is None:
         return
     where = f"the {cfg.dataset.name} files under data.root={cfg.data.root}"
+    if len(vocab) <= len(data.text.SPECIALS):
+        raise ValueError(f"{where} give a vocabulary of the special tokens {data.text.SPECIALS} alone: no word "
+                         f"occurs {data.text.MIN_FREQ} times or more in the training split, so every word would read "
+                         f"as <unk>; give data.root the full training files")
     size = cfg.model.kwargs.get("vocab_size") if cfg.model.name == "transformer" else None
     if cfg.dataset.vocabulary not in (None, vocab.fingerprint):
         raise ValueError(f"{where} have another vocabulary ({len(vocab):,} tokens, fingerprint {vocab.fingerprint}) "

@@ -324,6 +324,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     full_pass = train.full_pass and sampler is not None and sampler.mode in lod.SAMPLING_MODES
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss = torch.zeros((), device=device)
+    total_predictions = torch.zeros((), device=device)  # what the loss is a mean over: examples, or target tokens
     examples, steps, start = 0, 0, time.perf_counter()
     for batch in loader:
         if single_batch_fails and len(batch[1]) == 1:
@@ -342,7 +343,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
                 objective = objective + train.distill_weight * _distillation(output, teacher_out, target, task)
             # summed: the gradient of n * (the means above) + lambda HGL, as n * that of (the means + lambda / n HGL),
             # scaled by n after the backward pass: float16 gradients of the sum would overflow GradScaler's scale
-            n_predictions = task.predictions(target) if summed else 1
+            predictions = task.predictions(target)
+            n_predictions = predictions if summed else 1
             if penalty:
                 objective = objective + (train.lambda_gl / n_predictions) * lod.hgl_penalty(model)
         optimizer.zero_grad(set_to_none=True)
@@ -368,7 +370,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
         n = target.shape[0]
         if cost is not None:
             cost.add_step(n, full_pass=full_pass)
-        total_loss += loss.detach().float() * n
+        total_loss += loss.detach().float() * predictions
+        total_predictions += predictions
         examples += n
         steps += 1
         if on_step is not None:
@@ -376,7 +379,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     if sampler is not None:
         for _, layer in lod.layers(model):
             layer.active_rank = None
-    loss = float(total_loss) / max(examples, 1)
+    loss = float(total_loss) / max(float(total_predictions), 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}; lower train.lr or set train.grad_clip")
     return {"loss": loss, "num_examples": examples, "steps": steps, "seconds": time.perf_counter() - start}

@@ -330,6 +330,20 @@ def test_a_transformer_keeps_its_vocabulary_and_refuses_a_data_copy_whose_ids_me
         Trainer(small, tmp_path / "small")
 
 
+def test_a_vocabulary_of_the_special_tokens_alone_is_refused_by_name(tmp_path):
+    folder = tmp_path / "multi30k"
+    folder.mkdir()
+    for stem in ("train", "test_2016_flickr"):  # no word twice: every one is under the minimum frequency
+        (folder / f"{stem}.en").write_text("a b c\nd e f\n", encoding="utf-8")
+        (folder / f"{stem}.de").write_text("g h i\nj k l\n", encoding="utf-8")
+    cfg = Config(mode="centralized", device="cpu", progress=False,
+                 model=ModelConfig(name="transformer", kwargs=dict(d_model=16, heads=2, ffn=32, layers=1)),
+                 dataset=DatasetConfig(name="multi30k", input_shape=[], num_classes=0),
+                 data=DataConfig(root=str(tmp_path)), train=TrainConfig(epochs=1, batch_size=2, optimizer="adam"))
+    with pytest.raises(ValueError, match=r"give a vocabulary of the special tokens .* alone: no word occurs 2 times"):
+        Trainer(cfg, tmp_path / "run")  # an IndexError in F.embedding, from the footprint's example tokens
+
+
 def test_resume_from_a_model_file_says_it_needs_the_checkpoint(tmp_path):
     first = Trainer(tiny(epochs=1), tmp_path, DATASETS)
     first.fit(show_progress=False)

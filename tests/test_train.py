@@ -321,6 +321,29 @@ def test_translation_evaluation_reports_the_perplexity_of_the_target_tokens():
     assert "perplexity" not in evaluate(lenet(), batches(1), task_for("fashion_mnist"), CPU)
 
 
+def test_the_translation_training_loss_is_the_mean_over_target_tokens_as_the_test_loss_is():
+    """Batch 1: one sentence of 4 target tokens at probability 1/2 (NLL ln 2 each); batch 2: one of 1 token at
+    1/8 (ln 8). Per token: (4 ln 2 + 3 ln 2) / 5; weighting each batch's mean by its sentences gave 2 ln 2."""
+    vocab = 8
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(()))  # the optimizer needs a parameter; its gradient is 0
+
+        def forward(self, src, tgt_in):
+            logits = torch.zeros(*tgt_in.shape, vocab) + 0 * self.unused  # uniform: 1/8
+            if tgt_in.shape[1] == 4:
+                logits[0, torch.arange(4), torch.tensor([3, 4, 5, 6])] = math.log(7.0)  # 7 / (7 + 7) = 1/2
+            return logits
+
+    model, t = Fixed(), TrainConfig(sampler="none", lambda_gl=0.0)
+    batches_ = [(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[2, 3, 4, 5, 6]])),
+                (torch.zeros(1, 3, dtype=torch.long), torch.tensor([[2, 5]]))]
+    stats = train_epoch(model, batches_, make_optimizer(model, t), t, task_for("multi30k"), CPU)
+    assert stats["loss"] == pytest.approx(7 / 5 * math.log(2), rel=1e-6) and stats["num_examples"] == 2
+
+
 def test_a_step_the_grad_scaler_skips_skips_the_proximal_step_too():
     class SkippingScaler:  # what GradScaler does on inf/NaN gradients: no optimizer step, a lower scale
         def __init__(self):
