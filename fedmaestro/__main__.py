@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from . import checkpoint
-from .console import echo, log_to_run_files
+from .console import echo, log_only, log_to_run_files
 from .config import MODES, Config, resolve, to_dict, unknown_key
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -323,8 +323,11 @@ def _hydra_main(cfg: DictConfig) -> int | None:
             raise
         if sweep:  # one line per failed job; the sweep goes on to the next job and ends with a failure status
             print(f"error: job {run_dir.name}: {e}", file=sys.stderr)
+            log_only(f"error: {e}")
             return 2  # (the job's directory stays: the sweep's table names it)
         checkpoint.discard_unused_run_dir(run_dir)
+        if run_dir.is_dir():  # a run that got under way: its log says how it ended
+            log_only(f"error: {e}")
         print(f"error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-__all__ = ["console", "echo", "log_to_run_files", "run_log_file"]
+__all__ = ["console", "echo", "log_only", "log_to_run_files", "run_log_file"]
 
 console = Console()
 if not console.is_terminal:
@@ -75,3 +75,10 @@ def echo(*objects, **kwargs) -> None:
         plain.print(*objects, **kwargs)
         text = "\n".join(line.rstrip() for line in plain.file.getvalue().splitlines()).strip()
         run_log.info("\n" + text if "\n" in text else text)  # a table starts on a line of its own
+
+
+def log_only(text: str) -> None:
+    """``text`` (plain, no markup) into the run's log file alone, where one is set up: what the console does not
+    show but the log keeps (round lines with ``progress=false``, the error that ended a run)."""
+    if run_log.handlers:
+        run_log.info(text)

@@ -194,8 +194,9 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
             trial.outcome = "over_params"
             result.chosen = previous
             result.reason = (f"lambda {lam:g} ends above the parameter limit ({trial.params_rel:.3f}x > "
-                             f"{h.max_params}x): smaller lambdas shrink less; returning the last model within the "
-                             f"limit" + ("" if previous else " (there is none)"))
+                             f"{h.max_params}x) and smaller lambdas shrink less: "
+                             + ("returning the last model within the limit" if previous else
+                                "no lambda tried reached it; raise hpo.lambda_large or hpo.max_params"))
             break
         trial.outcome = "too_sparse" if decision == "too_sparse" else "under_params"
         previous = trial

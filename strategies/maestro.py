@@ -53,6 +53,7 @@ from fedmaestro import checkpoint, data, nested, tiers
 from fedmaestro.centralized import needs_data_facts, with_data_facts
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, TrainConfig, to_dict
+from fedmaestro.console import echo
 from fedmaestro.train import lasso_schedule, lr_factor
 
 from .global_model import GlobalModel
@@ -136,6 +137,13 @@ class MaestroStrategy(Strategy):
             self.global_model.held_ranks(tier_cfgs)
 
     # ------------------------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        """A start-up line: on the console (and in the run's log) as the round lines are, where the run shows them."""
+        if self.runlog.show:
+            echo(text, markup=False)
+        else:
+            log.info("%s", text)
+
     def summary(self) -> None:
         c = self.cfg
         defaults = TrainConfig()
@@ -150,26 +158,27 @@ class MaestroStrategy(Strategy):
                         "never happen in this run", late, c.fl.rounds)
         counts = np.bincount(self.tier_of, minlength=len(c.devices.tiers))
         if not self.global_model.factorized:
-            log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), a dense model "
-                     "(model.factorize=false): no rank sampling, lasso or shrinking", c.fl.rounds,
-                     c.fl.clients_per_round, c.fl.num_clients, c.fl.local_epochs)
+            self._say(f"MaestroStrategy: {c.fl.rounds} rounds, {c.fl.clients_per_round} of {c.fl.num_clients} clients "
+                      f"per round, {c.fl.local_epochs} local epoch(s), a dense model (model.factorize=false): no rank "
+                      f"sampling, lasso or shrinking")
             if any(t.budget < 1 or t.max_macs or t.max_params for t in c.devices.tiers):
                 log.warning("model.factorize=false: a dense model has no ranks to cut, so every tier of devices=%s "
                             "trains the whole model (budgets do not apply)", c.devices.name)
         else:
             shrinks = c.train.shrink and c.strategy.shrink_every > 0
-            log.info("MaestroStrategy: %d rounds, %d of %d clients per round, %d local epoch(s), sampler %s, "
-                     "lambda %g%s, %s", c.fl.rounds, c.fl.clients_per_round,
-                     c.fl.num_clients, c.fl.local_epochs, c.train.sampler, c.train.lambda_gl,
-                     "" if c.train.lambda_stop_params is None else
-                     f" until the params fall to {c.train.lambda_stop_params:g}x dense"
-                     + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""),
-                     f"shrink every {c.strategy.shrink_every} round(s) (eps {c.train.eps_ps:g})" if shrinks else
-                     "no shrinking")
+            stop = ("" if c.train.lambda_stop_params is None else
+                    f" until the params fall to {c.train.lambda_stop_params:g}x dense"
+                    + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""))
+            shrinking = (f"shrink every {c.strategy.shrink_every} round(s) (eps {c.train.eps_ps:g})" if shrinks else
+                         "no shrinking")
+            self._say(f"MaestroStrategy: {c.fl.rounds} rounds, {c.fl.clients_per_round} of {c.fl.num_clients} clients "
+                      f"per round, {c.fl.local_epochs} local epoch(s), sampler {c.train.sampler}, lambda "
+                      f"{c.train.lambda_gl:g}{stop}, {shrinking}")
         for t, n in zip(c.devices.tiers, counts):
-            log.info("  tier %s: %d client%s, budget %g%s%s%s", t.name, n, "" if n == 1 else "s", t.budget,
-                     f", max_macs {t.max_macs}" if t.max_macs else "", f", max_params {t.max_params}" if t.max_params else "",
-                     f", drop-out {t.dropout:g}, straggler {t.straggler:g}" if t.dropout or t.straggler else "")
+            self._say(f"  tier {t.name}: {n} client{'' if n == 1 else 's'}, budget {t.budget:g}"
+                      + (f", max_macs {t.max_macs}" if t.max_macs else "")
+                      + (f", max_params {t.max_params}" if t.max_params else "")
+                      + (f", drop-out {t.dropout:g}, straggler {t.straggler:g}" if t.dropout or t.straggler else ""))
         empty = [t.name for t, n in zip(c.devices.tiers, counts) if n == 0]
         if empty:
             held = self.global_model.held_ranks(c.devices.tiers) if self.global_model.factorized else None

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from fedmaestro import checkpoint
 from fedmaestro.config import Config, to_dict
-from fedmaestro.console import echo
+from fedmaestro.console import echo, log_only
 
 __all__ = ["RunLog", "TIME_KEYS"]
 
@@ -78,6 +79,8 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
         if self.show_rounds:
             echo(self.progress_line(record))
+        elif self.show:  # progress=false: the console stays quiet, the run's log keeps the round
+            log_only(Text.from_markup(self.progress_line(record)).plain)
         return record
 
     def progress_line(self, r: dict) -> str:

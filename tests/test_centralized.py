@@ -1182,3 +1182,4 @@ def test_a_run_that_diverges_ends_with_one_line_naming_the_fix(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "error: training loss is nan; lower train.lr or set train.grad_clip" in done.stderr
     assert "Traceback" not in done.stderr
+    assert "- error: training loss is nan" in (tmp_path / "run" / "fedmaestro.log").read_text()  # how the run ended

@@ -862,7 +862,8 @@ def test_the_flwr_run_serverapp_writes_the_runs_log_as_python_m_fedmaestro_does(
         TINY + ["fl.rounds=1", f"hydra.run.dir={tmp_path / 'run'}"])})
     server_app.app._main(LocalGrid(real_client.app, 4), context)
     text = (tmp_path / "run" / "fedmaestro.log").read_text()
-    assert "][fedmaestro.strategy][INFO] - MaestroStrategy: 1 rounds" in text  # the start-up summary
+    assert "][fedmaestro.run_log][INFO] - MaestroStrategy: 1 rounds" in text  # the start-up summary
+    assert "][fedmaestro.run_log][INFO] - round   1/1  acc " in text  # progress=false: off the console, in the log
     assert "federated run: 1 round," in text and "global (full rank)" in text  # what echo printed: the summary table
     assert not logging.getLogger("fedmaestro").handlers  # the handler goes with the run
 

@@ -138,7 +138,7 @@ def test_over_the_parameter_limit_returns_the_last_model_within_it(scripted, tmp
 def test_first_lambda_over_the_limit_returns_nothing(scripted, tmp_path):
     scripted.table = {0.8: (0.90, 0.50)}
     result = hpo.search(search_cfg(), tmp_path)
-    assert result.chosen is None and "there is none" in result.reason
+    assert result.chosen is None and "no lambda tried reached it; raise hpo.lambda_large or hpo.max_params" in result.reason
     assert not (tmp_path / "model.pt").exists()
     assert json.loads((tmp_path / "hpo.json").read_text())["chosen"] is None
 
