@@ -118,8 +118,10 @@ class RunDirGuard(Callback):
         mode = config.get("mode")
         if mode not in MODES:  # (a mode that does not exist: resolve says so, in run_mode)
             return
-        if mode == "hpo" and config.get("checkpoint"):
-            return  # run_mode says that a search does not read checkpoint=, before anything is read from it
+        if mode == "hpo" and config.get("checkpoint"):  # refused before anything is read from it or written here
+            checkpoint.discard_unused_run_dir(run_path)
+            print(f"error: {unread_by_search(config.get('checkpoint'))}", file=sys.stderr)
+            sys.exit(2)
         resume = bool(config.get("resume")) and mode not in NOT_RESUMED
         try:
             checkpoint.refuse_overwrite(run_path, resume, mode, source=config.get("checkpoint"))
@@ -133,10 +135,8 @@ class RunDirGuard(Callback):
                     job = resolve(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
                 except ValueError:
                     return
-                state = checkpoint.load(path)
-                if isinstance(state, dict) and "config" in state:
-                    checkpoint.check_resumable(state["config"], to_dict(job),
-                                               checkpoint.resume_ignored(mode, job.dataset.name) + ignored)
+                checkpoint.check_resumable(checkpoint.load(path)["config"], to_dict(job),
+                                           checkpoint.resume_ignored(mode, job.dataset.name) + ignored)
         except (FileExistsError, ValueError) as e:
             checkpoint.discard_unused_run_dir(run_path)  # (made above: a refused run leaves no directory)
             print(f"error: {e}", file=sys.stderr)
@@ -227,13 +227,17 @@ def _override(key: str, value: str) -> str:
     return f"\"{key}='{value}'\""
 
 
+def unread_by_search(checkpoint_: str) -> str:
+    return (f"checkpoint={checkpoint_} is not read by mode=hpo: a lambda search resumes from its run directory "
+            f"(resume=true hydra.run.dir=<the search's directory>); drop checkpoint=")
+
+
 def run_mode(cfg: DictConfig, run_dir: Path, sweep: bool = False) -> int | None:
     """Run ``cfg``'s mode into ``run_dir``; ``sweep``: a job of --multirun (a search that found no model returns
     the exit status 1, for the sweep to go on with its next job, instead of ending the process)."""
     config = resolve(cfg)  # validation: a bad value fails here, before any work
     if config.checkpoint and config.mode == "hpo":
-        raise ValueError(f"checkpoint={config.checkpoint} is not read by mode=hpo: a lambda search resumes from its "
-                         f"run directory (resume=true hydra.run.dir=<the search's directory>); drop checkpoint=")
+        raise ValueError(unread_by_search(config.checkpoint))
     if config.resume and config.mode == "theory":
         raise ValueError("resume=true is not read by mode=theory: its experiments are short and always start afresh "
                          "(theory.*, seed); drop resume=true")

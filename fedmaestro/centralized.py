@@ -390,10 +390,7 @@ def load_model(path: str | Path, map_location="cpu", key: str = "checkpoint") ->
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    state = checkpoint.load(path, map_location, key)
-    if "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a fedmaestro model file (no 'config'/'model' entries); give a model.pt, "
-                         f"checkpoint.pt or an export written by fedmaestro")
+    state = checkpoint.load(path, map_location, key)  # (refuses a file without fedmaestro's config and model)
     cfg = resolve(state["config"])
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg)

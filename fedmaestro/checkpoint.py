@@ -67,7 +67,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", key: str = 
             raise
         raise ValueError(_not_a_checkpoint(path, e)) from e
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("model"), dict)):
-        raise ValueError(_not_a_checkpoint(path, "it holds no 'config' and 'model' entries"))  # a tensor's torch.save
+        raise ValueError(_not_a_checkpoint(path, "it lacks fedmaestro's 'config' and 'model' dicts"))  # a tensor's
     return state
 
 
@@ -185,13 +185,13 @@ def refuse_overwrite(run_dir: str | Path, resume: bool, mode: str, dir_key: str 
     held = held_run(run_dir)
     if held is None:
         return
-    there, path = held
-    there = mode if there is None else there
+    recorded, path = held
+    there = mode if recorded is None else recorded
     where = f"{Path(run_dir)} already holds a {RUN_NAMES.get(there, there + ' run')} ({path.relative_to(run_dir)})"
     own_dir = f"give the new run its own directory ({dir_key}=...)"
     if there != mode:
         raise FileExistsError(f"{where}, not a {RUN_NAMES.get(mode, mode + ' run')}; {own_dir}")
-    if mode == "hpo" and path == Path(run_dir) / "checkpoint.pt":  # a search keeps its lambdas' in lambda_*/
+    if recorded == "hpo" and path == Path(run_dir) / "checkpoint.pt":  # a search keeps its lambdas' in lambda_*/
         raise FileExistsError(f"{Path(run_dir)} holds one lambda of a lambda search: a run here would start a search "
                               f"inside it, over its model.pt; resume the search with "
                               f"{dir_key}={Path(run_dir).resolve().parent}, or {own_dir}")

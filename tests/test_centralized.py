@@ -1137,7 +1137,7 @@ def test_a_file_holding_pickled_objects_is_refused_without_running_them(tmp_path
 def test_a_torch_file_that_fedmaestro_did_not_write_is_refused_by_name(tmp_path, content):
     torch.save(content, tmp_path / "checkpoint.pt")  # loaded with weights_only, then a traceback or a KeyError
     with pytest.raises(ValueError, match=r"checkpoint.pt is not a checkpoint or model file written by fedmaestro \(it "
-                                         r"holds no 'config' and 'model' entries\)"):
+                                         r"lacks fedmaestro's 'config' and 'model' dicts\)"):
         checkpoint.load(tmp_path / "checkpoint.pt")
 
 

@@ -300,13 +300,21 @@ def test_another_modes_run_is_never_written_over_even_with_resume(tmp_path):
 def test_one_lambdas_directory_is_refused_as_a_search_directory(tmp_path):
     from fedmaestro import checkpoint
 
+    from fedmaestro.config import to_dict
+
     cfg = search_cfg(epochs=1)
-    Trainer(cfg, tmp_path / "lambda_0.1", DATASETS).fit(show_progress=False)  # its config.json says mode=hpo
+    Trainer(cfg, tmp_path / "lambda_0.1", DATASETS).fit(show_progress=False)
+    (tmp_path / "lambda_0.1" / "config.json").write_text(json.dumps(to_dict(cfg)))  # mode=hpo, as the search writes
     for resume in (False, True):  # resume=true started a search inside it and wrote its model.pt over
         with pytest.raises(FileExistsError, match=rf"lambda_0.1 holds one lambda of a lambda search: .*resume the "
                                                   rf"search with hydra.run.dir={tmp_path}"):
             checkpoint.refuse_overwrite(tmp_path / "lambda_0.1", resume, "hpo")
     checkpoint.refuse_overwrite(tmp_path, True, "hpo")  # the search's own directory resumes
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoint.pt").write_bytes(b"")  # no config.json to say whose: not named a lambda's
+    with pytest.raises(FileExistsError, match=r"already holds a lambda search \(checkpoint.pt\); continue it") as e:
+        checkpoint.refuse_overwrite(tmp_path / "other", False, "hpo")
+    assert "one lambda" not in str(e.value)
 
 
 def test_a_search_of_a_dense_model_is_refused_before_any_lambda_trains(scripted, tmp_path):
@@ -318,14 +326,20 @@ def test_a_search_of_a_dense_model_is_refused_before_any_lambda_trains(scripted,
     assert scripted.built == []
 
 
-def test_the_command_line_says_a_search_does_not_read_checkpoint_before_reading_it(tmp_path):
+def test_the_command_line_says_a_search_does_not_read_checkpoint_before_reading_it_or_writing(tmp_path):
     Trainer(tiny(epochs=1), tmp_path / "centralized", DATASETS).fit(show_progress=False)
-    done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=hpo", "resume=true",
-                           f"checkpoint={tmp_path / 'centralized'}", f"hydra.run.dir={tmp_path / 'search'}"],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]  # it listed the keys that differ, as if a resume would read it
-    assert "is not read by mode=hpo" in done.stderr and "different config" not in done.stderr
+    held = tmp_path / "held"  # a search's directory: Hydra must not write its .hydra/ files over
+    (held / ".hydra").mkdir(parents=True)
+    (held / "hpo.json").write_text("{}")
+    (held / ".hydra" / "overrides.yaml").write_text("- ORIGINAL\n")
+    for run_dir in (tmp_path / "search", held):
+        done = subprocess.run([sys.executable, "-m", "fedmaestro", "mode=hpo", "resume=true",
+                               f"checkpoint={tmp_path / 'centralized'}", f"hydra.run.dir={run_dir}"],
+                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]  # it listed the keys that differ, as if a resume read it
+        assert "is not read by mode=hpo" in done.stderr and "different config" not in done.stderr
     assert not (tmp_path / "search").exists()
+    assert (held / ".hydra" / "overrides.yaml").read_text() == "- ORIGINAL\n"
 
 
 def test_a_search_resumed_with_another_config_is_refused_before_hydra_writes(tmp_path):
