@@ -131,7 +131,7 @@ def train(message: Message, context: Context) -> Message:
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"FloatingPointError: {e}"),
                        reply_to=message)
     return _reply(message, {P.NUM_EXAMPLES: m["num_examples"], P.TRAIN_LOSS: m["loss"], P.PARTITION_ID: pid,
-                            P.TRAIN_SECONDS: m["seconds"], P.STEPS: m["steps"]}, out)
+                            P.TRAIN_SECONDS: m["seconds"], P.STEPS: m["steps"], P.NUM_SCORED: m["scored"]}, out)
 
 
 @app.evaluate()

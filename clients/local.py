@@ -151,12 +151,12 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
     optimizer = make_optimizer(model, t)
     task = task_for(cfg.dataset.name, t.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if t.amp and device.type == "cuda" else None
-    total, examples, steps = 0.0, 0, 0
+    total, predictions, steps = 0.0, 0, 0
     for epoch in range(local_epochs):
         loader.set_epoch((rnd - 1) * local_epochs + epoch)
         stats = train_epoch(model, loader, optimizer, t, task, device, sampler=rank_sampler, scaler=scaler)
-        total += stats["loss"] * stats["num_examples"]
-        examples += stats["num_examples"]
+        total += stats["loss"] * stats["predictions"]  # the loss is a mean over predictions (tokens, or examples)
+        predictions += stats["predictions"]
         steps += stats["steps"]
     if rank_sampler is not None and nested.batchnorm_names(model):
         # the running statistics mix the sub-models the steps sampled: re-estimated at the caps, on the local
@@ -165,8 +165,8 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
         calib = data.BatchLoader(data.unaugmented(d.train_set), size, shuffle=True, seed=s, indices=train_idx,
                                  drop_last=train_idx.size >= size)
         recalibrate_batchnorm(model, calib, task, device)
-    metrics = {"num_examples": int(train_idx.size), "loss": total / max(examples, 1), "steps": steps,
-               "seconds": time.perf_counter() - start}
+    metrics = {"num_examples": int(train_idx.size), "loss": total / max(predictions, 1), "scored": predictions,
+               "steps": steps, "seconds": time.perf_counter() - start}
     return nested.state_arrays(model), metrics
 
 

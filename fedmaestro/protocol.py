@@ -12,9 +12,10 @@ Messages (one per node, built per node):
 * train: arrays ``ARRAYS`` = the node's prefix of the global model; config ``ROUND``, ``CAPS`` (one
   int per LoD layer, in module order), ``LR``, ``LOCAL_EPOCHS``, ``LAMBDA``, ``SAMPLER``, ``SEED``,
   ``FAULT`` and ``DEADLINE``. Reply: arrays ``ARRAYS`` (same names and shapes as sent), metrics
-  ``NUM_EXAMPLES``, ``TRAIN_LOSS``, ``PARTITION_ID``, ``TRAIN_SECONDS``, ``STEPS``.
+  ``NUM_EXAMPLES``, ``TRAIN_LOSS``, ``PARTITION_ID``, ``TRAIN_SECONDS``, ``STEPS``, and optionally
+  ``NUM_SCORED`` (the predictions the loss averages over: target tokens for translation).
 * evaluate: arrays ``ARRAYS``, config ``ROUND``; reply metrics ``NUM_EXAMPLES`` (local test
-  examples), ``ACCURACY``, ``LOSS``, ``PARTITION_ID``.
+  examples), ``ACCURACY``, ``LOSS``, ``PARTITION_ID``, and optionally ``NUM_SCORED``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ STEPS = "steps"
 ACCURACY = "accuracy"
 LOSS = "loss"
 # in an evaluation reply, optional: the predictions accuracy and loss average over (target tokens for
-# translation, examples otherwise); where every reply gives it, it weights the federated means
+# translation, examples otherwise); where every reply gives it, it weights the federated means. In a train
+# reply, the same for the training loss
 NUM_SCORED = "num-scored"
 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, PARTITION_ID, TRAIN_SECONDS, STEPS)

@@ -302,7 +302,8 @@ def lasso_schedule(train: TrainConfig, params_rel: float) -> tuple[float, str]:
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
                 device: torch.device, sampler: lod.RankSampler | None = None, scaler=None,
                 cost: RankCost | None = None, on_step: Callable[[int], None] | None = None) -> dict:
-    """One pass over ``loader``; returns {"loss", "num_examples", "steps", "seconds"}.
+    """One pass over ``loader``; returns {"loss", "num_examples", "predictions", "steps", "seconds"} (the loss is the
+    mean over the predictions: the examples, or the target tokens but padding for translation).
 
     Per step (Algorithm 1, lines 3-7): ``sampler.step()`` sets the active ranks, the loss (the mean over the
     batch's predictions, or with ``loss_reduction=sum`` their sum; + ``lambda_gl`` * HGL in ``subgradient``
@@ -382,7 +383,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     loss = float(total_loss) / max(float(total_predictions), 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}; lower train.lr or set train.grad_clip")
-    return {"loss": loss, "num_examples": examples, "steps": steps, "seconds": time.perf_counter() - start}
+    return {"loss": loss, "num_examples": examples, "predictions": int(total_predictions), "steps": steps,
+            "seconds": time.perf_counter() - start}
 
 
 def _distillation(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, task: Task) -> torch.Tensor:

@@ -342,6 +342,10 @@ class MaestroStrategy(Strategy):
                     f"training examples when the run started")
         if metrics[P.TRAIN_SECONDS] < 0:
             return f"train-seconds={metrics[P.TRAIN_SECONDS]!r} must be >= 0"
+        if P.NUM_SCORED in metrics and not (isinstance(metrics[P.NUM_SCORED], (int, float))
+                                            and metrics[P.NUM_SCORED] >= 0
+                                            and metrics[P.NUM_SCORED] == int(metrics[P.NUM_SCORED])):
+            return f"{P.NUM_SCORED}={metrics[P.NUM_SCORED]!r} is not a whole number >= 0"
         try:
             arrays = _record_arrays(content.array_records[P.ARRAYS])
         except Exception as e:  # noqa: BLE001  (an array that does not decode is the client's fault)
@@ -403,10 +407,14 @@ class MaestroStrategy(Strategy):
         info["shrunk"] = bool(shrink_now and self.global_model.shrink(c.train.eps_ps))
         if info["shrunk"]:  # the caps fall with the ranks, and may now leave columns to no tier
             self._cut_to_tiers(f"after round {server_round}")
-        total = sum(weights)
+        # the training loss weighted by the predictions each client's loss averages (target tokens for
+        # translation), where every reply says; else by the examples
+        scored = [m.get(P.NUM_SCORED) for _, _, _, m in valid]
+        loss_weights = [float(k) for k in scored] if all(k is not None for k in scored) else weights
         metrics = MetricRecord({
             "valid-replies": len(valid),
-            P.TRAIN_LOSS: sum(w * m[P.TRAIN_LOSS] for _, _, w, m in valid) / total,
+            P.TRAIN_LOSS: sum(w * m[P.TRAIN_LOSS] for w, (_, _, _, m) in zip(loss_weights, valid))
+            / max(sum(loss_weights), 1e-12),
             P.TRAIN_SECONDS: sum(m[P.TRAIN_SECONDS] for _, _, _, m in valid),
         })
         return _to_record(self.global_model.arrays()), metrics

@@ -315,6 +315,8 @@ def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> Clien
             metrics[P.TRAIN_LOSS] = float("nan")
         elif kind == "weight":
             metrics[P.NUM_EXAMPLES] = metrics[P.NUM_EXAMPLES] * 1000
+        elif kind == "scored":
+            metrics[P.NUM_SCORED] = 2.5
         if captured is not None and kind is None:
             captured[pid] = (arrays, metrics[P.NUM_EXAMPLES])
         out = real_client._reply(message, metrics, arrays)
@@ -333,7 +335,8 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
                 ("undecodable", "arrays do not decode"), ("list", "finite numbers, got train-loss=[1.0]"),
                 ("fraction", "whole numbers >= 0, got partition-id=9.5"),
                 ("seconds", "train-seconds=-1.0 must be >= 0"), ("weight", "but the client announced"),
-                ("nanloss", "finite numbers, got train-loss=nan")]  # client i replies with fault expected[i]
+                ("nanloss", "finite numbers, got train-loss=nan"),
+                ("scored", "num-scored=2.5 is not a whole number >= 0")]  # client i replies with fault expected[i]
     n = len(expected) + 1  # the last client answers correctly
     cfg, run_dir = make_cfg(tmp_path, f"fl.num_clients={n}", f"fl.clients_per_round={n}", "fl.rounds=1",
                             "devices=three_tiers", "strategy.shrink_every=0")
@@ -379,6 +382,30 @@ def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_
     assert len(seen) == 4 and len({k for k, _, _ in seen.values()}) == 4
     assert r["fed_accuracy"] == pytest.approx(sum(k * a for k, a, _ in seen.values()) / total, rel=1e-12)
     assert r["fed_loss"] == pytest.approx(sum(k * loss for k, _, loss in seen.values()) / total, rel=1e-12)
+
+
+def test_the_training_loss_weights_each_client_by_the_predictions_its_loss_averages(tmp_path):
+    """As the federated evaluation: per token for translation (num-scored in the train reply), not per sentence;
+    in classification num-scored is the examples trained on, and a reply without it weighs by num-examples."""
+    app = real_app("train")
+    seen = {}
+
+    @app.train()
+    def train(message, context):
+        reply = real_client.train(message, context)
+        m = reply.content.metric_records[P.METRICS]
+        pid = int(context.node_config[P.PARTITION_ID])
+        assert m[P.NUM_SCORED] == m[P.NUM_EXAMPLES]  # classification, one local epoch
+        m[P.NUM_SCORED] = m[P.NUM_EXAMPLES] * (pid + 1)  # as if client pid's examples held pid + 1 tokens each
+        seen[pid] = (m[P.NUM_SCORED], m[P.TRAIN_LOSS])
+        return reply
+
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.clients_per_round=4")
+    run(cfg, run_dir, app)
+    total = sum(k for k, _ in seen.values())
+    assert len(seen) == 4 and len({k for k, _ in seen.values()}) == 4
+    assert records(run_dir)[0]["train_loss"] == pytest.approx(sum(k * loss for k, loss in seen.values()) / total,
+                                                              rel=1e-12)
 
 
 @pytest.mark.parametrize("diverging", [{0, 1, 2, 3}, {0}])
@@ -1070,7 +1097,7 @@ def test_a_parameter_budget_is_solved_into_caps_and_params_rel_counts_the_deploy
     assert strategy.round_training() == (0.0, cfg.train.sampler)
 
 
-def test_local_training_reads_the_rounds_batch_order_and_reports_the_example_mean_loss(tmp_path, monkeypatch):
+def test_local_training_reads_the_rounds_batch_order_and_reports_the_prediction_mean_loss(tmp_path, monkeypatch):
     cfg, _ = make_cfg(tmp_path, "devices=homogeneous")
     strategy = MaestroStrategy(cfg, None, show_progress=False)
     glob = strategy.global_model.arrays()
@@ -1078,15 +1105,16 @@ def test_local_training_reads_the_rounds_batch_order_and_reports_the_example_mea
     epochs_set, calls = [], []
     monkeypatch.setattr(data.BatchLoader, "set_epoch", lambda self, e: epochs_set.append(e))
 
-    def fake_epoch(model, loader, *args, **kwargs):  # per epoch: mean loss 2.0 and 3.0, over 300 and 100 examples
-        calls.append(1)
-        return {"loss": 2.0 if len(calls) == 1 else 3.0, "num_examples": 300 if len(calls) == 1 else 100, "steps": 10}
+    def fake_epoch(model, loader, *args, **kwargs):  # per epoch: mean loss 2.0 and 3.0, over 300 and 100 predictions
+        calls.append(1)  # (as many as examples in classification; target tokens in translation)
+        first = len(calls) == 1
+        return {"loss": 2.0 if first else 3.0, "num_examples": 30, "predictions": 300 if first else 100, "steps": 10}
 
     monkeypatch.setattr(local, "train_epoch", fake_epoch)
     _, m = local.train(cfg, 1, glob, rnd=3, caps=caps, lr=0.01, lambda_gl=0.0, local_epochs=2, sampler="per_layer",
                        seed=0)
     assert epochs_set == [4, 5]  # round 3 of 2 local epochs: the run's 5th and 6th passes over the partition
-    assert m["loss"] == pytest.approx((2.0 * 300 + 3.0 * 100) / 400) and m["steps"] == 20
+    assert m["loss"] == pytest.approx((2.0 * 300 + 3.0 * 100) / 400) and m["steps"] == 20 and m["scored"] == 400
 
 
 def test_client_data_of_another_seed_is_partitioned_anew_in_the_same_process(tmp_path):
