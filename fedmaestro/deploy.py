@@ -263,12 +263,19 @@ def first_at_or_below(curve: list[dict], key: str, target: float) -> dict | None
 
 
 def accuracy_at(curve: list[dict], key: str, target: float) -> float:
-    """Test accuracy interpolated linearly in ``key`` at ``target`` between the evaluated points."""
-    points = sorted(((p[key], p["accuracy"]) for p in curve if not math.isnan(p["accuracy"])), reverse=True)
-    for (x0, a0), (x1, a1) in zip(points, points[1:]):
-        if x1 <= target <= x0:
-            return a0 if x0 == x1 else a1 + (a0 - a1) * (target - x1) / (x0 - x1)
-    return math.nan
+    """Test accuracy at ``target``: that of the first evaluated point at or below it (in the curve's order, the
+    point the export takes), interpolated linearly in ``key`` from the evaluated point before it where it lies
+    below the target. Steps that change nothing of ``key`` (a layer merged to dense) make plateaus: a point is
+    read by its step, never by its accuracy. NaN where the curve does not reach the target or starts below it."""
+    points = [(p[key], p["accuracy"]) for p in curve if not math.isnan(p["accuracy"])]
+    i = next((i for i, (x, _) in enumerate(points) if x <= target + 1e-12), None)
+    if i is None or (i == 0 and points[0][0] < target - 1e-12):
+        return math.nan
+    x1, a1 = points[i]
+    if i == 0 or x1 >= target - 1e-12:
+        return a1
+    x0, a0 = points[i - 1]  # x0 > target > x1
+    return a1 + (a0 - a1) * (target - x1) / (x0 - x1)
 
 
 def export_point(source: nn.Module, point: dict, ctx: GreedyContext, cfg: Config, path: Path) -> dict | None:

@@ -127,6 +127,12 @@ def test_helpers_pick_the_first_point_below_a_target_and_interpolate():
     # linear between the evaluated points (1.0, 0.9) and (0.4, 0.7); 0.6 has no evaluation
     assert deploy.accuracy_at(curve, "macs_frac", 0.5) == pytest.approx(0.7 + 0.2 * 0.1 / 0.6)
     assert math.isnan(deploy.accuracy_at(curve, "macs_frac", 0.2))
+    # plateaus (steps on a layer merged to dense change no MACs): read by step, not by accuracy
+    plateaus = [{"macs_frac": f, "accuracy": a} for f, a in [(1.0, 0.5), (1.0, 0.7), (0.5, 0.4), (0.5, 0.8)]]
+    assert deploy.accuracy_at(plateaus, "macs_frac", 1.0) == 0.5  # the first point there: the one exported
+    assert deploy.accuracy_at(plateaus, "macs_frac", 0.75) == pytest.approx(0.55)  # from (1.0, 0.7) to (0.5, 0.4)
+    assert deploy.accuracy_at(plateaus, "macs_frac", 0.5) == 0.4  # (0.7 / 0.65 / 0.8 when sorted by accuracy)
+    assert math.isnan(deploy.accuracy_at(plateaus[2:], "macs_frac", 0.75))  # the curve starts below the target
 
 
 def test_svd_baseline_factorizes_a_dense_model_exactly_and_refuses_a_factorized_one(trained):
