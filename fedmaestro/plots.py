@@ -145,17 +145,18 @@ def plot_federated(run_dir: str | Path) -> list[Path]:
     ax.grid(alpha=0.3)
     save(fig, "plot_accuracy_mb.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["round"] for r in records], [r["total_rank"] for r in records], marker="o")
-    ax.set(xlabel="round", ylabel="total rank (sum over LoD layers)", title="total rank vs round", ylim=(0, None))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    save(fig, "plot_rank_round.png")
+    if any(r.get("ranks") for r in records):  # a dense model (model.factorize=false) has no ranks to draw
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["round"] for r in records], [r["total_rank"] for r in records], marker="o")
+        ax.set(xlabel="round", ylabel="total rank (sum over LoD layers)", title="total rank vs round", ylim=(0, None))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        save(fig, "plot_rank_round.png")
 
     if tier_names and evaluated:
         last = evaluated[-1]
         fig, ax = plt.subplots(figsize=(6, 4))
-        names = ["full"] + tier_names
+        names = ["global"] + [f"tier {n}" for n in tier_names]  # a tier may be named "full"
         accs = [last["accuracy"]] + [last["tiers"][n].get("accuracy", float("nan")) for n in tier_names]
         params = [last["params_rel"]] + [last["tiers"][n]["params_rel"] for n in tier_names]
         bars = ax.bar(names, accs, color="tab:blue")
@@ -343,6 +344,19 @@ def _label(run: Run, keys: list[str]) -> str:
     return "Maestro (" + ", ".join(parts) + ")"
 
 
+def _series(run: Run, runs: list[Run], keys: list[str]) -> str:
+    """The line a factorized run is drawn on in a sweep's figures: its row's name without lambda (its preset and
+    what varies within it, or "Maestro" and what varies besides lambda), so that each variant's lambdas join."""
+    preset = run.flat.get("experiment") if "experiment" in keys else None
+    if preset is not None:
+        within = [k for k in _varying_keys([r for r in runs if r.flat.get("experiment") == preset])
+                  if k != "train.lambda_gl"]
+        shown = _settings(run, within)
+        return str(preset) + (f" ({', '.join(shown)})" if shown else "")
+    shown = _settings(run, [k for k in keys if k not in ("model.factorize", "train.lambda_gl", "experiment")])
+    return "Maestro" + (f" ({', '.join(shown)})" if shown else "")
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation; NaN where a value is missing (NaN: statistics.stdev fails on it)."""
     if any(math.isnan(v) for v in values):
@@ -384,6 +398,7 @@ def sweep_table(runs: list[Run]) -> list[dict]:
         lasts = [m.last for m in members]
         evaluated = [m.last.get("accuracy") for m in members if m.last.get("accuracy") is not None]
         row = {"variant": label, "dense": members[0].dense, "lambda_gl": members[0].lambda_gl, "runs": len(members),
+               "series": None if members[0].dense else _series(members[0], runs, keys),
                "epochs": min(m.last[m.unit] for m in members),  # where runs of a row stopped apart: the fewest
                "finished": all(m.finished for m in members)}
         row["acc"], row["acc_std"] = _mean_std(evaluated) if evaluated else (math.nan, math.nan)
@@ -468,11 +483,15 @@ def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float
     write_sweep(rows, out_dir, notes)
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    maestro = [r for r in rows if not r["dense"]]
+    lines: dict[str, list[dict]] = defaultdict(list)  # one line per variant, through its lambdas (rows: by lambda)
+    for r in rows:
+        if not r["dense"]:
+            lines[r["series"]].append(r)
     for ax, key, name in ((axes[0], "params_rel", "parameters"), (axes[1], "macs_rel", "MACs")):
-        ax.errorbar([r[key] for r in maestro], [100 * r["acc"] for r in maestro],
-                    yerr=[100 * r["acc_std"] for r in maestro], marker="o", capsize=3, label="Maestro")
-        for r in maestro:
+        for series, maestro in lines.items():
+            ax.errorbar([r[key] for r in maestro], [100 * r["acc"] for r in maestro],
+                        yerr=[100 * r["acc_std"] for r in maestro], marker="o", capsize=3, label=series)
+        for r in (r for maestro in lines.values() for r in maestro):
             ax.annotate(f"{r['lambda_gl']:g}" + ("" if r["finished"] else "*"), (r[key], 100 * r["acc"]), fontsize=7,
                         xytext=(3, -9),
                         textcoords="offset points")
@@ -488,13 +507,21 @@ def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "sweep_accuracy.png"))
-    factorized = sorted((r for r in runs if not r.dense and r.last.get("ranks")), key=lambda r: r.lambda_gl)
+    keys = _varying_keys(runs)
+    series_of = {id(r): _series(r, runs, keys) for r in runs if not r.dense}
+    factorized = sorted((r for r in runs if not r.dense and r.last.get("ranks")),
+                        key=lambda r: (series_of[id(r)], r.lambda_gl))
+    named = len({series_of[id(r)] for r in factorized}) > 1  # several variants: each line says which
+
+    def line_name(run: Run) -> str:
+        return (f"{series_of[id(run)]}, " if named else "") + f"λ={run.lambda_gl:g}"
+
     if factorized:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         seeds = len({r.config.get("seed") for r in factorized}) > 1
         for k, run in enumerate(factorized):
             ax.plot(run.steps, [r["total_rank"] for r in run.records],
-                    label=f"λ={run.lambda_gl:g}" + (f", seed {run.config.get('seed')}" if seeds else ""),
+                    label=line_name(run) + (f", seed {run.config.get('seed')}" if seeds else ""),
                     color=plt.cm.viridis(k / max(len(factorized) - 1, 1)), marker="." if len(run.records) < 30 else None)
         ax.set(xlabel=factorized[0].unit, ylabel=r"total rank $\sum_i r_i$", title="Total rank over training (Fig. 8)",
                ylim=(0, None))
@@ -505,7 +532,7 @@ def plot_sweep(runs: list[Run], out_dir: str | Path, reference: list[tuple[float
         full = _full_ranks(factorized[0].path, factorized[0].records[0]["ranks"])
         series = {}
         for run in factorized:
-            series.setdefault(f"λ={run.lambda_gl:g}", run.last["ranks"])  # first seed of each lambda
+            series.setdefault(line_name(run), run.last["ranks"])  # first seed of each variant and lambda
         paths.append(_plot_layer_ranks(series, full, out_dir / "sweep_ranks.png", "Ranks per layer (Fig. 9)"))
     return paths
 

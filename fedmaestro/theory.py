@@ -90,6 +90,8 @@ def _sgd_step(layer, sampler, optimizer, x, y, lambda_gl: float, hgl_mode: str) 
     # of the old graph is still alive.
     sampler.step()
     loss = (layer(x) - y).square().sum(dim=1).mean()  # ||U_{:b} V_{:b}^T x - y||^2, mean over the batch
+    if layer.rank == 0:  # shrunk away (no bias): nothing left to train, the map is 0
+        return float(loss)
     if lambda_gl > 0 and hgl_mode == "subgradient":
         loss = loss + lambda_gl * lod.hgl_penalty(layer)
     optimizer.zero_grad(set_to_none=True)
@@ -126,7 +128,7 @@ def train_lod(layer: lod.LoDLinear, inputs: torch.Tensor, target: torch.Tensor, 
     for t in range(steps):
         x = inputs[t]  # (B, n)
         _sgd_step(layer, sampler, optimizer, x, x @ target.T, lambda_gl, hgl_mode)
-        if eps_ps is not None and (t + 1) % shrink_every == 0:
+        if eps_ps is not None and (t + 1) % shrink_every == 0 and layer.rank > 0:
             before, imp = layer.rank, lod.importance(layer)
             lod.shrink(layer, eps_ps, optimizer)
             if layer.rank < before:

@@ -895,6 +895,22 @@ def test_a_sweep_over_presets_names_each_row_by_its_preset(tmp_path, capsys):
     assert "None" not in variants and variants[0] == "Non-Factorized"
     rows = list(csv.DictReader((sweep / "sweep.csv").open()))
     assert [int(r["runs"]) for r in rows] == [2, 1, 2]
+    # the figures draw one line per preset (they joined every factorized row into one "Maestro" line)
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.errorbar
+
+    def recording(self, x, y, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(x)))
+        return original(self, x, y, *args, **kwargs)
+
+    matplotlib.axes.Axes.errorbar = recording
+    try:
+        assert plot.main([str(sweep), "--out", str(tmp_path / "again")]) == 0
+    finally:
+        matplotlib.axes.Axes.errorbar = original
+    assert sorted({label for label, _ in drawn}) == ["fl_fjord", "fl_maestro"]
 
 
 def test_a_sweep_over_a_device_key_keeps_its_rows_apart():

@@ -384,6 +384,16 @@ def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_
     assert r["fed_loss"] == pytest.approx(sum(k * loss for k, _, loss in seen.values()) / total, rel=1e-12)
 
 
+def test_a_dense_runs_figures_have_no_rank_plot(tmp_path):
+    from fedmaestro.plots import plot_federated
+
+    record = {"round": 1, "accuracy": 0.5, "loss": 1.0, "bytes_down": 10, "bytes_up": 10, "total_rank": 0, "ranks": {},
+              "params_rel": 1.0, "tiers": {}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n" + json.dumps({**record, "round": 2}) + "\n")
+    written = {p.name for p in plot_federated(tmp_path)}
+    assert written == {"plot_accuracy_round.png", "plot_accuracy_mb.png"}  # no flat "total rank = 0" line
+
+
 def test_the_training_loss_weights_each_client_by_the_predictions_its_loss_averages(tmp_path):
     """As the federated evaluation: per token for translation (num-scored in the train reply), not per sentence;
     in classification num-scored is the examples trained on, and a reply without it weighs by num-examples."""

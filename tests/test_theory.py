@@ -127,6 +127,16 @@ def test_train_lod_shrinks_while_training(tc):
     assert trace.cuts == [{"step": 5, "from": 4, "to": 2, "importance": 0.0}]
 
 
+def test_a_layer_shrunk_to_rank_0_ends_its_run_at_rank_0_without_failing():
+    # a threshold above every importance cuts the whole layer at the first shrink; the steps after have nothing to
+    # train (no bias: the loss has no gradient) and no importance to compute (a RuntimeError each, before)
+    layer = lod.LoDLinear(4, 4, bias=False)
+    inputs = torch.randn(20, 8, 4, generator=torch.Generator().manual_seed(0))
+    trace = theory.train_lod(layer, inputs, torch.eye(4), lr=0.01, seed=0, probe=lambda m: m.rank, log_every=5,
+                             eps_ps=1e9, shrink_every=5)
+    assert trace.values == [4, 0, 0, 0, 0] and [(c["from"], c["to"]) for c in trace.cuts] == [(4, 0)]
+
+
 def test_theory_config_rejects_bad_values():
     with pytest.raises(ValueError, match="theory.hgl_mode"):
         TheoryConfig(hgl_mode="lasso")

@@ -72,7 +72,8 @@ def shrink(model: nn.Module, eps: float, optimizer: torch.optim.Optimizer | None
         ranks[name] = layer.rank
     if held and not any(ranks.values()):
         log.warning("progressive shrinking cut every LoD layer to rank 0 (eps_ps=%g is above every column's "
-                    "importance): the model now computes its biases only; lower train.eps_ps or train.lambda_gl", eps)
+                    "importance): the model now computes its biases only; lower train.eps_ps or train.lambda_gl "
+                    "(theory.eps_ps or theory.lambda_gl in mode=theory)", eps)
     return ranks
 
 
