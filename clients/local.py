@@ -134,8 +134,8 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
     On CUDA with ``train.amp``, autocast with a GradScaler; a new one every round, whose scale starts at
     2^16, so a round's first steps may be skipped while it calibrates (a centralized run keeps one).
 
-    metrics: num_examples (local training examples: the aggregation weight), loss (mean over the
-    epochs), seconds, steps.
+    metrics: num_examples (local training examples: the aggregation weight), loss (the mean over the
+    predictions of every epoch), scored (those predictions: examples trained on, or target tokens), seconds, steps.
     """
     start = time.perf_counter()
     d = client_data(cfg)

@@ -100,6 +100,12 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(nested.contiguous(a)) for name, a in arrays.items()})
 
 
+def _whole_count(value) -> bool:
+    """A whole number >= 0 (a count of predictions); inf and NaN are not (int(inf) raises)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0 and value == int(value))
+
+
 class MaestroStrategy(Strategy):
     """Maestro's federated strategy; every baseline (FedAvg, FjORD-like, HeteroFL-like) is a config of it."""
 
@@ -342,9 +348,7 @@ class MaestroStrategy(Strategy):
                     f"training examples when the run started")
         if metrics[P.TRAIN_SECONDS] < 0:
             return f"train-seconds={metrics[P.TRAIN_SECONDS]!r} must be >= 0"
-        if P.NUM_SCORED in metrics and not (isinstance(metrics[P.NUM_SCORED], (int, float))
-                                            and metrics[P.NUM_SCORED] >= 0
-                                            and metrics[P.NUM_SCORED] == int(metrics[P.NUM_SCORED])):
+        if P.NUM_SCORED in metrics and not _whole_count(metrics[P.NUM_SCORED]):
             return f"{P.NUM_SCORED}={metrics[P.NUM_SCORED]!r} is not a whole number >= 0"
         try:
             arrays = _record_arrays(content.array_records[P.ARRAYS])
@@ -463,8 +467,7 @@ class MaestroStrategy(Strategy):
                            f"{self.tests_of[sent.partition_id]} test examples when the run started")
             elif not 0.0 <= m[P.ACCURACY] <= 1.0:
                 problem = f"accuracy={m[P.ACCURACY]!r} is not in [0, 1]"
-            elif P.NUM_SCORED in m and not (isinstance(m[P.NUM_SCORED], (int, float)) and m[P.NUM_SCORED] >= 0
-                                             and m[P.NUM_SCORED] == int(m[P.NUM_SCORED])):
+            elif P.NUM_SCORED in m and not _whole_count(m[P.NUM_SCORED]):
                 problem = f"{P.NUM_SCORED}={m[P.NUM_SCORED]!r} is not a whole number >= 0"
             elif sent.partition_id in answered:
                 problem = "a second reply from the same node"

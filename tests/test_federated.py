@@ -317,6 +317,8 @@ def faulty_app(behaviour: dict[int, str], captured: dict | None = None) -> Clien
             metrics[P.NUM_EXAMPLES] = metrics[P.NUM_EXAMPLES] * 1000
         elif kind == "scored":
             metrics[P.NUM_SCORED] = 2.5
+        elif kind == "infinite":  # int(inf) raised OverflowError and ended the run
+            metrics[P.NUM_SCORED] = float("inf")
         if captured is not None and kind is None:
             captured[pid] = (arrays, metrics[P.NUM_EXAMPLES])
         out = real_client._reply(message, metrics, arrays)
@@ -336,7 +338,8 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
                 ("fraction", "whole numbers >= 0, got partition-id=9.5"),
                 ("seconds", "train-seconds=-1.0 must be >= 0"), ("weight", "but the client announced"),
                 ("nanloss", "finite numbers, got train-loss=nan"),
-                ("scored", "num-scored=2.5 is not a whole number >= 0")]  # client i replies with fault expected[i]
+                ("scored", "num-scored=2.5 is not a whole number >= 0"),
+                ("infinite", "num-scored=inf is not a whole number >= 0")]  # client i replies with fault expected[i]
     n = len(expected) + 1  # the last client answers correctly
     cfg, run_dir = make_cfg(tmp_path, f"fl.num_clients={n}", f"fl.clients_per_round={n}", "fl.rounds=1",
                             "devices=three_tiers", "strategy.shrink_every=0")
