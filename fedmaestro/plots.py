@@ -344,17 +344,24 @@ def _label(run: Run, keys: list[str]) -> str:
     return "Maestro (" + ", ".join(parts) + ")"
 
 
+def _within_preset(runs: list[Run], preset) -> list[str]:
+    """The keys that vary among the runs of one preset (``experiment``; None: the runs without one)."""
+    return _varying_keys([r for r in runs if r.flat.get("experiment") == preset])
+
+
+def _named(name, run: Run, keys: list[str]) -> str:
+    """``name`` followed by the run's settings of ``keys`` in parentheses, where there are any."""
+    shown = _settings(run, keys)
+    return str(name) + (f" ({', '.join(shown)})" if shown else "")
+
+
 def _series(run: Run, runs: list[Run], keys: list[str]) -> str:
     """The line a factorized run is drawn on in a sweep's figures: its row's name without lambda (its preset and
     what varies within it, or "Maestro" and what varies besides lambda), so that each variant's lambdas join."""
     preset = run.flat.get("experiment") if "experiment" in keys else None
     if preset is not None:
-        within = [k for k in _varying_keys([r for r in runs if r.flat.get("experiment") == preset])
-                  if k != "train.lambda_gl"]
-        shown = _settings(run, within)
-        return str(preset) + (f" ({', '.join(shown)})" if shown else "")
-    shown = _settings(run, [k for k in keys if k not in ("model.factorize", "train.lambda_gl", "experiment")])
-    return "Maestro" + (f" ({', '.join(shown)})" if shown else "")
+        return _named(preset, run, [k for k in _within_preset(runs, preset) if k != "train.lambda_gl"])
+    return _named("Maestro", run, [k for k in keys if k not in ("model.factorize", "train.lambda_gl", "experiment")])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -380,12 +387,9 @@ def sweep_table(runs: list[Run]) -> list[dict]:
     for run in runs:
         if "experiment" in keys:  # a sweep over presets: each row is named by its preset, and what varies within it
             preset = run.flat.get("experiment")
-            within = _varying_keys([r for r in runs if r.flat.get("experiment") == preset])
-            if preset is None:  # a run without a preset beside them (a dense reference): named as in a plain sweep
-                label = _label(run, within)
-            else:
-                shown = _settings(run, within)
-                label = str(preset) + (f" ({', '.join(shown)})" if shown else "")
+            within = _within_preset(runs, preset)
+            # a run without a preset beside them (a dense reference): named as in a plain sweep
+            label = _label(run, within) if preset is None else _named(preset, run, within)
         else:
             label = _label(run, keys)
         groups[label].append(run)

@@ -101,9 +101,8 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def _whole_count(value) -> bool:
-    """A whole number >= 0 (a count of predictions); inf and NaN are not (int(inf) raises)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value >= 0 and value == int(value))
+    """A whole number >= 0 (a count, an id); inf and NaN are not (int(inf) raises)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 and value == int(value)
 
 
 class MaestroStrategy(Strategy):
@@ -334,8 +333,7 @@ class MaestroStrategy(Strategy):
                        if isinstance(metrics[k], list) or not math.isfinite(metrics[k])]
         if not_numbers:
             return f"metrics must be finite numbers, got {', '.join(not_numbers)}"
-        not_counts = [f"{k}={metrics[k]!r}" for k in (P.PARTITION_ID, P.STEPS)
-                      if metrics[k] < 0 or metrics[k] != int(metrics[k])]
+        not_counts = [f"{k}={metrics[k]!r}" for k in (P.PARTITION_ID, P.STEPS) if not _whole_count(metrics[k])]
         if not_counts:
             return f"metrics must be whole numbers >= 0, got {', '.join(not_counts)}"
         if int(metrics[P.PARTITION_ID]) != sent.partition_id:

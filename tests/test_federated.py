@@ -362,6 +362,17 @@ def test_invalid_replies_are_dropped_logged_and_left_out_of_the_aggregate(tmp_pa
         np.testing.assert_array_equal(after[name], aggregate[name])
 
 
+def _as_if_tokens(reply, context, seen: dict, *keys: str):
+    """The reply with num-scored as if client pid's examples held pid + 1 tokens each (classification scores one
+    prediction per example: checked); ``seen[pid]``: (that num-scored, the reply's metrics ``keys``)."""
+    m = reply.content.metric_records[P.METRICS]
+    pid = int(context.node_config[P.PARTITION_ID])
+    assert m[P.NUM_SCORED] == m[P.NUM_EXAMPLES]  # classification (and one local epoch, for a train reply)
+    m[P.NUM_SCORED] = m[P.NUM_EXAMPLES] * (pid + 1)
+    seen[pid] = (m[P.NUM_SCORED], *(m[k] for k in keys))
+    return reply
+
+
 def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_path):
     """Per token for translation: a client's num-scored (its target tokens) weighs its accuracy and loss, not its
     sentence count; classification scores one prediction per example, so both weights agree."""
@@ -370,13 +381,7 @@ def test_federated_evaluation_weights_by_the_predictions_each_client_scored(tmp_
 
     @app.evaluate()
     def evaluate(message, context):
-        reply = real_client.evaluate(message, context)
-        m = reply.content.metric_records[P.METRICS]
-        pid = int(context.node_config[P.PARTITION_ID])
-        assert m[P.NUM_SCORED] == m[P.NUM_EXAMPLES]  # classification
-        m[P.NUM_SCORED] = m[P.NUM_EXAMPLES] * (pid + 1)  # as if client pid's examples held pid + 1 tokens each
-        seen[pid] = (m[P.NUM_SCORED], m[P.ACCURACY], m[P.LOSS])
-        return reply
+        return _as_if_tokens(real_client.evaluate(message, context), context, seen, P.ACCURACY, P.LOSS)
 
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.federated_eval_every=1", "data.local_test_fraction=0.2")
     run(cfg, run_dir, app)
@@ -399,19 +404,13 @@ def test_a_dense_runs_figures_have_no_rank_plot(tmp_path):
 
 def test_the_training_loss_weights_each_client_by_the_predictions_its_loss_averages(tmp_path):
     """As the federated evaluation: per token for translation (num-scored in the train reply), not per sentence;
-    in classification num-scored is the examples trained on, and a reply without it weighs by num-examples."""
+    in classification num-scored is the examples trained on."""
     app = real_app("train")
     seen = {}
 
     @app.train()
     def train(message, context):
-        reply = real_client.train(message, context)
-        m = reply.content.metric_records[P.METRICS]
-        pid = int(context.node_config[P.PARTITION_ID])
-        assert m[P.NUM_SCORED] == m[P.NUM_EXAMPLES]  # classification, one local epoch
-        m[P.NUM_SCORED] = m[P.NUM_EXAMPLES] * (pid + 1)  # as if client pid's examples held pid + 1 tokens each
-        seen[pid] = (m[P.NUM_SCORED], m[P.TRAIN_LOSS])
-        return reply
+        return _as_if_tokens(real_client.train(message, context), context, seen, P.TRAIN_LOSS)
 
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "fl.clients_per_round=4")
     run(cfg, run_dir, app)
