@@ -262,6 +262,10 @@ class StrategyConfig:
     # simulation's server shares the clients' cores, which then train slower: docs/federated-results.md)
     overlap_eval: bool = False
     connect_timeout: float = 120.0  # seconds to wait for fl.num_clients nodes to connect and answer the query
+    # where budgets cut the freshly initialized global model before round 1 (a max_params / max_macs cap on the
+    # budget-1.0 tiers), scale each cut layer's U and V so that U V^T keeps its initial Frobenius norm: a truncated
+    # SVD of a random initialization keeps only part of it, and the cut layers would start with smaller outputs
+    keep_init_norm: bool = True
 
     def __post_init__(self):
         _check_finite("strategy", self)

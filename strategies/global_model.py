@@ -107,8 +107,9 @@ class GlobalModel:
         full = [c for t, c in zip(tier_cfgs, caps) if t.budget == 1.0]
         return {name: max(c[name] for c in full) for name in self.ranks()}
 
-    def cut_to_tiers(self, tier_cfgs) -> bool:
-        """Cut every LoD layer to ``held_ranks``; True if a rank fell.
+    def cut_to_tiers(self, tier_cfgs, keep_norm: bool = False) -> bool:
+        """Cut every LoD layer to ``held_ranks``; True if a rank fell. ``keep_norm``: scale the cut layers'
+        factors so that each keeps its Frobenius norm (``lod.truncate``; for a freshly initialized model).
 
         Columns above every tier's caps are sent to no client: never trained, they would keep their
         initial values in the global model, and since shrinking looks at tail norms that include them,
@@ -120,7 +121,7 @@ class GlobalModel:
         held = self.held_ranks(tier_cfgs)
         if held == self.ranks():
             return False
-        lod.truncate(self.model, held)
+        lod.truncate(self.model, held, keep_norm=keep_norm)
         return True
 
     # --- BatchNorm statistics per tier --------------------------------------------------------------

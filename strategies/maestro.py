@@ -248,13 +248,18 @@ class MaestroStrategy(Strategy):
         return node_of
 
     # --- train -------------------------------------------------------------------------------------
-    def _cut_to_tiers(self, when: str) -> bool:
-        """Cut the global model to the ranks its budget-1.0 tiers hold; True if it was cut."""
+    def _cut_to_tiers(self, when: str, initialized: bool = False) -> bool:
+        """Cut the global model to the ranks its budget-1.0 tiers hold; True if it was cut. ``initialized``: the
+        model is the run's fresh initialization (not a checkpoint's or the caller's arrays), whose cut layers
+        keep their Frobenius norm where ``strategy.keep_init_norm``."""
         before = self.global_model.ranks()
-        cut = self.global_model.cut_to_tiers(self.cfg.devices.tiers)
+        keep_norm = initialized and self.cfg.strategy.keep_init_norm
+        cut = self.global_model.cut_to_tiers(self.cfg.devices.tiers, keep_norm=keep_norm)
         if cut:
             log.info("%s: the global model was cut to the ranks its tiers of budget 1.0 hold, %s -> %s (columns "
-                     "above every tier's caps would never be trained)", when, before, self.global_model.ranks())
+                     "above every tier's caps would never be trained)%s", when, before, self.global_model.ranks(),
+                     "; the cut layers' factors were scaled to keep their initial norm (strategy.keep_init_norm)"
+                     if keep_norm else "")
         return cut
 
     def caps_of_tiers(self) -> list[dict[str, int]]:
@@ -637,7 +642,8 @@ class MaestroStrategy(Strategy):
                 log.warning("resumed after round %d: initial_arrays are not used (the checkpoint's model goes on)", done)
             else:
                 self.global_model.load(_record_arrays(initial_arrays))
-        self._cut_to_tiers("before round 1" if not done else f"after round {done}")
+        self._cut_to_tiers("before round 1" if not done else f"after round {done}",
+                           initialized=not done and initial_arrays is None)
         self.summary()
         self.runlog.begin(num_rounds)
         self.identify(grid)

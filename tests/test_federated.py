@@ -764,6 +764,31 @@ def test_a_tiers_budget_is_a_share_of_the_model_the_budget_one_tiers_hold(tmp_pa
     assert not gm.cut_to_tiers(cfg.devices.tiers)  # a fixed point: cutting again takes nothing
 
 
+@pytest.mark.parametrize("keep, given", [(True, False), (False, False), (True, True)])
+def test_a_fresh_model_cut_by_a_budget_keeps_each_layers_initial_norm(tmp_path, keep, given):
+    # a parameter cap on the only tier cuts the global model before round 1: a fresh initialization keeps each
+    # cut layer's Frobenius norm (where strategy.keep_init_norm); arrays the caller gives are cut as they are
+    cfg, run_dir = make_cfg(tmp_path, "fl.rounds=1", "devices=homogeneous", "devices.tiers.0.max_params=0.4",
+                            f"strategy.keep_init_norm={str(keep).lower()}")
+    uncut = MaestroStrategy(cfg, run_dir, show_progress=False).global_model.arrays()  # the same seed, the same init
+    strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    grid = LocalGrid(real_client.app, cfg.fl.num_clients)
+    strategy.start(grid, initial_arrays=ArrayRecord({k: Array(v) for k, v in uncut.items()}) if given else None)
+    sent = {k: v.numpy() for k, v in train_messages(grid, 1)[0].content.array_records[P.ARRAYS].items()}
+    norm = lambda u, v: np.linalg.norm(u.reshape(len(u), -1).T.astype(np.float64) @ v.reshape(len(v), -1))
+    cut = [n for n in strategy.global_model.ranks() if sent[f"{n}.u"].shape[0] < uncut[f"{n}.u"].shape[0]]
+    assert "fc1" in cut
+    for name in cut:
+        full_u, full_v, u, v = uncut[f"{name}.u"], uncut[f"{name}.v"], sent[f"{name}.u"], sent[f"{name}.v"]
+        rank = len(u)
+        scale = np.sqrt(norm(full_u, full_v) / norm(full_u[:rank], full_v[:rank])) if keep and not given else 1.0
+        assert scale == 1.0 or scale > 1.05  # (the truncated SVD of a random init loses part of its norm)
+        np.testing.assert_allclose(u, full_u[:rank] * scale, rtol=1e-5, atol=1e-7)  # U and V scaled alike
+        np.testing.assert_allclose(v, full_v[:rank] * scale, rtol=1e-5, atol=1e-7)
+        if scale > 1.0:
+            assert norm(u, v) == pytest.approx(norm(full_u, full_v), rel=1e-5)
+
+
 def test_the_server_sends_the_scheduled_learning_rate(tmp_path):
     cfg, run_dir = make_cfg(tmp_path, "fl.rounds=3", "train.lr=0.01", "train.milestones=[2]", "train.gamma=0.1")
     _, grid = run(cfg, run_dir)

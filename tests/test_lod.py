@@ -177,6 +177,39 @@ def test_a_layer_truncated_to_rank_zero_still_runs_and_trains_its_bias():
     assert torch.equal(model[0].bias.grad, torch.full((3,), 2.0))
 
 
+def test_norm_keeping_scale_by_hand():
+    assert lod.norm_keeping_scale(4.0, 1.0) == 2.0  # U and V each x2: U V^T x4
+    assert lod.norm_keeping_scale(3.0, 3.0) == 1.0
+    assert lod.norm_keeping_scale(2.0, 0.0) == 1.0  # nothing left to scale
+    with pytest.raises(ValueError, match="norms must be >= 0"):
+        lod.norm_keeping_scale(-1.0, 1.0)
+
+
+def test_a_norm_keeping_cut_keeps_the_frobenius_norm_and_the_direction():
+    # W = diag(3, 2, 1) on 3 x 4: the rank-1 cut keeps 3 of ||W||_F = sqrt(14); kept, it is sqrt(14) e1 e1^T
+    weight = torch.zeros(3, 4)
+    weight[0, 0], weight[1, 1], weight[2, 2] = 3.0, 2.0, 1.0
+    plain, kept = (lod.factorize(nn.Sequential(nn.Linear(4, 3))) for _ in range(2))
+    for model in (plain, kept):
+        model[0].u.data, model[0].v.data = svd_factors(weight, 3)
+        model[0].bias.data.fill_(0.5)
+    lod.truncate(plain, {"0": 1})
+    lod.truncate(kept, {"0": 1}, keep_norm=True)
+    expected = torch.zeros(3, 4)
+    expected[0, 0] = 3.0
+    torch.testing.assert_close(plain[0].dense_weight(), expected)
+    expected[0, 0] = 14.0 ** 0.5
+    torch.testing.assert_close(kept[0].dense_weight(), expected)
+    scale = (14.0 ** 0.5 / 3.0) ** 0.5
+    torch.testing.assert_close(kept[0].u, plain[0].u * scale)  # U and V alike: the factors stay balanced
+    torch.testing.assert_close(kept[0].v, plain[0].v * scale)
+    assert torch.equal(kept[0].bias, torch.full((3,), 0.5))
+    untouched = lod.factorize(nn.Sequential(nn.Linear(4, 3)))
+    before = untouched[0].u.detach().clone()
+    lod.truncate(untouched, {"0": 3}, keep_norm=True)  # no rank falls: nothing scaled
+    assert torch.equal(untouched[0].u, before)
+
+
 # --- fused kernels: gradients equal the plain composition's ---------------------------------------
 
 def _factor_inputs(rank, out, fan_shape, seed):

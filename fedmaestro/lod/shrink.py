@@ -10,7 +10,7 @@ from torch import nn
 from .factorize import layers
 from .layers import LoDLayer, replace_data
 
-__all__ = ["importance", "shrink", "truncate", "cut_rank"]
+__all__ = ["importance", "shrink", "truncate", "cut_rank", "norm_keeping_scale"]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,25 @@ def shrink(model: nn.Module, eps: float, optimizer: torch.optim.Optimizer | None
     return ranks
 
 
-def truncate(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
-    """Physically cut the named LoD layers to the given ranks (deployment, federated budgets)."""
+def norm_keeping_scale(norm_before: float, norm_after: float) -> float:
+    """The factor by which a cut layer's U and V are both multiplied so that ||U^T V||_F returns from
+    ``norm_after`` to ``norm_before``: sqrt(norm_before / norm_after), scaling U and V alike (1 where the cut
+    left nothing, ``norm_after`` = 0)."""
+    if norm_before < 0 or norm_after < 0:
+        raise ValueError(f"norm_keeping_scale: norms must be >= 0, got {norm_before} and {norm_after}")
+    return (norm_before / norm_after) ** 0.5 if norm_after > 0 else 1.0
+
+
+def truncate(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Optimizer | None = None,
+             keep_norm: bool = False) -> nn.Module:
+    """Physically cut the named LoD layers to the given ranks (deployment, federated budgets).
+
+    ``keep_norm``: every layer whose rank falls has its U and V scaled alike (``norm_keeping_scale``) so that
+    U^T V keeps the Frobenius norm it had before the cut. Meant for a freshly initialized model: the truncated
+    SVD of a random initialization keeps only part of its norm (LeNet's fc1 cut from rank 120 to 27: 68%), so
+    the cut layer's outputs start smaller than the initialization chose; a trained model's kept columns already
+    carry what it learned, and are cut as they are.
+    """
     by_name = dict(layers(model))
     unknown = sorted(set(ranks) - set(by_name))
     if unknown:
@@ -88,5 +105,13 @@ def truncate(model: nn.Module, ranks: dict[str, int], optimizer: torch.optim.Opt
         if not 0 <= rank <= layer.rank:
             raise ValueError(f"truncate: {name} has rank {layer.rank}; cannot cut it to {rank} "
                              f"(allowed: 0..{layer.rank})")
-        cut_rank(layer, rank, optimizer)
+        if keep_norm and rank < layer.rank:
+            with torch.no_grad():
+                before = float(layer.dense_weight(layer.rank).double().norm())
+                cut_rank(layer, rank, optimizer)
+                scale = norm_keeping_scale(before, float(layer.dense_weight(rank).double().norm()))
+                layer.u.mul_(scale)
+                layer.v.mul_(scale)
+        else:
+            cut_rank(layer, rank, optimizer)
     return model
