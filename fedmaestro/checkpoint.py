@@ -213,8 +213,10 @@ def resume_ignored(mode: str, dataset: str) -> tuple[str, ...]:
     ``fl.rounds``), the federated server's timeouts and when it evaluates, and ``train.num_workers`` where it
     changes nothing (federated clients read their data without loader workers)."""
     if mode == "federated":
+        # (strategy.keep_init_norm acts on a fresh model only, before round 1: a resumed run goes on from its
+        # checkpoint's factors)
         return IGNORED_KEYS + ("fl.rounds", "strategy.round_timeout", "strategy.connect_timeout",
-                               "strategy.overlap_eval", "train.num_workers")
+                               "strategy.overlap_eval", "strategy.keep_init_norm", "train.num_workers")
     return IGNORED_KEYS + ("train.epochs",) + (() if dataset == "imagenet" else ("train.num_workers",))
 
 

@@ -513,8 +513,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 # keys added to the schema with a default that changes what a run does: a config written before them ran
-# as these values, not as the default (a lambda search from before hpo.val_fraction checked the test set)
-BEFORE_ADDED = {("hpo", "val_fraction"): 0.0}
+# as these values, not as the default (a lambda search from before hpo.val_fraction checked the test set; a
+# federated run from before strategy.keep_init_norm cut its initial model without keeping the norm)
+BEFORE_ADDED = {("hpo", "val_fraction"): 0.0, ("strategy", "keep_init_norm"): False}
 
 
 def with_defaults(stored: dict) -> dict:

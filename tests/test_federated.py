@@ -28,6 +28,7 @@ from clients import client_app as real_client
 from clients import local
 from fedmaestro import checkpoint, data, lod, nested, tiers
 from fedmaestro import protocol as P
+from fedmaestro.config import to_dict, with_defaults
 from fedmaestro.train import evaluate
 from strategies import server_app
 from strategies.local_grid import LocalGrid
@@ -787,6 +788,16 @@ def test_a_fresh_model_cut_by_a_budget_keeps_each_layers_initial_norm(tmp_path, 
         np.testing.assert_allclose(v, full_v[:rank] * scale, rtol=1e-5, atol=1e-7)
         if scale > 1.0:
             assert norm(u, v) == pytest.approx(norm(full_u, full_v), rel=1e-5)
+
+
+def test_a_federated_run_from_before_keep_init_norm_reads_as_cut_plainly_and_resumes():
+    # its initial model was cut without keeping the norm; a resume never scales, so it goes on under either value
+    stored = to_dict(compose(TINY)[0])
+    del stored["strategy"]["keep_init_norm"]
+    now = to_dict(compose(TINY)[0])
+    assert with_defaults(stored)["strategy"]["keep_init_norm"] is False
+    assert checkpoint.config_diff(stored, now) == ["strategy.keep_init_norm: False -> True"]
+    checkpoint.check_resumable(stored, now, checkpoint.resume_ignored("federated", "fashion_mnist"))
 
 
 def test_the_server_sends_the_scheduled_learning_rate(tmp_path):
