@@ -310,8 +310,12 @@ def _hydra_main(cfg: DictConfig) -> int | None:
             print(f"\ninterrupted before the run's first checkpoint: nothing to resume in {run_dir}; start it again",
                   file=sys.stderr)
             resumable = None
+        # a run started from checkpoint= that has written its own checkpoint goes on from that one (resuming with
+        # checkpoint= as well is refused: the directory now holds a run)
+        own = "the same command without checkpoint=" if (not sweep and cfg.get("checkpoint")
+                                                          and checkpoint.held_run(run_dir) is not None) else None
         again = (f"the same command (with --multirun) + resume=true {_override('hydra.sweep.dir', hydra_cfg.sweep.dir)}"
-                 if sweep else f"the same command + resume=true {_override('hydra.run.dir', str(run_dir))}")
+                 if sweep else f"{own or 'the same command'} + resume=true {_override('hydra.run.dir', str(run_dir))}")
         if resumable is not None:
             print(f"\ninterrupted: {run_dir} keeps what was done" + (f"; continue with {again}" if resumable else ""),
                   file=sys.stderr)

@@ -50,6 +50,7 @@ from . import data
 from .centralized import Trainer, apply_threads, load_datasets
 from .config import Config, TrainConfig, to_dict
 from .console import echo
+from .train import divergence_fix
 
 __all__ = ["Trial", "HPOResult", "search", "run"]
 
@@ -205,8 +206,8 @@ def search(cfg: Config, run_dir: Path, datasets: tuple | None = None) -> HPOResu
         result.reason = (f"lambda reached hpo.lambda_small={h.lambda_small:g} without meeting accuracy >= "
                          f"{h.min_accuracy} ({checked}); returning the last model within the parameter limit")
         if all(t.outcome == "diverged" for t in result.trials):
-            result.reason = (f"every lambda diverged (the training loss became NaN or inf): lower train.lr "
-                             f"(now {cfg.train.lr:g}) or set train.grad_clip")
+            result.reason = (f"every lambda diverged (the training loss became NaN or inf): "
+                             f"{divergence_fix(cfg.train)}")
     _write(result, run_dir)
     return result
 

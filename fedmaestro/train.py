@@ -299,6 +299,12 @@ def lasso_schedule(train: TrainConfig, params_rel: float) -> tuple[float, str]:
     return 0.0, "fixed" if train.finetune_after_stop else train.sampler
 
 
+def divergence_fix(train: TrainConfig) -> str:
+    """What to change when training diverges: the learning rate, and the gradient clip (set it, or lower it)."""
+    clip = f"lower train.grad_clip (now {train.grad_clip:g})" if train.grad_clip else "set train.grad_clip"
+    return f"lower train.lr (now {train.lr:g}) or {clip}"
+
+
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
                 device: torch.device, sampler: lod.RankSampler | None = None, scaler=None,
                 cost: RankCost | None = None, on_step: Callable[[int], None] | None = None) -> dict:
@@ -382,7 +388,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             layer.active_rank = None
     loss = float(total_loss) / max(float(total_predictions), 1.0)
     if not math.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss}; lower train.lr or set train.grad_clip")
+        raise FloatingPointError(f"training loss is {loss}; {divergence_fix(train)}")
     return {"loss": loss, "num_examples": examples, "predictions": int(total_predictions), "steps": steps,
             "seconds": time.perf_counter() - start}
 

@@ -54,7 +54,7 @@ from fedmaestro.centralized import needs_data_facts, with_data_facts
 from fedmaestro import protocol as P
 from fedmaestro.config import Config, TrainConfig, to_dict
 from fedmaestro.console import echo
-from fedmaestro.train import lasso_schedule, lr_factor
+from fedmaestro.train import divergence_fix, lasso_schedule, lr_factor
 
 from .global_model import GlobalModel
 from .records import RunLog
@@ -393,8 +393,7 @@ class MaestroStrategy(Strategy):
         if not valid and diverged and len(diverged) == len(replies):
             raise FloatingPointError(
                 f"round {server_round}: the training of every client that answered diverged ({len(diverged)} of "
-                f"{len(self.sent)} sampled; {DIVERGED} NaN or infinite); lower train.lr (now "
-                f"{self.cfg.train.lr:g}) or set train.grad_clip")
+                f"{len(self.sent)} sampled; {DIVERGED} NaN or infinite); {divergence_fix(self.cfg.train)}")
         if not valid:
             log.warning("round %d: no valid reply (sampled %s); the global model is left unchanged",
                         server_round, info["sampled"])

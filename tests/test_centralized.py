@@ -542,6 +542,28 @@ def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_of_a_run_continued_from_another_runs_checkpoint_says_to_drop_checkpoint(tmp_path):
+    # once the new directory holds its own checkpoint, resume=true with checkpoint= as well is refused there
+    overrides = ["mode=centralized", "data.subset=2000", "data.test_subset=200", "progress=false"]
+    Trainer(compose(overrides + ["train.epochs=1", f"hydra.run.dir={tmp_path / 'a'}"])[0],
+            tmp_path / "a").fit(show_progress=False)
+    run_dir = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", *overrides, "train.epochs=500", "resume=true",
+                             f"checkpoint={tmp_path / 'a'}", f"hydra.run.dir={run_dir}"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoint.pt").is_file():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert (f"continue with the same command without checkpoint= + resume=true hydra.run.dir={run_dir}"
+            in err), err[-2000:]
+    checkpoint.refuse_overwrite(run_dir, True, "centralized")  # what the hint says is not refused
+
+
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", "mode=centralized", "train.epochs=5", "progress=false",
@@ -1196,6 +1218,6 @@ def test_a_run_that_diverges_ends_with_one_line_naming_the_fix(tmp_path):
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
-    assert "error: training loss is nan; lower train.lr or set train.grad_clip" in done.stderr
+    assert "error: training loss is nan; lower train.lr (now 1e+06) or set train.grad_clip" in done.stderr
     assert "Traceback" not in done.stderr
     assert "- error: training loss is nan" in (tmp_path / "run" / "fedmaestro.log").read_text()  # how the run ended

@@ -121,6 +121,14 @@ def test_training_cost_at_full_rank_matches_table_11_params():
     assert cost.stored_params / measure(lenet(False), (1, 28, 28)).params == pytest.approx(66274 / 44426)
 
 
+@pytest.mark.parametrize("clip, fix", [(None, "set train.grad_clip"), (0.5, r"lower train.grad_clip \(now 0.5\)")])
+def test_a_diverged_epoch_names_the_learning_rate_and_the_clip_to_lower(clip, fix):
+    model = lenet()
+    t = TrainConfig(lr=1e9, momentum=0.0, grad_clip=clip, sampler="none")
+    with pytest.raises(FloatingPointError, match=rf"training loss is (nan|inf); lower train.lr \(now 1e\+09\) or {fix}$"):
+        train_epoch(model, batches(4), make_optimizer(model, t), t, task_for("fashion_mnist"), CPU)
+
+
 def test_subgradient_penalty_changes_the_step():
     data = batches(3)
     plain, penalized = lenet(), lenet()
