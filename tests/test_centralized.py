@@ -1108,7 +1108,7 @@ def test_what_a_resume_may_change_is_pinned_per_mode(caplog):
               "fl.client_gpus"}
     assert set(checkpoint.resume_ignored("federated", "fashion_mnist")) == common | {
         "fl.rounds", "strategy.round_timeout", "strategy.connect_timeout", "strategy.overlap_eval",
-        "train.num_workers"}
+        "strategy.keep_init_norm", "train.num_workers"}
     assert set(checkpoint.resume_ignored("centralized", "fashion_mnist")) == common | {"train.epochs",
                                                                                        "train.num_workers"}
     assert set(checkpoint.resume_ignored("centralized", "imagenet")) == common | {"train.epochs"}  # loader workers
