@@ -121,9 +121,17 @@ def hgl_share(repeats: int) -> float:
     return hgl_time / step_time
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: an int >= 1 (timed passes, steps, threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--repeats", type=at_least_one, default=25)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)

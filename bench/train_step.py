@@ -134,12 +134,20 @@ def rank_independent_share(mac_ratios: list[float], steps_s: list[float]) -> str
             f"the target at MAC ratio {m:.3f} needs F/D <= {allowed:.2f}, measured {measured:.2f}")
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: an int >= 1 (timed passes, steps, threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["lenet", "resnet18"], choices=sorted(SETUPS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7, help="timed passes over the batches; the median is kept")
-    parser.add_argument("--steps", type=int, default=10, help="batches per timed pass")
+    parser.add_argument("--threads", type=at_least_one, default=1)
+    parser.add_argument("--repeats", type=at_least_one, default=7, help="timed passes over the batches; the median is kept")
+    parser.add_argument("--steps", type=at_least_one, default=10, help="batches per timed pass")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {name: bench(name, args.repeats, args.steps) for name in args.models}
