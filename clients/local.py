@@ -52,10 +52,12 @@ class ClientData:
 
 
 def _data_key(cfg: Config) -> str:
+    # dataset.num_classes too: the entry is checked against it when it is built, and a later run in the same
+    # process with another count must be checked again, not served the entry unchecked
     p = cfg.partition
-    return json.dumps([cfg.dataset.name, cfg.data.root, cfg.data.subset, p.scheme, p.alpha, p.min_partition_size,
-                       p.classes_per_partition, p.class_assignment, p.shards_per_partition, cfg.fl.num_clients,
-                       cfg.seed, cfg.data.local_test_fraction])
+    return json.dumps([cfg.dataset.name, cfg.dataset.num_classes, cfg.data.root, cfg.data.subset, p.scheme, p.alpha,
+                       p.min_partition_size, p.classes_per_partition, p.class_assignment, p.shards_per_partition,
+                       cfg.fl.num_clients, cfg.seed, cfg.data.local_test_fraction])
 
 
 _DATA: dict[str, ClientData] = {}

@@ -251,6 +251,9 @@ def test_the_pathological_class_assignment_is_a_setting_and_its_warning_is_repor
     assert held[0][0] == 0 and held[1][0] == 1  # first-deterministic: client i holds class i
     assert [sorted(set(data.labels(deterministic.train_set)[list(train)])) for train, _ in deterministic.splits] == \
         [[0, 1], [1, 2], [2, 3], [3, 4]]  # deterministic: classes i .. i + k - 1
+    # a later run in this process with another class count is checked, not served the cached partitions
+    with pytest.raises(ValueError, match=r"dataset.num_classes=7 but fashion_mnist has 10 classes"):
+        local.client_data(compose(overrides + ["dataset.num_classes=7"])[0])
     local.forget_data()
 
 
