@@ -74,27 +74,25 @@ def main(argv: list[str] | None = None) -> int:
     from strategies.server_app import compose
 
     overrides = ["fl.rounds=10"] + list(args.overrides)
-    try:
-        compose(overrides + ["progress=false"])  # bad overrides fail here, before anything is written
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     work = Path(tempfile.mkdtemp(prefix="fl_round_"))
-    try:
-        return measure(args, overrides, work, launched)
-    finally:  # the two runs' records and checkpoints: compared, not kept
+    try:  # the two runs' records and checkpoints are compared, not kept; a bad override leaves nothing either
+        try:
+            cfg, _ = compose(overrides + ["progress=false", f"hydra.run.dir={work / 'sim'}"])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return measure(args, cfg, overrides, work, launched)
+    finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def measure(args: argparse.Namespace, overrides: list[str], work: Path, launched: float) -> int:
+def measure(args: argparse.Namespace, cfg, overrides: list[str], work: Path, launched: float) -> int:
     from clients import client_app
     from strategies.local_grid import LocalGrid
     from strategies.maestro import MaestroStrategy
-    from strategies.server_app import compose
     from strategies.simulation import num_workers
     from strategies.simulation import run as run_simulation
 
-    cfg, _ = compose(overrides + ["progress=false", f"hydra.run.dir={work / 'sim'}"])
     cpus = machine_cpus()
     threads = max(1, int(cfg.fl.client_cpus))  # torch threads per client
     # clients that can train side by side: Ray's slots, the cores their threads fill, the clients of a round

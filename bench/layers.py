@@ -27,6 +27,8 @@ from fedmaestro import lod
 from fedmaestro.footprint import measure
 from fedmaestro.models import build
 
+from bench_args import at_least_one
+
 
 def _fwd_bwd(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> float:
     """Seconds of one forward + backward, gradients cleared first (set to None, as a trainer does)."""
@@ -119,14 +121,6 @@ def hgl_share(repeats: int) -> float:
     print(f"\nLeNet-5 training step (batch 64, factorized, HGL in the loss): {step_time * 1e3:.2f} ms; "
           f"HGL penalty + backward: {hgl_time * 1e3:.3f} ms")
     return hgl_time / step_time
-
-
-def at_least_one(text: str) -> int:
-    """argparse type: an int >= 1 (timed passes, steps, threads)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main() -> None:

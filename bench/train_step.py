@@ -33,6 +33,8 @@ from fedmaestro import lod
 from fedmaestro.config import Config, DatasetConfig, ModelConfig, TrainConfig
 from fedmaestro.train import RankCost, build_model, make_optimizer, task_for, train_epoch
 
+from bench_args import at_least_one
+
 SETUPS = {  # model -> (data set it is trained on, input shape, batch size)
     "lenet": ("fashion_mnist", [1, 28, 28], 64),
     "resnet18": ("cifar10", [3, 32, 32], 32),
@@ -132,14 +134,6 @@ def rank_independent_share(mac_ratios: list[float], steps_s: list[float]) -> str
     measured = f / d if d > 0 else math.inf
     return (f"fit: step = F + D x MAC ratio, F = {f * 1e3:.2f} ms (rank-independent), D = {d * 1e3:.2f} ms; "
             f"the target at MAC ratio {m:.3f} needs F/D <= {allowed:.2f}, measured {measured:.2f}")
-
-
-def at_least_one(text: str) -> int:
-    """argparse type: an int >= 1 (timed passes, steps, threads)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

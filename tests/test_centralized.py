@@ -525,19 +525,27 @@ def test_the_command_line_refuses_a_resume_with_another_config_before_writing_or
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # Hydra wrote nothing (no .hydra/, no log)
 
 
+def _interrupted(args: list[str], ready, pause: float = 0.1) -> tuple[int, str]:
+    """Run ``python -m fedmaestro *args``, send it Ctrl-C once ``ready()`` holds (or it ended, or 120 s passed);
+    its exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", *args], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(pause)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
 @pytest.mark.slow
 def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", "mode=centralized", "data.subset=2000",
-                             "data.test_subset=200", "train.epochs=500", "progress=false", f"hydra.run.dir={run_dir}"],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoint.pt").is_file():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    returncode, err = _interrupted(["mode=centralized", "data.subset=2000", "data.test_subset=200", "train.epochs=500",
+                                    "progress=false", f"hydra.run.dir={run_dir}"],
+                                   ready=(run_dir / "checkpoint.pt").is_file)
+    assert returncode == 130 and "Traceback" not in err, err[-2000:]
     assert f"interrupted: {run_dir} keeps what was done; continue with the same command + resume=true" in err
 
 
@@ -548,16 +556,9 @@ def test_ctrl_c_of_a_run_continued_from_another_runs_checkpoint_says_to_drop_che
     Trainer(compose(overrides + ["train.epochs=1", f"hydra.run.dir={tmp_path / 'a'}"])[0],
             tmp_path / "a").fit(show_progress=False)
     run_dir = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", *overrides, "train.epochs=500", "resume=true",
-                             f"checkpoint={tmp_path / 'a'}", f"hydra.run.dir={run_dir}"],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoint.pt").is_file():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    returncode, err = _interrupted([*overrides, "train.epochs=500", "resume=true", f"checkpoint={tmp_path / 'a'}",
+                                    f"hydra.run.dir={run_dir}"], ready=(run_dir / "checkpoint.pt").is_file)
+    assert returncode == 130 and "Traceback" not in err, err[-2000:]
     assert (f"continue with the same command without checkpoint= + resume=true hydra.run.dir={run_dir}"
             in err), err[-2000:]
     checkpoint.refuse_overwrite(run_dir, True, "centralized")  # what the hint says is not refused
@@ -566,16 +567,10 @@ def test_ctrl_c_of_a_run_continued_from_another_runs_checkpoint_says_to_drop_che
 @pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fedmaestro", "mode=centralized", "train.epochs=5", "progress=false",
-                             f"hydra.run.dir={run_dir}"],  # a whole epoch of Fashion-MNIST: many seconds
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (run_dir / "config.json").is_file():
-        time.sleep(0.05)  # config.json: the data is loaded and training starts
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    # a whole epoch of Fashion-MNIST: many seconds; config.json: the data is loaded and training starts
+    returncode, err = _interrupted(["mode=centralized", "train.epochs=5", "progress=false", f"hydra.run.dir={run_dir}"],
+                                   ready=(run_dir / "config.json").is_file, pause=0.05)
+    assert returncode == 130 and "Traceback" not in err, err[-2000:]
     assert not (run_dir / "checkpoint.pt").is_file()
     assert f"interrupted before the run's first checkpoint: nothing to resume in {run_dir}; start it again" in err
     assert "keeps what was done" not in err
@@ -583,31 +578,18 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_sweep_says_how_to_continue_the_sweep_and_that_command_continues_it(tmp_path):
-    sweep_dir, root = tmp_path / "sweep", Path(__file__).resolve().parents[1]
+    sweep_dir = tmp_path / "sweep"
     # a preset under paper/: its name holds a '/', which must not nest the job directories
-    command = [sys.executable, "-m", "fedmaestro", "--multirun", "+experiment=paper/lenet_fmnist_smoke", "data.subset=2000",
-               "data.test_subset=200", "train.epochs=500", "progress=false", "train.lambda_gl=1e-3",
-               f"hydra.sweep.dir={sweep_dir}"]
-    proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(sweep_dir.glob("0_*/checkpoint.pt")):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    command = ["--multirun", "+experiment=paper/lenet_fmnist_smoke", "data.subset=2000", "data.test_subset=200",
+               "train.epochs=500", "progress=false", "train.lambda_gl=1e-3", f"hydra.sweep.dir={sweep_dir}"]
+    returncode, err = _interrupted(command, ready=lambda: bool(list(sweep_dir.glob("0_*/checkpoint.pt"))))
+    assert returncode == 130, err[-2000:]
     hint = f"continue with the same command (with --multirun) + resume=true hydra.sweep.dir={sweep_dir}"
     assert hint in err, err[-2000:]
     [job] = sweep_dir.glob("0_*")
     done = len((job / "metrics.jsonl").read_text().splitlines())
-    proc = subprocess.Popen(command + ["resume=true"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120  # the hint's command continues the same job: its records grow
-    while time.time() < deadline and proc.poll() is None and \
-            len((job / "metrics.jsonl").read_text().splitlines()) <= done:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    # the hint's command continues the same job: its records grow
+    _interrupted(command + ["resume=true"], ready=lambda: len((job / "metrics.jsonl").read_text().splitlines()) > done)
     assert [p.name for p in sweep_dir.glob("0_*")] == [job.name]
     assert len((job / "metrics.jsonl").read_text().splitlines()) > done
 
