@@ -123,10 +123,14 @@ def train(message: Message, context: Context) -> Message:
     caps_list = [int(k) for k in c[P.CAPS]]
     if len(caps_list) != len(names):
         raise ValueError(f"got {len(caps_list)} caps for a model with {len(names)} LoD layers {names}")
+    beyond = [float(x) for x in c[P.HGL_TAILS]]
+    if len(beyond) != 2 * len(names):
+        raise ValueError(f"got {len(beyond)} HGL tails for a model with {len(names)} LoD layers {names} (2 a layer)")
+    hgl_tails = {name: (beyond[2 * i], beyond[2 * i + 1]) for i, name in enumerate(names)}
     try:
         out, m = local.train(cfg, pid, arrays, rnd=int(c[P.ROUND]), caps=dict(zip(names, caps_list)),
-                             lr=float(c[P.LR]), lambda_gl=float(c[P.LAMBDA]), local_epochs=int(c[P.LOCAL_EPOCHS]),
-                             sampler=str(c[P.SAMPLER]), seed=int(c[P.SEED]))
+                             hgl_tails=hgl_tails, lr=float(c[P.LR]), lambda_gl=float(c[P.LAMBDA]),
+                             local_epochs=int(c[P.LOCAL_EPOCHS]), sampler=str(c[P.SAMPLER]), seed=int(c[P.SEED]))
     except FloatingPointError as e:  # diverged: an answer the server reads (and drops), not a crash with a traceback
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"FloatingPointError: {e}"),
                        reply_to=message)

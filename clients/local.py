@@ -131,10 +131,12 @@ def _load(cfg: Config, arrays: dict[str, np.ndarray], caps: dict[str, int] | Non
 
 
 def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd: int, caps: dict[str, int],
-          lr: float, lambda_gl: float, local_epochs: int, sampler: str, seed: int) -> tuple[dict, dict]:
+          hgl_tails: dict[str, tuple[float, float]] | None = None, lr: float, lambda_gl: float, local_epochs: int,
+          sampler: str, seed: int) -> tuple[dict, dict]:
     """E local epochs of LoD training at ``caps`` from ``arrays``; (arrays after training, metrics).
-    On CUDA with ``train.amp``, autocast with a GradScaler; a new one every round, whose scale starts at
-    2^16, so a round's first steps may be skipped while it calibrates (a centralized run keeps one).
+    ``hgl_tails``: the squared norms of the global factors beyond ``caps`` (``nested.beyond_caps_sq``), which the
+    HGL groups extend over. On CUDA with ``train.amp``, autocast with a GradScaler; a new one every round, whose
+    scale starts at 2^16, so a round's first steps may be skipped while it calibrates (a centralized run keeps one).
 
     metrics: num_examples (local training examples: the aggregation weight), loss (the mean over the
     predictions of every epoch), scored (those predictions: examples trained on, or target tokens), seconds, steps.
@@ -156,7 +158,8 @@ def train(cfg: Config, partition_id: int, arrays: dict[str, np.ndarray], *, rnd:
     total, predictions, steps = 0.0, 0, 0
     for epoch in range(local_epochs):
         loader.set_epoch((rnd - 1) * local_epochs + epoch)
-        stats = train_epoch(model, loader, optimizer, t, task, device, sampler=rank_sampler, scaler=scaler)
+        stats = train_epoch(model, loader, optimizer, t, task, device, sampler=rank_sampler, scaler=scaler,
+                            hgl_tails=hgl_tails)
         total += stats["loss"] * stats["predictions"]  # the loss is a mean over predictions (tokens, or examples)
         predictions += stats["predictions"]
         steps += stats["steps"]

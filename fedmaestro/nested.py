@@ -24,7 +24,7 @@ from torch import nn
 
 from . import lod
 
-__all__ = ["Layout", "prefix", "aggregate", "check_arrays", "state_arrays", "load_arrays",
+__all__ = ["Layout", "prefix", "beyond_caps_sq", "aggregate", "check_arrays", "state_arrays", "load_arrays",
            "num_bytes", "contiguous", "batchnorm_names", "pool_batchnorm", "load_batchnorm"]
 
 
@@ -82,6 +82,18 @@ def prefix(state: Mapping[str, np.ndarray], caps: Mapping[str, int], layout: Lay
             if not 0 <= k <= rank:
                 raise ValueError(f"prefix: cap {k} for {layer} is outside [0, {rank}] (the rank of {name})")
             out[name] = state[name][:k]
+    return out
+
+
+def beyond_caps_sq(state: Mapping[str, np.ndarray], caps: Mapping[str, int],
+                   layout: Layout) -> dict[str, tuple[float, float]]:
+    """Per LoD layer in ``caps``: the squared Frobenius norms of u's and of v's rank components from ``caps[layer]``
+    on, the part of the global factors a client with those caps does not hold (its HGL groups extend over them:
+    ``lod.hgl_penalty``'s ``tails``). Computed in float64."""
+    out = {}
+    for layer, k in caps.items():
+        u, v = (np.asarray(state[name][k:], dtype=np.float64) for name in layout.layers[layer])
+        out[layer] = (float(np.square(u).sum()), float(np.square(v).sum()))
     return out
 
 

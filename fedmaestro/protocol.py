@@ -10,10 +10,12 @@ Messages (one per node, built per node):
   client keeps it in its node Context and replies metrics ``PARTITION_ID``, ``NUM_EXAMPLES``
   (local training examples) and ``NUM_TEST``.
 * train: arrays ``ARRAYS`` = the node's prefix of the global model; config ``ROUND``, ``CAPS`` (one
-  int per LoD layer, in module order), ``LR``, ``LOCAL_EPOCHS``, ``LAMBDA``, ``SAMPLER``, ``SEED``,
-  ``FAULT`` and ``DEADLINE``. Reply: arrays ``ARRAYS`` (same names and shapes as sent), metrics
-  ``NUM_EXAMPLES``, ``TRAIN_LOSS``, ``PARTITION_ID``, ``TRAIN_SECONDS``, ``STEPS``, and optionally
-  ``NUM_SCORED`` (the predictions the loss averages over: target tokens for translation).
+  int per LoD layer, in module order), ``HGL_TAILS`` (two floats per LoD layer, in module order: the
+  squared norms of the global u's and v's components beyond the node's cap, which its HGL groups extend
+  over), ``LR``, ``LOCAL_EPOCHS``, ``LAMBDA``, ``SAMPLER``, ``SEED``, ``FAULT`` and ``DEADLINE``.
+  Reply: arrays ``ARRAYS`` (same names and shapes as sent), metrics ``NUM_EXAMPLES``, ``TRAIN_LOSS``,
+  ``PARTITION_ID``, ``TRAIN_SECONDS``, ``STEPS``, and optionally ``NUM_SCORED`` (the predictions the loss
+  averages over: target tokens for translation).
 * evaluate: arrays ``ARRAYS``, config ``ROUND``; reply metrics ``NUM_EXAMPLES`` (local test
   examples), ``ACCURACY``, ``LOSS``, ``PARTITION_ID``, and optionally ``NUM_SCORED``.
 """
@@ -30,6 +32,7 @@ STATE = "fedmaestro"  # the ConfigRecord a client keeps in its node Context.stat
 RUN_CONFIG = "run-config"
 ROUND = "server-round"
 CAPS = "caps"
+HGL_TAILS = "hgl-tails"
 LR = "lr"
 LOCAL_EPOCHS = "local-epochs"
 LAMBDA = "lambda-gl"

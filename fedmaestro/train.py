@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -307,7 +307,8 @@ def divergence_fix(train: TrainConfig) -> str:
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, train: TrainConfig, task: Task,
                 device: torch.device, sampler: lod.RankSampler | None = None, scaler=None,
-                cost: RankCost | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+                cost: RankCost | None = None, on_step: Callable[[int], None] | None = None,
+                hgl_tails: Mapping[str, tuple[float, float]] | None = None) -> dict:
     """One pass over ``loader``; returns {"loss", "num_examples", "predictions", "steps", "seconds"} (the loss is the
     mean over the predictions: the examples, or the target tokens but padding for translation).
 
@@ -320,6 +321,9 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
     KL(teacher || student) weighted by ``distill_weight``); only where ranks are sampled (without a
     sampler, or with ``fixed`` / ``none``, the two passes would be the same network). ``on_step(steps_done)``
     is called after every step (progress bars). The loss is summed on the device: no host sync per step.
+    ``hgl_tails``: a federated client's view of the global HGL groups (``lod.hgl_penalty``'s ``tails``), in
+    ``subgradient`` mode; the proximal step works on the model's own groups (with a constant tail the groups'
+    prox has no closed form).
     """
     model.train()
     # a batch of one example cannot train BatchNorm (no variance over a 1 x 1 map): skipped, as drop_last would
@@ -353,7 +357,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, trai
             predictions = task.predictions(target)
             n_predictions = predictions if summed else 1
             if penalty:
-                objective = objective + (train.lambda_gl / n_predictions) * lod.hgl_penalty(model)
+                objective = objective + (train.lambda_gl / n_predictions) * lod.hgl_penalty(model, hgl_tails)
         optimizer.zero_grad(set_to_none=True)
         if use_amp:
             scaler.scale(objective).backward()

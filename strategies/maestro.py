@@ -290,7 +290,9 @@ class MaestroStrategy(Strategy):
             part = nested.prefix(self.current, caps, layout)
             fault = faults.get(pid, P.NO_FAULT)
             record = ConfigRecord(dict(config))  # a copy per node: the caller's config is never changed
+            beyond = nested.beyond_caps_sq(self.current, caps, layout)
             record.update({P.ROUND: server_round, P.CAPS: [int(caps[n]) for n in layout.layers],
+                           P.HGL_TAILS: [sq for n in layout.layers for sq in beyond[n]],
                            P.LR: lr, P.LOCAL_EPOCHS: int(c.fl.local_epochs),
                            P.LAMBDA: lam, P.SAMPLER: sampler, P.SEED: int(c.seed),
                            P.FAULT: fault, P.DEADLINE: float(deadline)})

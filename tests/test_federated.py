@@ -66,11 +66,19 @@ def train_messages(grid: LocalGrid, rnd: int):
 
 
 # --- messages, prefixes, bytes ------------------------------------------------------------------------------
-def test_each_node_gets_its_own_record_with_its_tier_prefix_and_bytes_are_exact(tmp_path):
+def test_each_node_gets_its_own_record_with_its_tier_prefix_and_bytes_are_exact(tmp_path, monkeypatch):
     cfg, run_dir = make_cfg(tmp_path, "devices=three_tiers", "fl.rounds=1", "fl.clients_per_round=4")
     strategy = MaestroStrategy(cfg, run_dir, show_progress=False)
+    initial = strategy.global_model.arrays()
     grid = LocalGrid(real_client.app, cfg.fl.num_clients)
     train_config = ConfigRecord({"note": "kept"})
+    tails_trained_with = {}
+    real_train = local.train
+
+    def train(cfg, pid, arrays, **kw):
+        tails_trained_with[pid] = kw["hgl_tails"]
+        return real_train(cfg, pid, arrays, **kw)
+    monkeypatch.setattr(local, "train", train)
     strategy.start(grid, train_config=train_config)
     assert dict(train_config) == {"note": "kept"}  # the caller's config is never changed
     msgs = train_messages(grid, 1)
@@ -84,6 +92,11 @@ def test_each_node_gets_its_own_record_with_its_tier_prefix_and_bytes_are_exact(
         caps = tiers.fraction_caps(ranks, budgets[strategy.tier_of[node_pid]])
         c = m.content.config_records[P.CONFIG]
         assert list(c[P.CAPS]) == list(caps.values()) and c["note"] == "kept"
+        # the HGL groups extend over the global components beyond the caps: their squared norms go with the caps
+        beyond = nested.beyond_caps_sq(initial, caps, strategy.global_model.layout)
+        assert list(c[P.HGL_TAILS]) == [sq for layer in caps for sq in beyond[layer]]
+        assert tails_trained_with[node_pid] == beyond
+        assert (min(beyond["fc1"]) > 0) == (caps != ranks)  # only the large tier holds every component
         arrays = {k: v.numpy() for k, v in m.content.array_records[P.ARRAYS].items()}
         for layer, k in caps.items():
             assert arrays[f"{layer}.u"].shape[0] == k and arrays[f"{layer}.v"].shape[0] == k

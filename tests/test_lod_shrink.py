@@ -80,6 +80,52 @@ def test_hgl_penalty_and_gradient_equal_the_naive_formula_and_its_autograd(zero_
         assert not fast_grads[-1][1:].any()
 
 
+def test_hgl_penalty_with_tails_on_a_hand_example():
+    layer = lod.LoDLinear(2, 2, bias=False).double()
+    with torch.no_grad():
+        layer.u.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+        layer.v.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    model = nn.Sequential(layer)
+    # beyond the two columns: 11 more in U's squared norm, 8 in V's. U: sqrt(25 + 11) + sqrt(16 + 11);
+    # V: sqrt(1 + 8) + sqrt(0 + 8)
+    want = 6.0 + 27 ** 0.5 + 3.0 + 8 ** 0.5
+    assert lod.hgl_penalty(model, {"0": (11.0, 8.0)}).item() == pytest.approx(want, abs=1e-12)
+
+
+def test_hgl_penalty_of_a_prefix_with_tails_has_the_global_penalty_gradient():
+    # a client holding the first 3 of 5 columns, told the squared norms of the other 2, trains with the gradient of
+    # the global model's penalty (every group over all 5 columns) with respect to the columns it holds
+    torch.manual_seed(0)
+    glob = nn.Sequential(lod.LoDLinear(6, 4, bias=False).double())
+    u, v = glob[0].u.detach(), glob[0].v.detach()
+    with torch.no_grad():
+        v[1] = 0  # a zero column inside the prefix: its groups still have the tail's norm
+    client = nn.Sequential(lod.LoDLinear(6, 4, bias=False).double())
+    lod.truncate(client, {"0": 3})
+    with torch.no_grad():
+        client[0].u.copy_(u[:3])
+        client[0].v.copy_(v[:3])
+    tails = {"0": (float(u[3:].square().sum()), float(v[3:].square().sum()))}
+    got = lod.hgl_penalty(client, tails)
+    params = [glob[0].u, glob[0].v]
+    want_value = sum(torch.linalg.norm(f[b:]) for f in params for b in range(3))  # the groups starting in the prefix
+    torch.testing.assert_close(got, want_value, **TOL)
+    want = torch.autograd.grad(_naive_hgl(glob), params)
+    for g, w in zip(torch.autograd.grad(got, [client[0].u, client[0].v]), want):
+        torch.testing.assert_close(g, w[:3], **TOL)
+    # without the tails the prefix's last columns form groups of their own, which push harder
+    alone = torch.autograd.grad(lod.hgl_penalty(client), [client[0].u])[0]
+    assert alone[2].norm() > want[0][2].norm()
+
+
+def test_hgl_penalty_refuses_bad_tails():
+    model = _net()
+    with pytest.raises(ValueError, match=r"not LoD layers.*\['0', '3', '5'\]"):
+        lod.hgl_penalty(model, {"fc9": (1.0, 1.0)})
+    with pytest.raises(ValueError, match="finite squared norms >= 0"):
+        lod.hgl_penalty(model, {"3": (-1.0, 0.0)})
+
+
 def test_hgl_penalty_of_a_model_without_lod_layers_is_zero():
     assert lod.hgl_penalty(nn.Linear(3, 2)).item() == 0.0
 

@@ -131,6 +131,18 @@ def test_prefix_cuts_lod_layers_only():
         nested.prefix(state, {"u": 1}, layout)
 
 
+def test_beyond_caps_sq_is_the_squared_norm_of_the_components_a_client_does_not_hold():
+    model = lod.factorize(_Named(), skip=["u"])
+    layout = nested.Layout.of(model)
+    state = {name: np.array(a, copy=True) for name, a in nested.state_arrays(model).items()}
+    state["fc.u"] = np.array([[1.0, 0, 0, 0, 0], [0, 2.0, 0, 0, 0], [3.0, 0, 0, 0, 4.0]], dtype=np.float32)
+    state["fc.v"] = np.array([[1.0, 1.0, 1.0], [0, 0, 2.0], [0, 0, 0]], dtype=np.float32)
+    assert nested.beyond_caps_sq(state, {"fc": 1}, layout) == {"fc": (4.0 + 9.0 + 16.0, 4.0)}
+    assert nested.beyond_caps_sq(state, {"fc": 2}, layout) == {"fc": (25.0, 0.0)}
+    assert nested.beyond_caps_sq(state, {"fc": 3}, layout) == {"fc": (0.0, 0.0)}  # holds it all
+    assert nested.beyond_caps_sq(state, {}, layout) == {}
+
+
 def test_load_arrays_resizes_lod_layers_to_the_prefix():
     torch.manual_seed(0)
     model = lod.factorize(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)))

@@ -8,10 +8,17 @@ The penalty is evaluated in every training step, so it is one autograd Function 
 of the model with an analytic gradient: d/dC_j sum_b ||C_{:,b:}|| = C_j sum_{b <= j} 1/||C_{:,b:}||.
 A handful of kernels for the whole model instead of ~10 per factor forward and backward (on a
 LeNet-5 step the per-kernel overhead, not the arithmetic, is the cost).
+
+A federated client holds a prefix of the global factors. Its groups are the global ones, G_b = C[:, b:]
+over all of the global model's columns, so the server sends the squared norm of the columns beyond the
+client's cap (``tails``): without it, a client's last columns would form small groups of their own and
+be pushed to zero harder than the global penalty pushes them.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
@@ -35,15 +42,16 @@ _ROW_DIMS = {n: tuple(range(1, n)) for n in range(2, 9)}  # every axis but the r
 
 class _HGLPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *factors):
+    def forward(ctx, beyond_sq, *factors):
         ranks = tuple(f.shape[0] for f in factors)
         norms = torch.cat([torch.linalg.vector_norm(f, dim=_ROW_DIMS[f.ndim]) for f in factors])  # (sum r,)
         index = _padded_index(ranks, norms.device)
         grid = norms.new_zeros(len(ranks) * max(ranks))  # (factors, max rank); padding adds 0 to every tail
         grid.index_copy_(0, index, norms.square())
-        tail_sq = grid.view(len(ranks), -1).flip(1).cumsum(1).flip(1)  # tail_sq[f, b] = ||C_f[b:]||^2
+        # tail_sq[f, b] = ||C_f[b:]||^2, with the squared norm of the columns beyond the factor's own
+        tail_sq = grid.view(len(ranks), -1).flip(1).cumsum(1).flip(1).add_(beyond_sq.to(grid).unsqueeze(1))
         ctx.save_for_backward(tail_sq, index, *factors)
-        return tail_sq.sqrt().sum()
+        return tail_sq.view(-1).index_select(0, index).sqrt().sum()  # the factors' groups, not the padding
 
     @staticmethod
     @once_differentiable
@@ -57,15 +65,29 @@ class _HGLPenalty(torch.autograd.Function):
         ranks = [f.shape[0] for f in factors]
         columns = {n: scale.view(-1, *([1] * (n - 1))).split(ranks) for n in {f.ndim for f in factors}}
         grads = torch._foreach_mul(factors, [columns[f.ndim][i] for i, f in enumerate(factors)])
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        return (None,) + tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:]))
 
 
-def hgl_penalty(model: nn.Module) -> torch.Tensor:
-    """sum over LoD layers and b of ||U_{:,b:}||_F + ||V_{:,b:}||_F (a scalar tensor)."""
-    factors = [f for _, layer in layers(model) if layer.rank > 0 for f in (layer.u, layer.v)]
-    if not factors:
+def hgl_penalty(model: nn.Module, tails: Mapping[str, tuple[float, float]] | None = None) -> torch.Tensor:
+    """sum over LoD layers and b of ||U_{:,b:}||_F + ||V_{:,b:}||_F (a scalar tensor).
+
+    ``tails``: LoD layer name -> (||U's columns beyond the layer's rank||^2, the same for V), the columns
+    of a larger model this one is a prefix of (a federated client's caps); they add to every group's
+    norm and are constants here: the penalty sums the groups that start within this model's columns,
+    each over the larger model's columns. Layers not named have no columns beyond their own.
+    """
+    named = [(name, layer) for name, layer in layers(model) if layer.rank > 0]
+    unknown = sorted(set(tails or {}) - {name for name, _ in layers(model)})
+    if unknown:
+        raise ValueError(f"hgl_penalty: tails name {unknown}, which are not LoD layers of the model; its LoD "
+                         f"layers are {[name for name, _ in layers(model)]}")
+    if not named:
         return torch.zeros(())
-    return _HGLPenalty.apply(*factors)
+    beyond = [float(sq) for name, _ in named for sq in (tails or {}).get(name, (0.0, 0.0))]
+    if not all(math.isfinite(sq) and sq >= 0 for sq in beyond):
+        raise ValueError(f"hgl_penalty: tails must be finite squared norms >= 0, got {dict(tails)}")
+    factors = (f for _, layer in named for f in (layer.u, layer.v))
+    return _HGLPenalty.apply(torch.tensor(beyond, dtype=torch.float64), *factors)
 
 
 @torch.no_grad()
