@@ -280,6 +280,7 @@ class MaestroStrategy(Strategy):
         pids = tiers.sample_clients(c.fl.num_clients, c.fl.clients_per_round, c.seed, server_round)
         faults = tiers.draw_faults(pids, self.dropout, self.straggler, c.seed, server_round)
         tier_caps = self.caps_of_tiers()
+        tier_beyond = [nested.beyond_caps_sq(self.current, caps, layout) for caps in tier_caps]  # once a tier
         lam, sampler = self.round_training()
         lr = float(c.train.lr * lr_factor(c.train, server_round - 1))  # train.milestones etc. count rounds
         deadline = time.time() + c.strategy.round_timeout
@@ -290,9 +291,8 @@ class MaestroStrategy(Strategy):
             part = nested.prefix(self.current, caps, layout)
             fault = faults.get(pid, P.NO_FAULT)
             record = ConfigRecord(dict(config))  # a copy per node: the caller's config is never changed
-            beyond = nested.beyond_caps_sq(self.current, caps, layout)
             record.update({P.ROUND: server_round, P.CAPS: [int(caps[n]) for n in layout.layers],
-                           P.HGL_TAILS: [sq for n in layout.layers for sq in beyond[n]],
+                           P.HGL_TAILS: [sq for n in layout.layers for sq in tier_beyond[tier][n]],
                            P.LR: lr, P.LOCAL_EPOCHS: int(c.fl.local_epochs),
                            P.LAMBDA: lam, P.SAMPLER: sampler, P.SEED: int(c.seed),
                            P.FAULT: fault, P.DEADLINE: float(deadline)})

@@ -48,8 +48,11 @@ class _HGLPenalty(torch.autograd.Function):
         index = _padded_index(ranks, norms.device)
         grid = norms.new_zeros(len(ranks) * max(ranks))  # (factors, max rank); padding adds 0 to every tail
         grid.index_copy_(0, index, norms.square())
-        # tail_sq[f, b] = ||C_f[b:]||^2, with the squared norm of the columns beyond the factor's own
-        tail_sq = grid.view(len(ranks), -1).flip(1).cumsum(1).flip(1).add_(beyond_sq.to(grid).unsqueeze(1))
+        tail_sq = grid.view(len(ranks), -1).flip(1).cumsum(1).flip(1)  # tail_sq[f, b] = ||C_f[b:]||^2
+        if beyond_sq is None:
+            ctx.save_for_backward(tail_sq, index, *factors)
+            return tail_sq.sqrt().sum()
+        tail_sq.add_(beyond_sq.to(grid).unsqueeze(1))  # with the squared norm of the columns beyond the factor's own
         ctx.save_for_backward(tail_sq, index, *factors)
         return tail_sq.view(-1).index_select(0, index).sqrt().sum()  # the factors' groups, not the padding
 
@@ -76,18 +79,22 @@ def hgl_penalty(model: nn.Module, tails: Mapping[str, tuple[float, float]] | Non
     norm and are constants here: the penalty sums the groups that start within this model's columns,
     each over the larger model's columns. Layers not named have no columns beyond their own.
     """
-    named = [(name, layer) for name, layer in layers(model) if layer.rank > 0]
-    unknown = sorted(set(tails or {}) - {name for name, _ in layers(model)})
-    if unknown:
-        raise ValueError(f"hgl_penalty: tails name {unknown}, which are not LoD layers of the model; its LoD "
-                         f"layers are {[name for name, _ in layers(model)]}")
-    if not named:
+    named = layers(model)
+    held = [(name, layer) for name, layer in named if layer.rank > 0]
+    beyond_sq = None  # no columns beyond (every tail 0, a centralized run's or a client's that holds it all)
+    if tails:
+        unknown = sorted(set(tails) - {name for name, _ in named})
+        if unknown:
+            raise ValueError(f"hgl_penalty: tails name {unknown}, which are not LoD layers of the model; its LoD "
+                             f"layers are {[name for name, _ in named]}")
+        beyond = [float(sq) for name, _ in held for sq in tails.get(name, (0.0, 0.0))]
+        if not all(math.isfinite(sq) and sq >= 0 for sq in beyond):
+            raise ValueError(f"hgl_penalty: tails must be finite squared norms >= 0, got {dict(tails)}")
+        if any(beyond):
+            beyond_sq = torch.tensor(beyond, dtype=torch.float64)
+    if not held:
         return torch.zeros(())
-    beyond = [float(sq) for name, _ in named for sq in (tails or {}).get(name, (0.0, 0.0))]
-    if not all(math.isfinite(sq) and sq >= 0 for sq in beyond):
-        raise ValueError(f"hgl_penalty: tails must be finite squared norms >= 0, got {dict(tails)}")
-    factors = (f for _, layer in named for f in (layer.u, layer.v))
-    return _HGLPenalty.apply(torch.tensor(beyond, dtype=torch.float64), *factors)
+    return _HGLPenalty.apply(beyond_sq, *(f for _, layer in held for f in (layer.u, layer.v)))
 
 
 @torch.no_grad()
