@@ -586,6 +586,24 @@ def test_imagenet_flat_val_folder_and_split_trees(tmp_path):
         data.load("imagenet", tmp_path, train=False)
 
 
+def test_imagenet_without_images_names_the_folder_and_the_fix(tmp_path):
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"imagenet/train has no class folders \(it is empty\).*image-net.org"):
+        data.load("imagenet", tmp_path, train=True)
+    make_image_folder(tmp_path / "more", classes=("n01", "n02"))
+    for f in (tmp_path / "more" / "imagenet" / "train" / "n02").iterdir():
+        f.unlink()  # a train class without images: torchvision's error, with the folder and the fix
+    with pytest.raises(FileNotFoundError, match=r"imagenet/train: Found no valid file for the classes n02.*"
+                                                r"every train class needs at least one image.*image-net.org"):
+        data.load("imagenet", tmp_path / "more", train=True)
+    for f in (tmp_path / "more" / "imagenet" / "val" / "n01").iterdir():
+        f.unlink()
+    for f in (tmp_path / "more" / "imagenet" / "val" / "n02").iterdir():
+        f.unlink()  # val may lack classes, but not every image
+    with pytest.raises(FileNotFoundError, match=r"imagenet/val's class folders hold no image files.*valprep.sh"):
+        data.load("imagenet", tmp_path / "more", train=False)
+
+
 # ---------------------------------------------------------------- Multi30k
 
 def test_tokenizer():

@@ -214,10 +214,12 @@ def load_imagenet(root: Path, train: bool):
     fewer classes (a sample of it) keeps the train labels; a val class the train folder lacks is refused.
     """
     folder = find_imagenet_dir(root, train)
+    how = IMAGENET_HOW.format(split="train" if train else "val")
     own = _class_folders(folder)
     if not own:
-        raise FileNotFoundError(f"imagenet: {folder} has no class folders (images directly in it, as in the raw "
-                                f"ILSVRC2012 val tarball?). " + IMAGENET_HOW.format(split="train" if train else "val"))
+        loose = any(e.is_file() for e in folder.iterdir())
+        what = "images directly in it, as in the raw ILSVRC2012 val tarball?" if loose else "it is empty"
+        raise FileNotFoundError(f"imagenet: {folder} has no class folders ({what}). " + how)
     train_folder = folder.parent / "train"
     classes = own if train or not train_folder.is_dir() else _class_folders(train_folder)
     unknown = sorted(set(own) - set(classes))
@@ -225,7 +227,13 @@ def load_imagenet(root: Path, train: bool):
         raise ValueError(f"imagenet: {folder} has class folders that {train_folder} lacks ({', '.join(unknown[:5])}"
                          f"{', ...' if len(unknown) > 5 else ''}); both splits take their labels from the train "
                          f"folder's classes: remove them from val, or add them to train")
-    return _imagenet_split_class()(str(folder), classes, transform=imagenet_transform(train), allow_empty=not train)
+    try:
+        split = _imagenet_split_class()(str(folder), classes, transform=imagenet_transform(train), allow_empty=not train)
+    except FileNotFoundError as e:  # torchvision: a train class folder without an image file
+        raise FileNotFoundError(f"imagenet: {folder}: {e}; every train class needs at least one image. " + how) from None
+    if not len(split):
+        raise FileNotFoundError(f"imagenet: {folder}'s class folders hold no image files. " + how)
+    return split
 
 
 @functools.cache
