@@ -49,12 +49,12 @@ class _HGLPenalty(torch.autograd.Function):
         grid = norms.new_zeros(len(ranks) * max(ranks))  # (factors, max rank); padding adds 0 to every tail
         grid.index_copy_(0, index, norms.square())
         tail_sq = grid.view(len(ranks), -1).flip(1).cumsum(1).flip(1)  # tail_sq[f, b] = ||C_f[b:]||^2
-        if beyond_sq is None:
-            ctx.save_for_backward(tail_sq, index, *factors)
-            return tail_sq.sqrt().sum()
-        tail_sq.add_(beyond_sq.to(grid).unsqueeze(1))  # with the squared norm of the columns beyond the factor's own
+        if beyond_sq is not None:  # with the squared norm of the columns beyond the factor's own
+            tail_sq.add_(beyond_sq.to(grid).unsqueeze(1))
         ctx.save_for_backward(tail_sq, index, *factors)
-        return tail_sq.view(-1).index_select(0, index).sqrt().sum()  # the factors' groups, not the padding
+        # the padding's groups are 0 unless the tails lifted them: then only the factors' groups are summed
+        groups = tail_sq if beyond_sq is None else tail_sq.view(-1).index_select(0, index)
+        return groups.sqrt().sum()
 
     @staticmethod
     @once_differentiable
