@@ -251,11 +251,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         lam, sampler = t.lambda_gl, self.sampler
         mode = t.sampler if self.factorized else None  # the rank sampler this epoch trains with (recorded)
-        if self.factorized and t.lambda_stop_params is not None:
-            # the previous epoch's record measured the model as it is now (after its shrinking)
-            params_rel = self.records[-1]["params_rel"] if self.records else \
-                deployed_footprint(self.model, self.example).params / self.dense.params
-            lam, mode = lasso_schedule(t, params_rel)
+        if self.factorized:
+            params_rel = None
+            if t.lambda_stop_params is not None:  # the previous epoch's record measured the model as it is now
+                params_rel = self.records[-1]["params_rel"] if self.records else \
+                    deployed_footprint(self.model, self.example).params / self.dense.params
+            lam, mode = lasso_schedule(t, params_rel, self.epoch)
             t = dataclasses.replace(t, lambda_gl=lam)
             if mode != t.sampler:  # fine-tuning: every step at the model's ranks
                 sampler = None

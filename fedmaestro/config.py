@@ -140,6 +140,9 @@ class TrainConfig:
     # the mean either way. With sum, lambda weighs ~ 1 / (predictions per batch) as much against the data
     loss_reduction: str = "mean"
     lambda_gl: float = 0.0  # HGL strength
+    # epochs (federated: rounds) at the start trained without HGL (lambda 0, ranks still sampled); the lasso
+    # starts after them, on a model that has learned something, instead of shrinking the initialization
+    lambda_warmup: int = 0
     # HGL off (lambda 0) from the first epoch (federated: round) that starts with the model's deployed
     # params at or below this fraction of the dense model's; null = HGL all along
     lambda_stop_params: Optional[float] = None
@@ -176,6 +179,8 @@ class TrainConfig:
         _check("train.batch_size", self.batch_size, self.batch_size > 0, "must be > 0")
         _check("train.lr", self.lr, self.lr > 0, "must be > 0")
         _check("train.lambda_gl", self.lambda_gl, self.lambda_gl >= 0, "must be >= 0")
+        _check("train.lambda_warmup", self.lambda_warmup, isinstance(self.lambda_warmup, int) and
+               self.lambda_warmup >= 0, "must be an int >= 0 (epochs, or federated rounds, before the lasso starts)")
         _check("train.lambda_stop_params", self.lambda_stop_params,
                self.lambda_stop_params is None or 0 < self.lambda_stop_params <= 1,
                "must be null or a fraction in (0, 1] of the dense model's parameters")
@@ -418,6 +423,12 @@ class Config:
                    self.mode != "federated" or not self.fl.federated_eval_every or self.data.local_test_fraction > 0,
                    "needs local test splits to evaluate on, but data.local_test_fraction=0 holds none out: set "
                    "data.local_test_fraction (0.1) or fl.federated_eval_every=0")
+        length = ("fl.rounds", self.fl.rounds) if self.mode == "federated" else ("train.epochs", self.train.epochs)
+        _check("train.lambda_warmup", self.train.lambda_warmup,
+               self.train.lambda_warmup == 0 or self.train.lambda_warmup < length[1] or self.mode not in
+               ("federated", "centralized", "hpo"),
+               f"leaves no {'round' if self.mode == 'federated' else 'epoch'} with the lasso ({length[0]}="
+               f"{length[1]}): lower it below {length[0]}, or set train.lambda_gl=0 for a run without the lasso")
         _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "must be auto, cpu, cuda, cuda:N or mps")
 

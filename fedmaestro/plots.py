@@ -332,8 +332,9 @@ def _settings(run: Run, keys: list[str]) -> list[str]:
 
 # what a dense (non-factorized) run does not read: the factors' lasso, rank sampling and shrinking
 UNREAD_BY_DENSE = ("model.factorize", "model.skip", "model.skip_last", "train.lambda_gl", "train.lambda_stop_params",
-                   "train.finetune_after_stop", "train.hgl_mode", "train.eps_ps", "train.shrink", "train.sampler",
-                   "train.full_pass", "train.distill_weight", "strategy.shrink_every", "strategy.keep_init_norm")
+                   "train.lambda_warmup", "train.finetune_after_stop", "train.hgl_mode", "train.eps_ps", "train.shrink",
+                   "train.sampler", "train.full_pass", "train.distill_weight", "strategy.shrink_every",
+                   "strategy.keep_init_norm")
 
 
 def _label(run: Run, keys: list[str]) -> str:

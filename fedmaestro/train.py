@@ -62,6 +62,8 @@ def unused_settings(train: TrainConfig, device_name: str) -> list[str]:
         notices.append(f"train.momentum={train.momentum:g} is SGD's; Adam uses train.betas={list(train.betas)}")
     if train.optimizer == "sgd" and list(train.betas) != defaults.betas:
         notices.append(f"train.betas={list(train.betas)} are Adam's; SGD uses train.momentum={train.momentum:g}")
+    if train.lambda_warmup and not train.lambda_gl:
+        notices.append(f"train.lambda_warmup={train.lambda_warmup} delays the lasso, and train.lambda_gl=0 turns it off")
     if train.gamma != defaults.gamma and not train.milestones:
         notices.append(f"train.gamma={train.gamma:g} multiplies the LR at train.milestones, and there are none "
                        f"(lr_schedule={train.lr_schedule})")
@@ -289,14 +291,15 @@ class RankCost:
         self.macs, self.params, self.stored_params = state["macs"], state["params"], state["stored_params"]
 
 
-def lasso_schedule(train: TrainConfig, params_rel: float) -> tuple[float, str]:
-    """(HGL strength, rank sampler) for the next epoch (round) of a model at ``params_rel`` x the dense
-    model's deployed parameters: ``lambda_gl`` and ``sampler``; once ``lambda_stop_params`` is reached, lambda 0
-    (the model trains on at its ranks) and, with ``finetune_after_stop``, ``fixed`` (every layer at its cap: no
-    rank sampling)."""
-    if train.lambda_stop_params is None or params_rel > train.lambda_stop_params:
-        return train.lambda_gl, train.sampler
-    return 0.0, "fixed" if train.finetune_after_stop else train.sampler
+def lasso_schedule(train: TrainConfig, params_rel: float | None, epoch: int) -> tuple[float, str]:
+    """(HGL strength, rank sampler) for epoch ``epoch`` (0-based; federated: round - 1) of a model at ``params_rel``
+    x the dense model's deployed parameters (None: not measured, where ``lambda_stop_params`` is not set):
+    ``lambda_gl`` and ``sampler``, with lambda 0 in the first ``lambda_warmup`` epochs; once ``lambda_stop_params``
+    is reached, lambda 0 (the model trains on at its ranks) and, with ``finetune_after_stop``, ``fixed`` (every
+    layer at its cap: no rank sampling)."""
+    if train.lambda_stop_params is not None and params_rel is not None and params_rel <= train.lambda_stop_params:
+        return 0.0, "fixed" if train.finetune_after_stop else train.sampler
+    return (0.0 if epoch < train.lambda_warmup else train.lambda_gl), train.sampler
 
 
 def divergence_fix(train: TrainConfig) -> str:

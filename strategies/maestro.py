@@ -171,6 +171,7 @@ class MaestroStrategy(Strategy):
                             "trains the whole model (budgets do not apply)", c.devices.name)
         else:
             shrinks = c.train.shrink and c.strategy.shrink_every > 0
+            warmup = (f" from round {c.train.lambda_warmup + 1}" if c.train.lambda_warmup else "")
             stop = ("" if c.train.lambda_stop_params is None else
                     f" until the params fall to {c.train.lambda_stop_params:g}x dense"
                     + (", then fine-tuning without rank sampling" if c.train.finetune_after_stop else ""))
@@ -178,7 +179,7 @@ class MaestroStrategy(Strategy):
                          "no shrinking")
             self._say(f"MaestroStrategy: {c.fl.rounds} rounds, {c.fl.clients_per_round} of {c.fl.num_clients} clients "
                       f"per round, {c.fl.local_epochs} local epoch(s), sampler {c.train.sampler}, lambda "
-                      f"{c.train.lambda_gl:g}{stop}, {shrinking}")
+                      f"{c.train.lambda_gl:g}{warmup}{stop}, {shrinking}")
         for t, n in zip(c.devices.tiers, counts):
             self._say(f"  tier {t.name}: {n} client{'' if n == 1 else 's'}, budget {t.budget:g}"
                       + (f", max_macs {t.max_macs}" if t.max_macs else "")
@@ -281,7 +282,7 @@ class MaestroStrategy(Strategy):
         faults = tiers.draw_faults(pids, self.dropout, self.straggler, c.seed, server_round)
         tier_caps = self.caps_of_tiers()
         tier_beyond = [nested.beyond_caps_sq(self.current, caps, layout) for caps in tier_caps]  # once a tier
-        lam, sampler = self.round_training()
+        lam, sampler = self.round_training(server_round)
         lr = float(c.train.lr * lr_factor(c.train, server_round - 1))  # train.milestones etc. count rounds
         deadline = time.time() + c.strategy.round_timeout
         self.sent, messages = {}, []
@@ -308,16 +309,16 @@ class MaestroStrategy(Strategy):
                            "sampler": sampler if layout.layers else None}  # a dense model samples no ranks
         return messages
 
-    def round_training(self) -> tuple[float, str]:
-        """(HGL strength, rank sampler) sent this round: ``train.lambda_gl`` and ``train.sampler`` until the
-        global model's deployed params fall to ``train.lambda_stop_params`` x dense, then lambda 0 (and sampler
-        ``fixed`` with ``train.finetune_after_stop``); derived from the model alone, so a resumed run agrees."""
+    def round_training(self, server_round: int) -> tuple[float, str]:
+        """(HGL strength, rank sampler) sent in round ``server_round``: ``train.lambda_gl`` (0 in the first
+        ``train.lambda_warmup`` rounds) and ``train.sampler`` until the global model's deployed params fall to
+        ``train.lambda_stop_params`` x dense, then lambda 0 (and sampler ``fixed`` with ``train.finetune_after_stop``);
+        derived from the round and the model alone, so a resumed run agrees."""
         t, gm = self.cfg.train, self.global_model
         if not gm.factorized:  # a dense model: no groups for the lasso, no ranks to sample
             return 0.0, t.sampler
-        if t.lambda_stop_params is None:
-            return float(t.lambda_gl), t.sampler
-        lam, sampler = lasso_schedule(t, gm.footprint(gm.model)["params_rel"])
+        params_rel = None if t.lambda_stop_params is None else gm.footprint(gm.model)["params_rel"]
+        lam, sampler = lasso_schedule(t, params_rel, server_round - 1)
         return float(lam), sampler
 
     def _check_train_reply(self, msg: Message) -> tuple[Sent, dict, float, dict] | str:

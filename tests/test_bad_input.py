@@ -124,6 +124,9 @@ def test_settings_without_effect_are_named():
     notices = unused_settings(TrainConfig(distill_weight=2.0), "cpu")
     assert any("train.distill_weight=2" in n and "full_pass, which is off" in n for n in notices)
     assert unused_settings(TrainConfig(full_pass=True, distill_weight=2.0), "cpu") == []
+    (notice,) = unused_settings(TrainConfig(lambda_warmup=2), "cpu")
+    assert "train.lambda_warmup=2 delays the lasso, and train.lambda_gl=0 turns it off" in notice
+    assert unused_settings(TrainConfig(lambda_warmup=2, lambda_gl=1e-3), "cpu") == []
 
 
 def test_shrinking_every_layer_away_is_warned(caplog):

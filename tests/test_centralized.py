@@ -136,6 +136,20 @@ def test_lambda_stops_once_the_params_target_is_reached(tmp_path):
         tiny(lambda_stop_params=1.5)
 
 
+def test_the_lasso_waits_for_its_warm_up_epochs(tmp_path):
+    warm = Trainer(tiny(lambda_gl=0.2, eps_ps=0.05, lambda_warmup=1), tmp_path / "warm",
+                   DATASETS).fit(show_progress=False)
+    assert [(r["lambda_gl"], r["sampler"]) for r in warm] == [(0.0, "per_layer"), (0.2, "per_layer"), (0.2, "per_layer")]
+    plain = Trainer(tiny(lambda_gl=0.0, eps_ps=0.05), tmp_path / "plain", DATASETS).fit(show_progress=False)
+    assert without_times(warm[:1]) == without_times(plain[:1])  # the first epoch: no lasso at all
+    assert warm[1]["params"] < plain[1]["params"]  # then the lasso cuts
+    with pytest.raises(ValueError, match=r"train.lambda_warmup=3 is invalid: leaves no epoch with the lasso "
+                                         r"\(train.epochs=3\): lower it below train.epochs"):
+        tiny(lambda_warmup=3)
+    with pytest.raises(ValueError, match=r"train.lambda_warmup=-1 is invalid: must be an int >= 0"):
+        tiny(lambda_warmup=-1)
+
+
 def test_finetuning_after_the_lasso_stops_trains_without_rank_sampling(tmp_path, monkeypatch):
     cfg = tiny(lambda_gl=0.2, eps_ps=0.05, lambda_stop_params=0.995, finetune_after_stop=True)
     trainer = Trainer(cfg, tmp_path / "ft", DATASETS)

@@ -680,6 +680,31 @@ def test_lambda_is_sent_until_the_global_model_reaches_the_params_target(tmp_pat
     assert timeless(records(cut_dir)) == timeless(ft)
 
 
+def test_lambda_is_sent_after_the_warm_up_rounds_and_a_resumed_run_agrees(tmp_path):
+    lasso = ["devices=homogeneous", "train.lambda_gl=0.2", "train.eps_ps=0.05", "train.lambda_warmup=1"]
+    cfg, warm_dir = make_cfg(tmp_path, *lasso, "fl.rounds=3", name="warm")
+    _, grid = run(cfg, warm_dir)
+    sent = [{(m.content.config_records[P.CONFIG][P.LAMBDA], m.content.config_records[P.CONFIG][P.SAMPLER])
+             for m in train_messages(grid, rnd)} for rnd in (1, 2, 3)]
+    warm = records(warm_dir)
+    assert sent == [{(0.0, "per_layer")}, {(0.2, "per_layer")}, {(0.2, "per_layer")}]
+    assert [r["lambda_gl"] for r in warm] == [0.0, 0.2, 0.2]
+    cfg, plain_dir = make_cfg(tmp_path, "devices=homogeneous", "train.lambda_gl=0", "train.eps_ps=0.05", "fl.rounds=1",
+                              name="plain")
+    run(cfg, plain_dir)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "lambda_gl"} for r in timeless(rs)]  # noqa: E731
+    assert strip(warm[:1]) == strip(records(plain_dir))  # round 1 trained as without the lasso
+    assert warm[-1]["params"] < warm[0]["params"]
+    cfg, cut_dir = make_cfg(tmp_path, *lasso, "fl.rounds=2", name="cut")
+    run(cfg, cut_dir)
+    cfg, cut_dir = make_cfg(tmp_path, *lasso, "fl.rounds=3", "resume=true", name="cut")
+    run(cfg, cut_dir)  # resumed after the warm-up: the lasso goes on in round 3, as in one run
+    assert timeless(records(cut_dir)) == timeless(warm)
+    with pytest.raises(ValueError, match=r"train.lambda_warmup=2 is invalid: leaves no round with the lasso "
+                                         r"\(fl.rounds=2\)"):
+        make_cfg(tmp_path, *lasso[:3], "train.lambda_warmup=2", name="long")
+
+
 def test_server_evaluation_side_by_side_does_not_depend_on_the_cores(tmp_path, monkeypatch):
     cfg, _ = make_cfg(tmp_path, "devices=three_tiers", "train.eps_ps=0.3")
     gm = MaestroStrategy(cfg, None, show_progress=False).global_model
@@ -1152,10 +1177,10 @@ def test_a_parameter_budget_is_solved_into_caps_and_params_rel_counts_the_deploy
     cfg, _ = make_cfg(tmp_path, "devices=homogeneous", "train.lambda_gl=0.1", "train.lambda_stop_params=0.99",
                       name="stop")
     strategy = MaestroStrategy(cfg, None, show_progress=False)
-    assert strategy.round_training() == (0.1, cfg.train.sampler)  # 1.0x: above 0.99x, the lasso is on
+    assert strategy.round_training(1) == (0.1, cfg.train.sampler)  # 1.0x: above 0.99x, the lasso is on
     lod.truncate(strategy.global_model.model, {"fc1": 60})
     assert strategy.global_model.footprint(strategy.global_model.model)["params_rel"] < 0.99
-    assert strategy.round_training() == (0.0, cfg.train.sampler)
+    assert strategy.round_training(1) == (0.0, cfg.train.sampler)
 
 
 def test_local_training_reads_the_rounds_batch_order_and_reports_the_prediction_mean_loss(tmp_path, monkeypatch):

@@ -392,10 +392,21 @@ def test_inverse_sqrt_without_warm_up_decays_from_the_first_epoch():
 
 def test_the_lasso_stops_when_the_model_reaches_the_stop_size_exactly():
     t = TrainConfig(lambda_gl=0.1, lambda_stop_params=0.5, sampler="per_layer")
-    assert train_module.lasso_schedule(t, 0.5) == (0.0, "per_layer")
-    assert train_module.lasso_schedule(t, 0.5001) == (0.1, "per_layer")
+    assert train_module.lasso_schedule(t, 0.5, 0) == (0.0, "per_layer")
+    assert train_module.lasso_schedule(t, 0.5001, 0) == (0.1, "per_layer")
     t.finetune_after_stop = True
-    assert train_module.lasso_schedule(t, 0.5) == (0.0, "fixed")
+    assert train_module.lasso_schedule(t, 0.5, 0) == (0.0, "fixed")
+
+
+def test_the_lasso_starts_after_its_warm_up_epochs_and_the_stop_still_ends_it():
+    t = TrainConfig(lambda_gl=0.1, lambda_warmup=2, sampler="per_layer")
+    assert [train_module.lasso_schedule(t, None, e) for e in range(4)] == \
+        [(0.0, "per_layer"), (0.0, "per_layer"), (0.1, "per_layer"), (0.1, "per_layer")]  # ranks sampled throughout
+    t = TrainConfig(lambda_gl=0.1, lambda_warmup=2, lambda_stop_params=0.5, finetune_after_stop=True)
+    assert train_module.lasso_schedule(t, 0.6, 1) == (0.0, "per_layer")  # warming up: lambda 0, still sampling
+    assert train_module.lasso_schedule(t, 0.6, 2) == (0.1, "per_layer")
+    assert train_module.lasso_schedule(t, 0.5, 1) == (0.0, "fixed")  # at the target already: the fine-tuning
+    assert train_module.lasso_schedule(TrainConfig(lambda_gl=0.1), None, 0) == (0.1, "per_layer")  # no warm-up
 
 
 def test_losses_smooth_the_labels_and_skip_padding():
