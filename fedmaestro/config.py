@@ -423,12 +423,12 @@ class Config:
                    self.mode != "federated" or not self.fl.federated_eval_every or self.data.local_test_fraction > 0,
                    "needs local test splits to evaluate on, but data.local_test_fraction=0 holds none out: set "
                    "data.local_test_fraction (0.1) or fl.federated_eval_every=0")
-        length = ("fl.rounds", self.fl.rounds) if self.mode == "federated" else ("train.epochs", self.train.epochs)
-        _check("train.lambda_warmup", self.train.lambda_warmup,
-               self.train.lambda_warmup == 0 or self.train.lambda_warmup < length[1] or self.mode not in
-               ("federated", "centralized", "hpo"),
-               f"leaves no {'round' if self.mode == 'federated' else 'epoch'} with the lasso ({length[0]}="
-               f"{length[1]}): lower it below {length[0]}, or set train.lambda_gl=0 for a run without the lasso")
+        if self.train.lambda_warmup and self.mode in ("federated", "centralized", "hpo"):  # the modes that train
+            unit, key, length = (("round", "fl.rounds", self.fl.rounds) if self.mode == "federated" else
+                                 ("epoch", "train.epochs", self.train.epochs))
+            _check("train.lambda_warmup", self.train.lambda_warmup, self.train.lambda_warmup < length,
+                   f"leaves no {unit} with the lasso ({key}={length}): lower it below {key}, or set train.lambda_gl=0 "
+                   f"for a run without the lasso")
         _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "must be auto, cpu, cuda, cuda:N or mps")
 
